@@ -1,0 +1,6 @@
+"""Package logger: a NullHandler, never basicConfig at import."""
+
+import logging
+
+logger = logging.getLogger("scsuperweight")
+logger.addHandler(logging.NullHandler())

@@ -1,0 +1,17 @@
+"""Exception types raised on bad input; each message names the problem and the fix."""
+
+
+class SSWError(Exception):
+    """Base class for errors the plugin raises about user input."""
+
+
+class CheckpointError(SSWError, ValueError):
+    """A model directory or checkpoint file cannot be read as the format it claims to be."""
+
+
+class DataError(SSWError, ValueError):
+    """An AnnData or data file does not fit what the step needs."""
+
+
+class HookError(SSWError, RuntimeError):
+    """Instrumentation did not behave as requested (unknown site, a hook that never fired)."""
