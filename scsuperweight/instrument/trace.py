@@ -1,0 +1,305 @@
+"""`Trace`: forward hooks on named sites that keep streaming reductions, never the full activations.
+
+Per site and channel it keeps the running max |x| with the cell, position and token where it occurred, the mean
+|x|, how many cells have that channel as their largest (overall and per group), and a log-scale histogram of |x|
+from which a robust typical magnitude (the median) is read. Memory is O(sites x channels), whatever the number of
+cells. Full tensors are kept only for the sites named in `keep`.
+
+While active it switches off torch's fused encoder fast path and nested tensors (both bypass submodule hooks),
+and it raises if a hook it placed never fired. Everything is undone on exit, also on exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..adapters import Adapter, BatchContext, Site, get_adapter
+from ..errors import HookError
+
+_HIST_LO, _HIST_HI, _HIST_BINS = -10.0, 8.0, 1800  # log10 |x| from 1e-10 to 1e8 in 0.01 steps
+_HIST_SAMPLE = 1 << 16  # values per call that feed the histogram (a strided subsample)
+
+
+@dataclass
+class SiteStats:
+    """Streaming reductions of one site; all tensors live on the CPU and have one entry per channel."""
+
+    site: Site
+    d: int
+    max_abs: torch.Tensor
+    arg_cell: torch.Tensor
+    arg_pos: torch.Tensor
+    arg_token: torch.Tensor
+    sum_abs: torch.Tensor
+    n_positions: int = 0
+    n_cells: int = 0
+    top_count: torch.Tensor | None = None
+    group_top: dict = field(default_factory=dict)  # group code -> (d,) counts
+    group_cells: dict = field(default_factory=dict)  # group code -> n cells
+    hist: torch.Tensor = field(default_factory=lambda: torch.zeros(_HIST_BINS, dtype=torch.float64))
+    n_zero: int = 0
+    calls: int = 0
+
+    @classmethod
+    def empty(cls, site: Site, d: int) -> SiteStats:
+        z = torch.zeros(d, dtype=torch.float64)
+        i = torch.full((d,), -1, dtype=torch.long)
+        return cls(site, d, z.clone(), i.clone(), i.clone(), i.clone(), z.clone(),
+                   top_count=torch.zeros(d, dtype=torch.long))
+
+    def update(self, x: torch.Tensor, ctx: BatchContext, groups: np.ndarray | None) -> None:
+        a = x.detach().abs().float()
+        if a.dim() == 2:  # (L, d) unbatched
+            a = a[None]
+        B, L, d = a.shape
+        valid = torch.ones(B, L, dtype=torch.bool, device=a.device)
+        if ctx.padding_mask is not None and ctx.padding_mask.shape == (B, L):
+            valid = ~ctx.padding_mask.to(a.device)
+        av = a.masked_fill(~valid[..., None], 0.0)
+        m, idx = av.reshape(B * L, d).max(0)
+        m, idx = m.double().cpu(), idx.cpu()
+        better = m > self.max_abs
+        if better.any():
+            b, pos = idx // L, idx % L
+            cells = torch.as_tensor(ctx.cells, dtype=torch.long) if ctx.cells is not None else torch.arange(B)
+            self.max_abs[better] = m[better]
+            self.arg_cell[better] = cells[b[better]]
+            self.arg_pos[better] = pos[better]
+            if ctx.token_ids is not None and ctx.token_ids.shape == (B, L):
+                self.arg_token[better] = ctx.token_ids.cpu()[b[better], pos[better]]
+        self.sum_abs += av.sum((0, 1)).double().cpu()
+        self.n_positions += int(valid.sum())
+        top = av.amax(1).argmax(1).cpu()  # (B,) each cell's largest channel
+        self.top_count += torch.bincount(top, minlength=d)
+        self.n_cells += B
+        if groups is not None and ctx.cells is not None:
+            g = groups[np.asarray(ctx.cells)]
+            for code in np.unique(g):
+                sel = torch.from_numpy(g == code)
+                self.group_top.setdefault(int(code), torch.zeros(d, dtype=torch.long))
+                self.group_top[int(code)] += torch.bincount(top[sel], minlength=d)
+                self.group_cells[int(code)] = self.group_cells.get(int(code), 0) + int(sel.sum())
+        vals = a[valid].reshape(-1)
+        step = max(1, vals.numel() // _HIST_SAMPLE)
+        vals = vals[::step]
+        nz = vals[vals > 0]
+        self.n_zero += int((vals.numel() - nz.numel()) * step)
+        if nz.numel():
+            h = torch.histc(torch.log10(nz), bins=_HIST_BINS, min=_HIST_LO, max=_HIST_HI)
+            self.hist += h.double().cpu() * step
+        self.calls += 1
+
+    def median_abs(self, nonzero: bool = False) -> float:
+        """Histogram estimate of the median |x| (over non-zero values when `nonzero`)."""
+        total = self.hist.sum().item() + (0 if nonzero else self.n_zero)
+        if total == 0:
+            return float("nan")
+        half = total / 2
+        if not nonzero and self.n_zero >= half:
+            return 0.0
+        cum = torch.cumsum(self.hist, 0) + (0 if nonzero else self.n_zero)
+        k = int(torch.searchsorted(cum, torch.tensor(half, dtype=torch.float64)))
+        width = (_HIST_HI - _HIST_LO) / _HIST_BINS
+        return float(10 ** (_HIST_LO + (k + 0.5) * width))
+
+    def typical(self) -> float:
+        """Robust typical magnitude: the median |x|, or the non-zero median when over a quarter are exactly 0."""
+        total = self.hist.sum().item() + self.n_zero
+        if total and self.n_zero / total > 0.25:  # ReLU-like sites: the zeros say nothing about magnitude
+            return self.median_abs(nonzero=True)
+        med = self.median_abs()
+        return med if med > 0 else self.median_abs(nonzero=True)
+
+    def top_channel(self) -> int:
+        return int(self.max_abs.argmax())
+
+    def stability(self, channel: int) -> float:
+        """Fraction of cells whose largest channel at this site is `channel`."""
+        return float(self.top_count[channel]) / max(self.n_cells, 1)
+
+    def group_stability(self, channel: int) -> dict[int, float]:
+        return {g: float(c[channel]) / max(self.group_cells[g], 1) for g, c in self.group_top.items()}
+
+
+def _set_fastpath(enabled: bool) -> bool:
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    return prev
+
+
+@contextmanager
+def no_fastpath(model: nn.Module):
+    """Switch off torch's fused encoder fast path and nested tensors (both bypass submodule hooks); restore after."""
+    prev = _set_fastpath(False)
+    nested = [(m, m.use_nested_tensor) for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
+    for m, _ in nested:
+        m.use_nested_tensor = False
+    try:
+        yield
+    finally:
+        _set_fastpath(prev)
+        for m, flag in nested:
+            m.use_nested_tensor = flag
+
+
+class Trace:
+    """Hook sites of a model and keep streaming reductions of their activations.
+
+    Parameters
+    ----------
+    model
+        A model or an adapter (`scsuperweight.adapters.get_adapter`).
+    sites
+        ``"all"``, a site name (``"L2.ffn_out"``), a kind (``"ffn_out"``: every layer), a glob (``"L1.*"``), a list
+        of those, or a predicate on `Site`.
+    keep
+        Sites whose full activations are also kept (on CPU), for small runs only.
+    groups
+        Optional integer code per cell (global cell index) for per-group stability.
+    check_fired
+        Raise on exit if a placed hook never fired.
+
+    Examples
+    --------
+    >>> with Trace(model, "ffn_out") as tr:
+    ...     for batch in batches:
+    ...         tr.run(batch)
+    >>> tr.to_frame()  # one row per site: max |x|, its channel and token, median, stability
+    """
+
+    def __init__(self, model: nn.Module | Adapter, sites: str | Sequence[str] | Callable[[Site], bool] = "all", *,
+                 keep: str | Sequence[str] | None = None, groups: np.ndarray | None = None,
+                 reductions: bool = True, check_fired: bool = True):
+        self.adapter = get_adapter(model)
+        self.model = self.adapter.model
+        self.sites = self.adapter.select_sites(sites)
+        self.keep = {s.name for s in self.adapter.select_sites(keep)} if keep else set()
+        for name in self.keep:
+            if name not in {s.name for s in self.sites}:
+                self.sites.append(self.adapter.sites[name])
+        self.groups = None if groups is None else np.asarray(groups)
+        self.reductions = reductions
+        self.check_fired = check_fired
+        self.stats: dict[str, SiteStats] = {}
+        self.full: dict[str, list[torch.Tensor]] = {n: [] for n in self.keep}
+        self.contexts: list[BatchContext] = []  # the contexts of kept batches (only when keep is set)
+        self._handles: list = []
+        self._ctx = BatchContext(None, None, None)
+        self._pending: BatchContext | None = None
+        self._next_cell = 0
+        self._saved: dict = {}
+        self._active = False
+
+    # -- context management --------------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        self._saved["switch"] = no_fastpath(self.model)
+        self._saved["switch"].__enter__()
+        try:
+            if self.adapter.token_module:
+                tm = self.model.get_submodule(self.adapter.token_module)
+                self._handles.append(tm.register_forward_pre_hook(self._on_tokens))
+            for site in self.sites:
+                mod = self.model.get_submodule(site.module)
+                self._handles.append(mod.register_forward_hook(self._make_hook(site)))
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._restore()
+        if exc_type is None and self.check_fired:
+            never = [s.name for s in self.sites if s.name not in self.stats or self.stats[s.name].calls == 0]
+            if never and any(st.calls for st in self.stats.values()) or (never and self._next_cell):
+                msg = (f"hooks on {never} never fired although the model ran; the model may take a fused path "
+                       "that bypasses these modules, or these modules are not used by its forward.")
+                raise HookError(msg)
+            if never and not self.stats:
+                msg = ("no hook fired: the model was never run inside the Trace. Call tr.run(batch) or the model "
+                       "inside the `with` block.")
+                raise HookError(msg)
+
+    def _restore(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        switch = self._saved.pop("switch", None)
+        if switch is not None:
+            switch.__exit__(None, None, None)
+        self._active = False
+
+    # -- running -------------------------------------------------------------------------------------------
+    def run(self, batch):
+        """Run one batch through the adapter, with its cell indices and padding known to the hooks."""
+        self._pending = self.adapter.batch_context(batch)
+        try:
+            return self.adapter.run(batch)
+        finally:
+            self._pending = None
+
+    def set_context(self, ctx: BatchContext) -> None:
+        """For runners that bypass the token module (e.g. a rerun from a middle layer)."""
+        self._ctx = ctx
+
+    def _on_tokens(self, module, args):
+        ids = args[0] if args else None
+        ctx = self.adapter.context_from_tokens(ids) if isinstance(ids, torch.Tensor) else BatchContext(None, None)
+        if self._pending is not None:
+            p = self._pending
+            ctx = BatchContext(p.token_ids if p.token_ids is not None else ctx.token_ids,
+                               p.padding_mask if p.padding_mask is not None else ctx.padding_mask, p.cells)
+        if ctx.cells is None and ctx.token_ids is not None:
+            B = ctx.token_ids.shape[0] if ctx.token_ids.dim() > 1 else 1
+            ctx.cells = np.arange(self._next_cell, self._next_cell + B)
+            self._next_cell += B
+        elif ctx.cells is not None:
+            self._next_cell = max(self._next_cell, int(np.max(ctx.cells)) + 1)
+        self._ctx = ctx
+        if self.keep:
+            self.contexts.append(ctx)
+
+    def _make_hook(self, site: Site):
+        def hook(module, args, output):
+            x = args[0] if site.io == "in" else (output[0] if isinstance(output, tuple) else output)
+            if not isinstance(x, torch.Tensor) or x.is_nested:
+                return
+            if self.reductions:
+                st = self.stats.get(site.name)
+                if st is None:
+                    st = self.stats[site.name] = SiteStats.empty(site, x.shape[-1])
+                st.update(x, self._ctx, self.groups)
+            elif site.name not in self.stats:
+                self.stats[site.name] = SiteStats.empty(site, x.shape[-1])
+                self.stats[site.name].calls = 1
+            if site.name in self.keep:
+                self.full[site.name].append(x.detach().cpu())
+
+        return hook
+
+    # -- results -------------------------------------------------------------------------------------------
+    def summary(self, site: str) -> dict:
+        st = self.stats[site]
+        c = st.top_channel()
+        typical = st.typical()
+        tok = int(st.arg_token[c])
+        return {
+            "layer": st.site.layer, "site": st.site.kind, "site_name": site,
+            "max_abs": float(st.max_abs[c]), "median_abs": typical,
+            "ratio": float(st.max_abs[c]) / typical if typical > 0 else float("inf"),
+            "channel": c, "token": self.adapter.token_name(tok) if tok >= 0 else "",
+            "cell": int(st.arg_cell[c]), "position": int(st.arg_pos[c]), "stability": st.stability(c),
+            "mean_abs_channel": float(st.sum_abs[c]) / max(st.n_positions, 1), "n_cells": st.n_cells,
+        }
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per traced site (the activations.tsv table)."""
+        rows = [self.summary(s.name) for s in self.sites if s.name in self.stats and self.stats[s.name].calls]
+        return pd.DataFrame(rows)

@@ -1,0 +1,62 @@
+"""Small scGPT models and data for tests, and planting of known super weights (tests only: never in a trained model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scsuperweight.data import iter_batches, tokenize_counts
+from scsuperweight.instrument import Trace
+from scsuperweight.models import ScGPTConfig, ScGPTModel
+
+
+def tiny_model(seed: int = 0, *, n_genes: int = 120, d_model: int = 32, nlayers: int = 3, nhead: int = 4,
+               d_hid: int = 64) -> ScGPTModel:
+    vocab = {f"GENE{i}": i for i in range(n_genes)}
+    vocab.update({"<pad>": n_genes, "<cls>": n_genes + 1, "<eoc>": n_genes + 2})
+    torch.manual_seed(seed)
+    cfg = ScGPTConfig(ntoken=len(vocab), d_model=d_model, nhead=nhead, d_hid=d_hid, nlayers=nlayers, dropout=0.0,
+                      pad_token_id=n_genes)
+    return ScGPTModel(cfg, vocab=vocab, args={"nheads": nhead}).eval()
+
+
+def tiny_tokens(model: ScGPTModel, n_cells: int = 24, seed: int = 0, density: float = 0.25):
+    n_genes = model.config.ntoken - 3
+    rng = np.random.default_rng(seed)
+    X = sp.random(n_cells, n_genes, density=density, random_state=seed,
+                  data_rvs=lambda n: rng.poisson(4, n) + 1).tocsr().astype(np.float32)
+    return tokenize_counts(X, np.arange(n_genes), cls_token_id=model.vocab["<cls>"],
+                           pad_token_id=model.config.pad_token_id, max_seq_len=64, seed=seed)
+
+
+def tiny_batches(model: ScGPTModel, n_cells: int = 24, seed: int = 0, batch_size: int = 8):
+    return list(iter_batches(tiny_tokens(model, n_cells, seed), batch_size))
+
+
+@torch.no_grad()
+def plant_cls_superweight(model: ScGPTModel, batches, layer: int, row: int, hidden: int, magnitude: float = 200.0
+                          ) -> None:
+    """Make hidden unit `hidden` of block `layer` fire only on `<cls>`, and W2[row, hidden] write a spike of about
+    `magnitude` into channel `row` of the FFN output there (a super weight and its super activation)."""
+    site = f"L{layer}.ffn_in"
+    with Trace(model, [site], keep=[site], reductions=False) as tr:
+        for b in batches:
+            tr.run(b)
+    xs, gene_rows = [], []
+    for x, b in zip(tr.full[site], batches):
+        xs.append(x[:, 0, :])  # <cls>
+        gene_rows.append(x[:, 1:, :][~b.padding_mask[:, 1:]])
+    cls_x, gene_x = torch.cat(xs).double(), torch.cat(gene_rows).double()
+    w = cls_x.mean(0) - gene_x.mean(0)
+    w = w / w.norm()
+    cls_proj, gene_proj = cls_x @ w, gene_x @ w
+    lo, hi = float(gene_proj.max()), float(cls_proj.min())
+    assert hi > lo, "cls inputs are not separable along the mean difference"
+    bias = -(lo + hi) / 2
+    scale = 1.0 / (hi - lo)
+    lin1, lin2 = model.transformer_encoder.layers[layer].linear1, model.transformer_encoder.layers[layer].linear2
+    lin1.weight[hidden] = (w * scale).float()
+    lin1.bias[hidden] = float(bias * scale)
+    act = float(((cls_x @ w + bias) * scale).mean())  # activation of the unit on <cls>, ~0.5
+    lin2.weight[row, hidden] = magnitude / act
