@@ -22,7 +22,7 @@ A weight-only screen (no forward pass) ranks outlier scalars and LN dimensions a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,7 +53,7 @@ class ScanResult:
 
 
 def _materialise(batches) -> list:
-    if isinstance(batches, dict) or hasattr(batches, "model_inputs"):
+    if isinstance(batches, Mapping) or hasattr(batches, "model_inputs"):  # one batch (e.g. a BatchEncoding)
         return [batches]
     return list(batches)
 
@@ -134,8 +134,10 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
     else:
         msg = f"mode must be 'data' or 'data_free', got {mode!r}."
         raise ValueError(msg)
-    allowed = {"ffn_out"} | ({"attn_out"} if include_attn else set()) | \
-        ({"norm1_out", "norm2_out", "gene_norm_out", "value_norm_out"} if include_ln else set())
+    # every norm output with a gain/bias is an LN source (block norms, embedding norms, a final norm)
+    ln_kinds = {s.kind for s in adapter.sites.values()
+                if s.kind.endswith("_out") and (s.norm_weight or s.norm_bias)}
+    allowed = {"ffn_out"} | ({"attn_out"} if include_attn else set()) | (ln_kinds if include_ln else set())
     producing = [s for s in adapter.sites.values() if s.kind in allowed]
     trace_sites = list(adapter.sites.values())
     params = dict(mode=mode, min_ratio=min_ratio, min_abs=min_abs, near_miss=near_miss, max_rounds=max_rounds,

@@ -177,9 +177,21 @@ def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
 
 def _knn(x: np.ndarray, k: int) -> np.ndarray:
     """(cells, k) indices of each row's k nearest other rows, nearest first; never the row itself."""
-    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(x)
-    # kneighbors() without a query leaves each point out of its own list, also when it has exact duplicates
-    return nn.kneighbors(return_distance=False)
+    n = x.shape[0]
+    if n > 4096:
+        nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(x)
+        # kneighbors() without a query leaves each point out of its own list, also when it has exact duplicates
+        return nn.kneighbors(return_distance=False)
+    # small n: one GEMM and a partial sort in numpy, free of the thread-pool start-up that dominates sklearn here
+    x = np.asarray(x, dtype=np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    d = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    np.fill_diagonal(d, np.inf)
+    part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < n - 1 else np.argsort(d, axis=1)[:, :k]
+    rows = np.arange(n)[:, None]
+    # nearest first; equal distances in index order (stable), as sklearn's brute force does
+    order = np.lexsort((part, d[rows, part]), axis=1)
+    return part[rows, order]
 
 
 # ------------------------------------------------------------------------------------- label structure

@@ -73,3 +73,39 @@ class ScGPTAdapter(Adapter):
                                rng.integers(1, self.model.config.n_bins, n)]).astype(np.float32)
         src = torch.from_numpy(ids)[None]
         return Batch(np.array([0]), src, torch.from_numpy(vals)[None], torch.zeros_like(src, dtype=torch.bool))
+
+    # -- rerun from a middle layer (pruning conditions share everything below their first edit) --------------
+    def first_layer_of(self, param: str) -> int:
+        """Block whose computation `param` enters first: -1 for the input encoders, n_layers for the decoders."""
+        prefix = "transformer_encoder.layers."
+        if param.startswith(prefix):
+            return int(param[len(prefix):].split(".", 1)[0])
+        if param.startswith(("encoder.", "value_encoder.")):
+            return -1
+        return self.n_layers
+
+    @torch.no_grad()
+    def encode_cache(self, batch: Batch) -> dict:
+        """Inputs of every block for `batch` (plus what the heads need), computed once without edits."""
+        device = next(self.model.parameters()).device
+        b = batch.to(device)
+        gene_embs, h = self.model.embed_inputs(b.src, b.values)
+        inputs = []
+        for layer in self.model.transformer_encoder.layers:
+            inputs.append(h)
+            h = layer(h, src_key_padding_mask=b.padding_mask)
+        return {"batch": b, "gene_embs": gene_embs, "inputs": inputs, "final": h}
+
+    @torch.no_grad()
+    def run_from(self, cache: dict, layer: int) -> dict[str, torch.Tensor]:
+        """Outputs of the model when blocks `layer`.. are recomputed from the cached input of `layer`."""
+        b = cache["batch"]
+        if layer < 0:
+            gene_embs, h = self.model.embed_inputs(b.src, b.values)
+            layer = 0
+        else:
+            gene_embs = cache["gene_embs"]
+            h = cache["inputs"][layer] if layer < self.n_layers else cache["final"]
+        for blk in self.model.transformer_encoder.layers[layer:]:
+            h = blk(h, src_key_padding_mask=b.padding_mask)
+        return self.model.heads(h, gene_embs)

@@ -91,7 +91,12 @@ def config_from_state(state: dict[str, torch.Tensor], args: dict, vocab: dict[st
     if not layers:
         raise _err("state dict has no transformer_encoder.layers.* keys; the file is incomplete.")
     nlayers = max(layers) + 1
-    d_hid = state["transformer_encoder.layers.0.linear1.weight"].shape[0]
+    # any block's FFN width will do; a missing or inconsistent one is reported by the strict check below
+    ffn_keys = sorted(k for k in state if _LAYER_RE.match(k) and k.endswith(".linear1.weight"))
+    if not ffn_keys:
+        raise _err("state dict has no transformer_encoder.layers.*.linear1.weight key (the FFN up-projection); "
+                   "the file is incomplete.")
+    d_hid = state[ffn_keys[0]].shape[0]
     if "nheads" not in args:
         raise _err("args.json has no 'nheads': the number of attention heads cannot be derived from the "
                    "weights. Add it (published scGPT models use \"nheads\": 8).")
@@ -117,7 +122,8 @@ def config_from_state(state: dict[str, torch.Tensor], args: dict, vocab: dict[st
         mvc="mvc_decoder.W.weight" in state,
         explicit_zero_prob="decoder.zero_logit.0.weight" in state,
         n_cls=state["cls_decoder.out_layer.weight"].shape[0] if "cls_decoder.out_layer.weight" in state else 0,
-        n_layers_cls=len(n_cls_layers) // 3 + 1 if n_cls_layers else int(args.get("n_layers_cls", 3)),
+        # _decoder holds (Linear, ReLU, LayerNorm) x (n_layers_cls - 1); out_layer is the last layer
+        n_layers_cls=max(n_cls_layers) // 3 + 2 if n_cls_layers else int(args.get("n_layers_cls", 3)),
         extra={k: v for k, v in args.items() if k not in modelled},
     )
 

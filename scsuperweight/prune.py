@@ -1,0 +1,512 @@
+"""Prune candidates and measure the collapse against controls, per cell type and per condition.
+
+Conditions (names as in `collapse.tsv`): ``baseline``; ``prune:<cand>`` (the candidate zeroed); ``random:<k>``
+(one random scalar of the same parameter as a candidate zeroed: the null; draws are grouped per parameter and the
+column ``control_for`` names the parameter); ``top_outliers`` (the k largest other weights of every edited
+parameter zeroed, the paper's "largest non-super weights" control); ``restore:<cand>`` (candidate zeroed but its
+activation put back at the token that carried the spike); ``scale:<cand>:<f>`` (the candidate multiplied by f).
+
+All conditions share the same tokenised, masked inputs; each reruns the model only from its first edited block
+(the input of every block is cached once). Metrics are computed per cell where they are defined per cell (so they
+can be averaged over any group and bootstrapped over donors) and per set otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import _keys as K
+from . import metrics as M
+from ._log import logger
+from .adapters import get_adapter
+from .data.batches import Batch
+from .errors import DataError
+from .evaluate import l2_normalise, reconstruction_from_outputs
+from .instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
+
+PER_CELL = ("gep_mse", "gep_pearson", "gepc_mse", "gepc_pearson", "knn_accuracy", "silhouette",
+            "knn_preservation", "cls_cosine_to_baseline")
+SET_LEVEL = ("leiden_ari", "leiden_nmi", "knc_preservation", "cpd", "mean_cosine", "effective_rank")
+LABEL_METRICS = {"knn_accuracy", "silhouette", "leiden_ari", "leiden_nmi", "knc_preservation"}
+METRIC_DOCS = {
+    "gep_mse": "masked-expression MSE of the per-position decoder (mlm_output) on masked genes; lower is better",
+    "gep_pearson": "Pearson r between predicted and true bins on masked genes (mlm_output); higher is better",
+    "gepc_mse": "masked MSE of the MVC decoder (mvc_output), predicting genes from the cell embedding alone",
+    "gepc_pearson": "Pearson r of the MVC decoder on masked genes",
+    "knn_accuracy": "leave-one-out kNN label accuracy of the cell embeddings (cross-validated by construction)",
+    "silhouette": "cosine silhouette of the labels in embedding space; higher = types better separated",
+    "knn_preservation": "Kobak-Berens KNN: fraction of each cell's k nearest baseline neighbours kept",
+    "cls_cosine_to_baseline": "cosine between a cell's <cls> output and its baseline <cls> output",
+    "leiden_ari": "ARI between Leiden clusters of the embeddings and the labels",
+    "leiden_nmi": "NMI between Leiden clusters of the embeddings and the labels",
+    "knc_preservation": "Kobak-Berens KNC: fraction of each class mean's nearest class means kept",
+    "cpd": "Kobak-Berens CPD: Spearman correlation of pairwise distances with the baseline",
+    "mean_cosine": "mean pairwise cosine of the embeddings; 1 = all cells collapsed onto one direction",
+    "effective_rank": "effective rank of the embeddings (Roy & Vetterli); low = collapsed",
+}
+
+
+@dataclass
+class PruneOptions:
+    n_random: int = 10  # random draws per candidate parameter (the null)
+    outlier_fraction: float = 1e-6  # the paper's top 1e-6 of each tensor ...
+    outlier_floor: int = 10  # ... but at least this many per matrix (1 per vector)
+    scale_factors: tuple = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+    n_scale: int = 2  # candidates that get a scaling curve
+    n_restore: int = 3  # candidates that get the restore-activation condition
+    max_candidates: int = 6
+    n_boot: int = 200  # bootstrap resamples for per-cell metrics
+    n_boot_set: int = 20  # for set-level metrics (not Leiden)
+    k: int = 10  # neighbours for KNN preservation and kNN accuracy
+    alpha: float = 0.05
+    min_group_cells: int = 5
+    seed: int = 0
+
+
+@dataclass
+class PruneResult:
+    collapse: pd.DataFrame
+    contrasts: pd.DataFrame
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> (n, d) normalised
+    conditions: pd.DataFrame | None = None  # what each condition edited
+    params: dict = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.collapse
+
+
+# ------------------------------------------------------------------------------------------------------------
+# running conditions
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Condition:
+    name: str
+    edits: list[ScalarEdit]
+    restore: tuple | None = None  # (site, channel, token_id)
+    control_for: str = ""
+    candidate: str = ""
+    factor: float = float("nan")
+
+
+class ScGPTEvaluator:
+    """Runs conditions over fixed batches, reusing every block input computed once without edits."""
+
+    def __init__(self, model, masked: Sequence[Batch], plain: Sequence[Batch], n_cells: int,
+                 progress: bool = False):
+        self.adapter = get_adapter(model)
+        if not hasattr(self.adapter, "encode_cache"):
+            msg = f"pruning with cached reruns is implemented for scGPT models, not {self.adapter.family}."
+            raise TypeError(msg)
+        self.model = self.adapter.model
+        self.n_cells = n_cells
+        self.progress = progress
+        with no_fastpath(self.model):
+            self.masked = [self.adapter.encode_cache(b) for b in masked]
+            self.plain = [self.adapter.encode_cache(b) for b in plain]
+        self.forwards = 0  # blocks recomputed, for the efficiency benchmark
+        self._site_values: dict = {}
+
+    def first_layer(self, edits: Sequence[ScalarEdit], restore=None) -> int:
+        layers = [self.adapter.first_layer_of(e.param) for e in edits]
+        if restore is not None:
+            layers.append(self.adapter.sites[restore[0]].layer)
+        return min(layers) if layers else self.adapter.n_layers
+
+    def _baseline_channel(self, cache: dict, site: str, channel: int) -> torch.Tensor:
+        key = (id(cache), site, channel)
+        if key not in self._site_values:
+            captured = {}
+            mod = self.model.get_submodule(self.adapter.sites[site].module)
+
+            def hook(m, a, out):
+                x = out[0] if isinstance(out, tuple) else out
+                captured["x"] = x[..., channel].detach().clone()
+
+            h = mod.register_forward_hook(hook)
+            try:
+                with no_fastpath(self.model):
+                    self.adapter.run_from(cache, self.adapter.sites[site].layer)
+            finally:
+                h.remove()
+            self._site_values[key] = captured["x"]
+        return self._site_values[key]
+
+    @torch.no_grad()
+    def run(self, cond: Condition) -> dict[str, np.ndarray]:
+        layer = self.first_layer(cond.edits, cond.restore)
+        out: dict[str, np.ndarray] = {}
+        if cond.restore is not None:  # baseline values are captured before any edit is applied
+            for cache in (*self.masked, *self.plain):
+                self._baseline_channel(cache, cond.restore[0], cond.restore[1])
+        with no_fastpath(self.model), edit(self.model, cond.edits, verify=False):
+            for name, caches in (("masked", self.masked), ("plain", self.plain)):
+                for cache in caches:
+                    patches = None
+                    if cond.restore is not None:
+                        site, channel, token_id = cond.restore
+                        base = self._baseline_channel(cache, site, channel)
+                        positions = cache["batch"].src.eq(token_id)
+                        patches = [ActivationPatch(site, channel, base, positions)]
+                    if patches:
+                        with edit(self.model, patches=patches, verify=False):
+                            o = self.adapter.run_from(cache, layer)
+                    else:
+                        o = self.adapter.run_from(cache, layer)
+                    self.forwards += self.adapter.n_layers - max(layer, 0)
+                    cells = cache["batch"].cells
+                    if name == "masked":
+                        for k, v in reconstruction_from_outputs(o, cache["batch"]).items():
+                            out.setdefault(k, np.full(self.n_cells, np.nan))[cells] = v
+                    else:
+                        emb = o["cell_emb"].double().cpu().numpy()
+                        if "cls" not in out:
+                            out["cls"] = np.full((self.n_cells, emb.shape[1]), np.nan)
+                        out["cls"][cells] = emb
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# building the conditions
+# ------------------------------------------------------------------------------------------------------------
+def _edit_of(row) -> ScalarEdit:
+    col = row["col"]
+    idx = (int(row["row"]),) if col is None or pd.isna(col) else (int(row["row"]), int(col))
+    return ScalarEdit(str(row["param"]), idx, 0.0)
+
+
+def select_candidates(candidates: pd.DataFrame, max_candidates: int) -> pd.DataFrame:
+    """Activation candidates above threshold first (primary before LN companions); near-misses if none pass."""
+    if candidates is None or len(candidates) == 0:
+        msg = "no candidates to prune: run the scan first (ssw.tl.scan / scsuperweight scan)."
+        raise DataError(msg)
+    c = candidates
+    if "screen" in c:
+        act = c[c["screen"].astype(str).str.startswith("activation")]
+        c = act if len(act) else c
+    if "above_threshold" in c and c["above_threshold"].astype(bool).any():
+        c = c[c["above_threshold"].astype(bool)]
+    return c.head(max_candidates).reset_index(drop=True)
+
+
+def build_conditions(model, cands: pd.DataFrame, opts: PruneOptions) -> list[Condition]:
+    adapter = get_adapter(model)
+    rng = np.random.default_rng(opts.seed)
+    conds = [Condition(K.COND_BASELINE, [])]
+    cand_edits = {r["candidate"]: _edit_of(r) for _, r in cands.iterrows()}
+    taken = {(e.param, e.index) for e in cand_edits.values()}
+    for cid, e in cand_edits.items():
+        conds.append(Condition(K.cond_prune(cid), [e], candidate=cid))
+    # null: random scalars of the same parameter, n_random per distinct parameter
+    k = 0
+    for pname in dict.fromkeys(e.param for e in cand_edits.values()):
+        shape = tuple(adapter.param(pname).shape)
+        n = math.prod(shape)
+        for _ in range(opts.n_random):
+            while True:
+                idx = tuple(int(i) for i in np.unravel_index(int(rng.integers(n)), shape))
+                if (pname, idx) not in taken:
+                    break
+            conds.append(Condition(K.cond_random(k), [ScalarEdit(pname, idx, 0.0)], control_for=pname))
+            k += 1
+    # the largest other weights of every edited parameter
+    outliers = []
+    for pname in dict.fromkeys(e.param for e in cand_edits.values()):
+        w = adapter.param(pname).detach().abs().reshape(-1).cpu()
+        floor = opts.outlier_floor if adapter.param(pname).dim() > 1 else 1
+        n_top = max(floor, math.ceil(opts.outlier_fraction * w.numel()))
+        order = torch.argsort(w, descending=True).tolist()
+        shape = tuple(adapter.param(pname).shape)
+        picked = 0
+        for i in order:
+            idx = tuple(int(j) for j in np.unravel_index(i, shape))
+            if (pname, idx) in taken:
+                continue
+            outliers.append(ScalarEdit(pname, idx, 0.0))
+            picked += 1
+            if picked == n_top:
+                break
+    conds.append(Condition(K.COND_TOP_OUTLIERS, outliers))
+    ranked = cands[cands["primary"].astype(bool)] if "primary" in cands else cands
+    ranked = ranked if len(ranked) else cands
+    for _, r in ranked.head(opts.n_restore).iterrows():
+        site = r.get("site")
+        token = r.get("token")
+        if site is None or pd.isna(site) or site not in adapter.sites or not token:
+            continue
+        token_id = _token_id(adapter, token)
+        if token_id is None:
+            continue
+        restore_site = site if adapter.sites[site].io == "out" else None
+        if restore_site:
+            conds.append(Condition(K.cond_restore(r["candidate"]), [cand_edits[r["candidate"]]],
+                                   restore=(restore_site, int(r["channel"]), token_id), candidate=r["candidate"]))
+    for _, r in ranked.head(opts.n_scale).iterrows():
+        for f in opts.scale_factors:
+            e = cand_edits[r["candidate"]]
+            conds.append(Condition(K.cond_scale(r["candidate"], f), [ScalarEdit(e.param, e.index, float(f))],
+                                   candidate=r["candidate"], factor=float(f)))
+    return conds
+
+
+def _token_id(adapter, token: str) -> int | None:
+    vocab = getattr(adapter.model, "vocab", None)
+    if vocab and token in vocab:
+        return int(vocab[token])
+    id2 = getattr(adapter, "id_to_token", None) or {}
+    for i, t in id2.items():
+        if t == token:
+            return int(i)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# metrics and statistics
+# ------------------------------------------------------------------------------------------------------------
+def _groups(labels, conditions, min_cells: int) -> list[tuple[str, np.ndarray, bool]]:
+    """(name, cell mask, has several labels) for all, each label, each condition, label|condition."""
+    n = len(labels) if labels is not None else len(conditions)
+    out = [(K.GROUP_ALL, np.ones(n, dtype=bool), labels is not None and len(set(labels)) > 1)]
+    if labels is not None:
+        for lab in sorted(set(labels)):
+            out.append((str(lab), labels == lab, False))
+    if conditions is not None:
+        for c in sorted(set(conditions)):
+            multi = labels is not None and len(set(labels[conditions == c])) > 1
+            out.append((str(c), conditions == c, multi))
+        if labels is not None:
+            for lab in sorted(set(labels)):
+                for c in sorted(set(conditions)):
+                    out.append((f"{lab}{K.GROUP_SEP}{c}", (labels == lab) & (conditions == c), False))
+    return [g for g in out if g[1].sum() >= min_cells]
+
+
+def per_cell_metrics(res: dict, base: dict | None, labels, k: int) -> dict[str, np.ndarray]:
+    emb = l2_normalise(np.nan_to_num(res["cls"]))
+    out = {m: res[m] for m in ("gep_mse", "gep_pearson", "gepc_mse", "gepc_pearson") if m in res}
+    if labels is not None and len(set(labels)) > 1:
+        out["knn_accuracy"] = M.knn_label_correct(emb, labels, k=k).astype(float)
+        out["silhouette"] = M.silhouette_per_cell(emb, labels)
+    base_emb = l2_normalise(np.nan_to_num(base["cls"])) if base is not None else emb
+    out["knn_preservation"] = M.knn_preservation(base_emb, emb, k=k)
+    out["cls_cosine_to_baseline"] = np.sum(emb * base_emb, axis=1)
+    return out
+
+
+def set_metrics(emb: np.ndarray, base_emb: np.ndarray, labels, multi_label: bool, seed: int) -> dict[str, float]:
+    out = {"cpd": M.cpd(base_emb, emb, seed=seed), "mean_cosine": M.mean_pairwise_cosine(emb),
+           "effective_rank": M.effective_rank(emb)}
+    if multi_label:
+        ari, nmi = M.leiden_ari_nmi(emb, labels, seed=seed)
+        out.update(leiden_ari=ari, leiden_nmi=nmi)
+        try:
+            out["knc_preservation"] = M.knc_preservation(base_emb, emb, labels)
+        except DataError:
+            pass
+    return out
+
+
+def _resample_counts(units_or_n, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_cells) counts of each cell in each bootstrap resample (donor-level when units are given)."""
+    n = len(units_or_n) if not isinstance(units_or_n, int) else units_or_n
+    counts = np.zeros((n_boot, n), dtype=np.float64)
+    for i, idx in enumerate(M.bootstrap_indices(units_or_n, n_boot, seed)):
+        counts[i] = np.bincount(idx, minlength=n)
+    return counts
+
+
+def _boot_mean_ci(values: np.ndarray, counts: np.ndarray, alpha: float) -> tuple[float, float]:
+    """Percentile interval of the mean of `values` over the resamples in `counts` (NaNs left out)."""
+    ok = ~np.isnan(values)
+    num = counts @ np.where(ok, values, 0.0)
+    den = counts @ ok.astype(float)
+    means = num[den > 0] / den[den > 0]
+    if len(means) < 5:
+        return np.nan, np.nan
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+_SET_BOOT = {"cpd": lambda e, b, s: M.cpd(b, e, seed=s), "mean_cosine": lambda e, b, s: M.mean_pairwise_cosine(e),
+             "effective_rank": lambda e, b, s: M.effective_rank(e)}
+
+
+def _set_boots(emb, base_emb, units, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """Set-level metrics recomputed on `n_boot` resamples (same resamples for every condition)."""
+    if not n_boot:
+        return {}
+    out = {m: np.full(n_boot, np.nan) for m in _SET_BOOT}
+    for i, idx in enumerate(M.bootstrap_indices(units if units is not None else len(emb), n_boot, seed)):
+        for m, fn in _SET_BOOT.items():
+            try:
+                out[m][i] = fn(emb[idx], base_emb[idx], seed)
+            except Exception:  # a degenerate resample is skipped, not fatal
+                continue
+    return out
+
+
+def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd.DataFrame, *,
+          labels: np.ndarray | None = None, conditions: np.ndarray | None = None,
+          donors: np.ndarray | None = None, options: PruneOptions | None = None,
+          progress: bool = False) -> PruneResult:
+    """Run every condition and compute the long `collapse` table and the AD-vs-control `contrasts`.
+
+    `masked` and `plain` are the same cells' batches with and without the fixed reconstruction mask;
+    `labels`/`conditions`/`donors` are per cell (global cell index = `Batch.cells`).
+    """
+    opts = options or PruneOptions()
+    n_cells = int(max(int(b.cells.max()) for b in plain)) + 1
+    labels = None if labels is None else np.asarray(labels).astype(str)
+    conditions = None if conditions is None else np.asarray(conditions).astype(str)
+    units = None if donors is None else np.asarray(donors).astype(str)
+    cands = select_candidates(candidates, opts.max_candidates)
+    conds = build_conditions(model, cands, opts)
+    logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
+    ev = ScGPTEvaluator(model, masked, plain, n_cells, progress=progress)
+    results: dict[str, dict] = {}
+    for cond in tqdm(conds, desc="prune conditions", disable=not progress):
+        results[cond.name] = ev.run(cond)
+    base = results[K.COND_BASELINE]
+    groups = _groups(labels, conditions, opts.min_group_cells) if (labels is not None or conditions is not None) \
+        else [(K.GROUP_ALL, np.ones(n_cells, dtype=bool), False)]
+    base_pc = per_cell_metrics(base, None, labels, opts.k)
+    base_emb = l2_normalise(np.nan_to_num(base["cls"]))
+    # per group, once: bootstrap resample counts (shared by every metric and condition), baseline set metrics
+    gstate = {}
+    for gi, (gname, gmask, multi) in enumerate(groups):
+        gunits = units[gmask] if units is not None and len(set(units[gmask])) > 1 else None
+        counts = _resample_counts(gunits if gunits is not None else int(gmask.sum()), opts.n_boot, opts.seed + gi)
+        glabels = labels[gmask] if labels is not None else None
+        boot_set = opts.n_boot_set if (gname == K.GROUP_ALL or (conditions is not None and gname in
+                                                                 set(conditions))) else 0
+        bset = set_metrics(base_emb[gmask], base_emb[gmask], glabels, multi, opts.seed)
+        bboots = _set_boots(base_emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed)
+        gstate[gname] = (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots)
+    rows = []
+    embeddings = {}
+    for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False):
+        res = results[cond.name]
+        is_base = cond.name == K.COND_BASELINE
+        pc = base_pc if is_base else per_cell_metrics(res, base, labels, opts.k)
+        emb = l2_normalise(np.nan_to_num(res["cls"]))
+        if is_base or cond.name.startswith(("prune:", "restore:")) or cond.name == K.COND_TOP_OUTLIERS:
+            embeddings[cond.name] = emb.astype(np.float32)
+        for gname, (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots) in gstate.items():
+            unit = "cells" if gunits is None else "donors"
+            for metric, vals in pc.items():
+                if metric in ("knn_accuracy", "silhouette") and labels is None:
+                    continue
+                v, b = vals[gmask], base_pc[metric][gmask]
+                ok = ~np.isnan(v) & ~np.isnan(b)
+                if ok.sum() < 2:
+                    continue
+                target = v if is_base else v - b
+                lo, hi = _boot_mean_ci(target, counts, opts.alpha)
+                rows.append(_row(cond, metric, gname, float(np.mean(v[ok])), float(np.mean(v[ok] - b[ok])), lo, hi,
+                                 unit))
+            sm = bset if is_base else set_metrics(emb[gmask], base_emb[gmask], glabels, multi, opts.seed)
+            boots = bboots if is_base else _set_boots(emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed)
+            for metric, value in sm.items():
+                lo = hi = np.nan
+                if metric in boots:
+                    d = boots[metric] if is_base else boots[metric] - bboots[metric]
+                    d = d[~np.isnan(d)]
+                    if len(d) >= 5:
+                        lo, hi = np.quantile(d, [opts.alpha / 2, 1 - opts.alpha / 2])
+                rows.append(_row(cond, metric, gname, float(value), float(value - bset.get(metric, np.nan)), lo, hi,
+                                 unit))
+    collapse = pd.DataFrame(rows)
+    collapse = _add_p_values(collapse, conds)
+    contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts) \
+        if conditions is not None and labels is not None else pd.DataFrame()
+    cond_table = pd.DataFrame([{"condition": c.name, "candidate": c.candidate, "control_for": c.control_for,
+                                "factor": c.factor, "n_edits": len(c.edits),
+                                "edits": ";".join(f"{e.param}{list(e.index)}x{e.factor:g}" for e in c.edits),
+                                "restore": "" if c.restore is None else f"{c.restore[0]}[{c.restore[1]}]"}
+                               for c in conds])
+    params = {**opts.__dict__, "n_cells": n_cells, "n_conditions": len(conds), "blocks_recomputed": ev.forwards,
+              "candidates": list(cands["candidate"])}
+    params["scale_factors"] = list(opts.scale_factors)
+    return PruneResult(collapse, contrasts, embeddings, cond_table, params)
+
+
+def _row(cond: Condition, metric, group, value, delta, lo, hi, unit) -> dict:
+    return {"condition": cond.name, "metric": metric, "group": group, "value": value,
+            "delta": 0.0 if cond.name == K.COND_BASELINE else delta, "ci_low": lo, "ci_high": hi,
+            "p_value": np.nan, "ci_of": "value" if cond.name == K.COND_BASELINE else "delta",
+            "bootstrap_unit": unit, "candidate": cond.candidate, "control_for": cond.control_for,
+            "factor": cond.factor}
+
+
+def _add_p_values(df: pd.DataFrame, conds: list[Condition]) -> pd.DataFrame:
+    """p of each non-random condition's delta against the random draws of its parameter (two-sided)."""
+    if df.empty:
+        return df
+    pools: dict[str, list[str]] = {}
+    for c in conds:
+        if c.control_for:
+            pools.setdefault(c.control_for, []).append(c.name)
+    param_of = {}
+    for c in conds:
+        if c.edits and not c.control_for:
+            param_of[c.name] = c.edits[0].param if c.name != K.COND_TOP_OUTLIERS else None
+    rand = df[df["control_for"] != ""]
+    null = {key: g["delta"].to_numpy() for key, g in rand.groupby(["control_for", "metric", "group"])}
+    null_all = {key: g["delta"].to_numpy() for key, g in rand.groupby(["metric", "group"])}
+    p = []
+    for r in df.itertuples():
+        if r.condition == K.COND_BASELINE or r.control_for:
+            p.append(np.nan)
+            continue
+        pname = param_of.get(r.condition)
+        pool = null.get((pname, r.metric, r.group)) if pname else null_all.get((r.metric, r.group))
+        if pool is None or len(pool) == 0 or np.isnan(r.delta):
+            p.append(np.nan)
+        else:
+            p.append(M.empirical_p(r.delta, pool[~np.isnan(pool)], alternative="two-sided"))
+    df["p_value"] = p
+    cols = [*K.COLLAPSE_COLUMNS]
+    return df[cols + [c for c in df.columns if c not in cols]]
+
+
+def _contrasts(conds, results, base_pc, labels, conditions, units, opts) -> pd.DataFrame:
+    """Per cell type: (delta in one condition) - (delta in the other), with a bootstrap interval."""
+    levels = sorted(set(conditions))
+    if len(levels) != 2:
+        return pd.DataFrame()
+    case = "AD" if "AD" in levels else levels[0]
+    ctrl = [lv for lv in levels if lv != case][0]
+    rows = []
+    base = results[K.COND_BASELINE]
+    for cond in conds:
+        if not cond.name.startswith(("prune:", "restore:")) and cond.name != K.COND_TOP_OUTLIERS:
+            continue
+        pc = per_cell_metrics(results[cond.name], base, labels, opts.k)
+        for metric in ("gep_mse", "gepc_mse", "gep_pearson", "gepc_pearson", "cls_cosine_to_baseline",
+                       "knn_preservation"):
+            if metric not in pc:
+                continue
+            d = pc[metric] - (base_pc[metric] if metric in base_pc else 0)
+            for lab in sorted(set(labels)):
+                a = (labels == lab) & (conditions == case) & ~np.isnan(d)
+                b = (labels == lab) & (conditions == ctrl) & ~np.isnan(d)
+                if a.sum() < opts.min_group_cells or b.sum() < opts.min_group_cells:
+                    continue
+                ua = units[a] if units is not None and len(set(units[a])) > 1 else None
+                ub = units[b] if units is not None and len(set(units[b])) > 1 else None
+                if (ua is None) != (ub is None):
+                    ua = ub = None
+                lo, hi = M.bootstrap_diff_ci(d[a], d[b], units_a=ua, units_b=ub, n_boot=opts.n_boot,
+                                             seed=opts.seed)
+                rows.append({"condition": cond.name, "metric": metric, "group": lab,
+                             f"delta_{case}": float(d[a].mean()), f"delta_{ctrl}": float(d[b].mean()),
+                             "difference": float(d[a].mean() - d[b].mean()), "ci_low": lo, "ci_high": hi,
+                             "contrast": f"{case} - {ctrl}", "n_case": int(a.sum()), "n_control": int(b.sum()),
+                             "bootstrap_unit": "cells" if ua is None else "donors"})
+    return pd.DataFrame(rows)

@@ -1,0 +1,1107 @@
+"""The HTML report: one self-contained page over a run's tables, figures and provenance.
+
+The Hypotheses section is written from the numbers in the tables, never from canned text: each candidate is
+judged by one stated rule against the controls, and what follows (cell types, disease vs control, restoring the
+activation, the dose–response curve, genes, terms) is read off the same tables. Everything that comes from the
+data is passed through :func:`html.escape`; figures are embedded as base64 PNG and the page loads nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from scsuperweight import _keys
+from scsuperweight import pl as _pl
+from scsuperweight._log import logger
+from scsuperweight.errors import DataError
+
+__all__ = ["report", "load_results"]
+
+_TABLE_FILES = {
+    _keys.UNS_SUPERWEIGHTS: _keys.FILE_SUPERWEIGHTS,
+    _keys.UNS_ACTIVATIONS: _keys.FILE_ACTIVATIONS,
+    _keys.UNS_COLLAPSE: _keys.FILE_COLLAPSE,
+    _keys.UNS_GENES: _keys.FILE_GENES,
+    _keys.UNS_ENRICHMENT: _keys.FILE_ENRICHMENT,
+}
+# columns that hold names, never numbers, however they look ("1", "NA", "True" stay strings)
+_TEXT_COLUMNS = {
+    "candidate", "kind", "param", "token", "site", "condition", "metric", "group", "gene", "gene_set", "term",
+    "genes", "screen", "library", "label",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    # Only empty cells are missing: a gene or token called "NA" or "None" must survive the round trip.
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[""])
+    for c in df.columns:
+        if c in _TEXT_COLUMNS:
+            continue
+        s = df[c]
+        filled = s.dropna()
+        low = filled.str.lower()
+        if len(filled) and low.isin(["true", "false"]).all():
+            df[c] = s.map(lambda v: None if pd.isna(v) else v.lower() == "true")
+            continue
+        num = pd.to_numeric(filled, errors="coerce")
+        if num.notna().all():
+            df[c] = pd.to_numeric(s, errors="coerce")
+    return df
+
+
+def load_results(run_dir) -> dict[str, pd.DataFrame | dict]:
+    """Read a run directory's tables and provenance.
+
+    Parameters
+    ----------
+    run_dir
+        Directory written by ``scsuperweight run`` / ``demo`` (or the steps on their own).
+
+    Returns
+    -------
+    Dict with ``superweights``, ``activations``, ``collapse``, ``genes``, ``enrichment`` (DataFrames) and
+    ``run`` (the parsed run.json), each present only when its file exists and can be read.
+
+    Examples
+    --------
+    >>> res = load_results("out/")  # doctest: +SKIP
+    >>> res["collapse"].query("condition == 'baseline'")  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        msg = f"run_dir={str(run_dir)!r} is not a directory; pass the --out directory of a scsuperweight run."
+        raise DataError(msg)
+    out: dict[str, pd.DataFrame | dict] = {}
+    for name, fname in _TABLE_FILES.items():
+        f = run_dir / fname
+        if not f.is_file():
+            continue
+        try:
+            out[name] = _read_tsv(f)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+            logger.warning("skipping unreadable %s: %s", f, err)
+    f = run_dir / _keys.FILE_RUN
+    if f.is_file():
+        try:
+            out[_keys.UNS_RUN] = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            logger.warning("skipping unreadable %s: %s", f, err)
+    return out
+
+
+def _plain(v):
+    """uns values after an h5ad round trip (numpy scalars, arrays) as plain Python values."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _gather(obj, key: str):
+    """(results dict, AnnData or None, where it came from)."""
+    if _pl._is_adata(obj):
+        store = obj.uns.get(key)
+        if store is None:
+            msg = f"adata.uns[{key!r}] is missing: no scsuperweight results on this AnnData; run ssw.tl.scan first."
+            raise DataError(msg)
+        res: dict = {}
+        for name in _TABLE_FILES:
+            t = _pl._as_frame(store.get(name))
+            if t is not None:
+                res[name] = t
+        run = _plain(store.get(_keys.UNS_RUN) or {})
+        params = _plain(store.get(_keys.UNS_PARAMS) or {})
+        if params:
+            run = dict(run)
+            run["params"] = {**params, **(run.get("params") or {})}
+        if run:
+            res[_keys.UNS_RUN] = run
+        return res, obj, f"AnnData ({obj.n_obs} cells × {obj.n_vars} genes), uns[{key!r}]"
+    if isinstance(obj, Mapping):
+        return dict(obj), None, "results dict"
+    if isinstance(obj, (str, Path)):
+        p = Path(obj)
+        if p.is_file() and p.suffix == ".h5ad":
+            import anndata as ad
+
+            return _gather(ad.read_h5ad(p), key)[:2] + (str(p),)
+        res = load_results(p)
+        adata = None
+        h5 = p / _keys.FILE_RESULTS
+        if h5.is_file():
+            try:
+                import anndata as ad
+
+                adata = ad.read_h5ad(h5, backed="r")
+            except Exception as err:  # noqa: BLE001 - the page says why the embedding figure is missing
+                logger.warning("could not read %s for the embedding figure: %s", h5, err)
+        return res, adata, str(p)
+    msg = (f"report() takes an AnnData, a run directory or a results dict, got {type(obj).__name__}; "
+           f"pass adata after the ssw.tl steps or the --out directory of a run.")
+    raise DataError(msg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers in words
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _finite(x) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _num(x, signed: bool = False, digits: int = 3) -> str:
+    """`digits` significant digits, no exponent for ordinary magnitudes (1.23, 0.9, +1.11, 1235)."""
+    if not _finite(x):
+        return "n/a"
+    x = float(x)
+    sign = "+" if signed and x > 0 else ""
+    if x == 0:
+        return "0"
+    a = abs(x)
+    if 1e-3 <= a < 1e3:
+        s = f"{x:.{digits}g}"
+    elif 1e3 <= a < 1e6:
+        s = f"{x:.0f}"
+    else:
+        s = f"{x:.{digits - 1}e}"
+    return sign + s
+
+
+def _pair(a, b) -> tuple[str, str]:
+    """Two numbers to as few digits as show that they differ (1.23 → 1.233, not 1.23 → 1.23)."""
+    for d in range(3, 8):
+        sa, sb = _num(a, digits=d), _num(b, digits=d)
+        if sa != sb or not (_finite(a) and _finite(b)) or float(a) == float(b):
+            return sa, sb
+    return sa, sb
+
+
+def _ci(lo, hi) -> str:
+    if not (_finite(lo) and _finite(hi)):
+        return "no interval"
+    if float(lo) >= 0 and float(hi) >= 0:
+        return f"{_num(lo)}–{_num(hi)}"
+    return f"{_num(lo)} to {_num(hi)}"
+
+
+def _p(p) -> str:
+    if not _finite(p):
+        return "p n/a"
+    p = float(p)
+    return "p < 0.001" if p < 1e-3 else f"p = {p:.2g}"
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.0f}%"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    candidate: str
+    status: str  # "passes" | "fails" | "not evaluable"
+    baseline: float
+    value: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    p_computed: bool  # p taken from the random draws here, the table had none
+    n_random: int
+    top_delta: float
+    reasons: tuple[str, ...]  # why it fails / what is missing, in words
+
+
+def _row(col: pd.DataFrame, cond: str, metric: str, group: str = _keys.GROUP_ALL) -> pd.Series | None:
+    r = col[(col["condition"] == cond) & (col["metric"] == metric) & (col["group"] == group)]
+    return r.iloc[0] if len(r) else None
+
+
+def _random_deltas(col: pd.DataFrame, metric: str, group: str = _keys.GROUP_ALL) -> np.ndarray:
+    r = col[(col["metric"] == metric) & (col["group"] == group) & col["condition"].str.startswith("random:")]
+    d = r["delta"].to_numpy(dtype=float)
+    return d[np.isfinite(d)]
+
+
+def _judge(col: pd.DataFrame, cand: str, metric: str, alpha: float) -> _Verdict:
+    r = _row(col, _keys.cond_prune(cand), metric)
+    rand = _random_deltas(col, metric)
+    top = _row(col, _keys.COND_TOP_OUTLIERS, metric)
+    top_d = float(top["delta"]) if top is not None and _finite(top["delta"]) else float("nan")
+    nan = float("nan")
+    if r is None or not _finite(r["delta"]):
+        return _Verdict(cand, "not evaluable", nan, nan, nan, nan, nan, nan, False, rand.size, top_d,
+                        (f"no prune row for {metric} on all cells",))
+    d = float(r["delta"])
+    p, computed = float(r["p_value"]), False
+    if not _finite(p) and rand.size:
+        p, computed = (1 + int(np.sum(np.abs(rand) >= abs(d)))) / (rand.size + 1), True
+    lo, hi = float(r["ci_low"]), float(r["ci_high"])
+    checks: list[tuple[bool | None, str]] = []
+    if _finite(p):
+        checks.append((p < alpha, f"{_p(p)} is not below {alpha:g}"))
+    else:
+        checks.append((None, "no p-value and no random draws to compute one"))
+    if _finite(top_d):
+        checks.append((abs(d) > abs(top_d),
+                       f"|Δ| {_num(abs(d))} does not exceed the top-outliers control's |Δ| {_num(abs(top_d))}"))
+    else:
+        checks.append((None, "the top-outliers control was not run"))
+    if _finite(lo) and _finite(hi):
+        checks.append((lo > 0 or hi < 0, f"the 95% CI ({_ci(lo, hi)}) includes 0"))
+    else:
+        checks.append((None, "no confidence interval"))
+    if all(ok is True for ok, _ in checks):
+        status = "passes"
+    elif any(ok is False for ok, _ in checks):
+        status = "fails"
+    else:
+        status = "not evaluable"
+    reasons = tuple(msg for ok, msg in checks if ok is not True)
+    return _Verdict(cand, status, float(r["baseline_value"]), float(r["value"]), d, lo, hi, p, computed,
+                    rand.size, top_d, reasons)
+
+
+def _candidate_order(res: dict, col: pd.DataFrame | None) -> list[str]:
+    cands: list[str] = []
+    sw = res.get(_keys.UNS_SUPERWEIGHTS)
+    if isinstance(sw, pd.DataFrame) and "candidate" in sw.columns:
+        s = sw.sort_values("rank", kind="stable") if "rank" in sw.columns else sw
+        cands += [str(c) for c in s["candidate"]]
+    if col is not None:
+        cands += _pl._prune_candidates(col)
+    return list(dict.fromkeys(cands))
+
+
+def _describe(cand: str, sw: pd.DataFrame | None) -> str:
+    """'ln_weight L2[17]' from the candidate's row (already escaped), else the id itself."""
+    if sw is None or "candidate" not in sw.columns:
+        return f"<code>{_e(cand)}</code>"
+    r = sw[sw["candidate"].astype(str) == cand]
+    if r.empty:
+        return f"<code>{_e(cand)}</code>"
+    r = r.iloc[0]
+    idx = [_pl._fmt_channel(r.get(c)) for c in ("row", "col") if _finite(r.get(c))]
+    kind = r.get("kind")
+    kind = kind if isinstance(kind, str) else ""
+    layer = r.get("layer")
+    layer = _pl._fmt_channel(layer) if _finite(layer) else (layer if isinstance(layer, str) else "")
+    txt = " ".join(p for p in (kind, f"L{layer}" if layer != "" else "") if p) + (f"[{', '.join(idx)}]" if idx else "")
+    if not txt.strip():
+        return f"<code>{_e(cand)}</code>"
+    return f"{_e(txt.strip())} (<code>{_e(cand)}</code>)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hypotheses, from the tables
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _verb(delta: float, metric: str) -> str:
+    if not _finite(delta) or delta == 0:
+        return "leaves"
+    return "raises" if delta > 0 else "lowers"
+
+
+def _judgement_sentence(v: _Verdict, metric: str, desc: str) -> str:
+    if v.status == "not evaluable" and not _finite(v.delta):
+        return f"{desc}: no measurement of {_e(_pl.metric_label(metric))} on all cells."
+    ptxt = _p(v.p_value) + (f" vs {v.n_random} random draws" if v.n_random else "")
+    if v.p_computed:
+        ptxt += ", computed here from the draws"
+    top = (f"; the largest-other-weights control moves it by {_num(v.top_delta, signed=True)}"
+           if _finite(v.top_delta) else "; the largest-other-weights control was not run")
+    b, a = _pair(v.baseline, v.value)
+    s = (f"Zeroing {desc} {_verb(v.delta, metric)} {_e(_pl.metric_label(metric))} from {b} "
+         f"to {a} (Δ {_num(v.delta, signed=True)}, 95% CI {_ci(v.ci_low, v.ci_high)}; {ptxt}){top}.")
+    return s
+
+
+def _cell_type_text(col: pd.DataFrame, cand: str, metric: str) -> list[str]:
+    cond = _keys.cond_prune(cand)
+    sub = col[(col["condition"] == cond) & (col["metric"] == metric) & (col["group"] != _keys.GROUP_ALL)]
+    if sub.empty:
+        return ["No per-cell-type measurements for this candidate (run ssw.tl.prune with a label key)."]
+    split = _pl._split_groups(list(sub["group"]))
+    rows = [(g, *split[g]) for g in sub["group"]]
+    sub = sub.assign(_label=[r[1] for r in rows], _cond=[r[2] for r in rows], _contrast=[r[3] for r in rows])
+    sub = sub.assign(_w=_pl._worse(sub["delta"], metric))
+    out: list[str] = []
+    # 1. which cell types collapse most: per-label rows if there are any, else the mean over conditions
+    plain = sub[sub["_cond"].isna() & sub["_contrast"].isna() & (sub["_label"] != "all cells")]
+    if plain.empty:
+        paired = sub[sub["_cond"].notna() & (sub["_label"] != "all cells")]
+        per = paired.groupby("_label").agg(delta=("delta", "mean"), _w=("_w", "mean"))
+        per["ci_low"] = np.nan
+        per["ci_high"] = np.nan
+        how = " (mean over conditions)"
+    else:
+        per = plain.set_index("_label")[["delta", "_w", "ci_low", "ci_high"]]
+        how = ""
+    per = per[np.isfinite(per["_w"].to_numpy(float))].sort_values("_w", ascending=False, kind="stable")
+    if len(per):
+        worst = [f"{_e(lab)} (Δ {_num(r['delta'], signed=True)}"
+                 + (f", 95% CI {_ci(r['ci_low'], r['ci_high'])})" if _finite(r["ci_low"]) else ")")
+                 for lab, r in per.head(3).iterrows()]
+        txt = f"Cell types that move most{how}: " + "; ".join(worst) + "."
+        if len(per) > 3:
+            lab, r = per.index[-1], per.iloc[-1]
+            txt += f" Least affected: {_e(lab)} (Δ {_num(r['delta'], signed=True)})."
+        out.append(txt)
+    # 2. disease vs control
+    conds = _pl._order_conditions(sub.loc[sub["_cond"].notna(), "_cond"])
+    if len(conds) >= 2:
+        roles = {c: _pl._condition_role(c) for c in conds}
+        a = next((c for c in conds if roles[c] == "disease"), conds[0])
+        b = next((c for c in reversed(conds) if roles[c] == "control" and c != a), None)
+        b = b or next(c for c in conds if c != a)
+        out.extend(_contrast_text(sub, a, b, metric))
+    return out
+
+
+def _contrast_text(sub: pd.DataFrame, a: str, b: str, metric: str) -> list[str]:
+    """Sentences on whether condition `a` cells lose more than condition `b` cells."""
+    hib = _pl._higher_is_better(metric)
+    pa = sub[sub["_cond"] == a].drop_duplicates("_label").set_index("_label")
+    pb = sub[sub["_cond"] == b].drop_duplicates("_label").set_index("_label")
+    contr = {}
+    for _, r in sub[sub["_contrast"].notna()].iterrows():
+        x, y = r["_contrast"]
+        if {x, y} == {a, b}:
+            sgn = 1.0 if x == a else -1.0  # store as a minus b
+            lo, hi = sgn * r["ci_low"], sgn * r["ci_high"]
+            contr[r["_label"]] = (sgn * r["delta"], min(lo, hi), max(lo, hi))
+    labels = [lab for lab in pa.index if lab in pb.index]
+    if not labels:
+        return []
+    gaps = []
+    for lab in labels:
+        da, db = float(pa.loc[lab, "delta"]), float(pb.loc[lab, "delta"])
+        if not (_finite(da) and _finite(db)):
+            continue
+        if lab in contr and _finite(contr[lab][0]):
+            diff, lo, hi = contr[lab]
+            src = "reported"
+        else:
+            diff = da - db
+            sa = _se(pa.loc[lab, "ci_low"], pa.loc[lab, "ci_high"])
+            sb = _se(pb.loc[lab, "ci_low"], pb.loc[lab, "ci_high"])
+            if _finite(sa) and _finite(sb):
+                half = 1.96 * math.hypot(sa, sb)
+                lo, hi, src = diff - half, diff + half, "approx"
+            else:
+                lo, hi, src = float("nan"), float("nan"), "none"
+        # worse-gap: positive = `a` cells lose more
+        wg = float(_pl._worse(diff, metric)) if hib is not None else abs(da) - abs(db)
+        gaps.append((lab, da, db, diff, lo, hi, src, wg))
+    if not gaps:
+        return []
+    cell_gaps = [g for g in gaps if g[0] != "all cells"]
+    n_more = sum(g[7] > 0 for g in cell_gaps)
+    out = []
+    lose = "lose more" if hib is not None else "move more"
+    if cell_gaps:
+        out.append(f"{_e(a)} cells {lose} than {_e(b)} cells in {n_more} of {len(cell_gaps)} cell types.")
+    for g in [g for g in gaps if g[0] == "all cells"] + sorted(cell_gaps, key=lambda g: -abs(g[7]))[:1]:
+        lab, da, db, diff, lo, hi, src, wg = g
+        where = "Over all cells" if lab == "all cells" else f"The largest gap is in {_e(lab)}"
+        txt = (f"{where}: {_e(a)} Δ {_num(da, signed=True)} vs {_e(b)} Δ {_num(db, signed=True)}, "
+               f"difference {_num(diff, signed=True)}")
+        if src == "reported":
+            txt += f" (95% CI {_ci(lo, hi)})"
+        elif src == "approx":
+            txt += f" (≈95% CI {_ci(lo, hi)}, from the two groups' intervals assuming independence)"
+        else:
+            txt += " (no interval for the contrast)"
+        if src != "none":
+            txt += ("; the interval includes 0, so the difference is not resolved" if lo <= 0 <= hi
+                    else f"; {_e(a) if wg > 0 else _e(b)} cells lose more")
+        out.append(txt + ".")
+    return out
+
+
+def _se(lo, hi) -> float:
+    if _finite(lo) and _finite(hi):
+        return (float(hi) - float(lo)) / (2 * 1.96)
+    return float("nan")
+
+
+def _restore_text(col: pd.DataFrame, cand: str, metric: str, v: _Verdict) -> str:
+    r = _row(col, _keys.cond_restore(cand), metric)
+    if r is None or not _finite(r["delta"]):
+        return "No restore control was run for this candidate (zero the weight, patch the activation back)."
+    dr = float(r["delta"])
+    txt = (f"Restoring the activation while the weight stays zeroed takes Δ from {_num(v.delta, signed=True)} "
+           f"to {_num(dr, signed=True)}")
+    if _finite(r["ci_low"]):
+        txt += f" (95% CI {_ci(r['ci_low'], r['ci_high'])})"
+    if _finite(v.delta) and abs(v.delta) > 0:
+        frac = 1.0 - dr / v.delta
+        txt += f": {_pct(frac)} of the effect recovered"
+        if frac > 1.05:
+            txt += " (it overshoots the baseline)"
+        elif frac < 0:
+            txt += " (restoring makes it worse: the effect does not run through that activation)"
+        elif frac >= 0.5:
+            txt += ", so the effect runs mostly through the activation"
+        else:
+            txt += ", so most of the effect does not run through that activation"
+    return txt + "."
+
+
+def _scaling_text(col: pd.DataFrame, cand: str, metric: str) -> str:
+    pts = _pl._scale_points(col, metric)
+    pts = pts[(pts["candidate"] == cand) & np.isfinite(pts["value"].to_numpy(float))]
+    if len(pts) < 3:
+        return "No scaling sweep (fewer than 3 scale factors) for this candidate."
+    f, y = pts["factor"].to_numpy(float), pts["value"].to_numpy(float)
+    base = _pl._baseline_value(col, metric)
+    rand = _random_deltas(col, metric)
+    tol = float(np.std(rand)) if rand.size >= 2 else 0.0
+    tol = max(tol, 1e-9 + 1e-6 * (abs(base) if _finite(base) else 1.0))
+    rng = float(y.max() - y.min())
+    dy = np.diff(y)
+    if rng <= tol:
+        shape = "flat (every point within the random-control spread)"
+    elif (dy >= -tol).all():
+        shape = "rising with the factor"
+    elif (dy <= tol).all():
+        shape = "falling with the factor"
+    elif 0 < int(y.argmin()) < len(y) - 1 and min(y[0], y[-1]) > y.min() + tol:
+        shape = f"U-shaped, lowest at ×{f[y.argmin()]:g}"
+    elif 0 < int(y.argmax()) < len(y) - 1 and max(y[0], y[-1]) < y.max() - tol:
+        shape = f"inverted-U-shaped, highest at ×{f[y.argmax()]:g}"
+    else:
+        shape = "non-monotone"
+    hib = _pl._higher_is_better(metric)
+    txt = (f"Scaling it from ×{f.min():g} to ×{f.max():g} ({len(f)} points) gives a curve that is {shape}; "
+           f"{_num(y[f.argmin()])} at ×{f.min():g}, {_num(y[f.argmax()])} at ×{f.max():g}"
+           + (f", baseline {_num(base)} at ×1" if _finite(base) else "") + ".")
+    if hib is not None and _finite(base):
+        best = int(y.argmax() if hib else y.argmin())
+        gain = (y[best] - base) if hib else (base - y[best])
+        if gain > tol and not np.isclose(f[best], 1.0):
+            txt += (f" The best value is at ×{f[best]:g} ({_num(y[best])}), better than baseline by {_num(gain)}: "
+                    f"more than the random-control spread, worth a replicate.")
+    return txt
+
+
+def _genes_text(res: dict, cand: str, n: int = 8) -> str:
+    g = res.get(_keys.UNS_GENES)
+    if not isinstance(g, pd.DataFrame) or not {"candidate", "gene"} <= set(g.columns):
+        return "Genes were not scored (run ssw.tl.genes)."
+    g = g[g["candidate"].astype(str) == cand]
+    if g.empty:
+        return "No genes were scored for this candidate."
+    if "rank" in g.columns and pd.to_numeric(g["rank"], errors="coerce").notna().any():
+        g = g.assign(_r=pd.to_numeric(g["rank"], errors="coerce")).sort_values("_r", kind="stable")
+    elif "score" in g.columns:
+        g = g.assign(_s=pd.to_numeric(g["score"], errors="coerce")).sort_values("_s", ascending=False)
+    items = [f"{_e(r['gene'])}" + (f" ({_num(r['score'])})" if _finite(r.get("score")) else "")
+             for _, r in g.head(n).iterrows()]
+    return f"Top genes riding on it (score): {', '.join(items)}."
+
+
+def _terms_text(res: dict, cand: str, fdr_max: float = 0.05, n: int = 5) -> str:
+    en = res.get(_keys.UNS_ENRICHMENT)
+    if not isinstance(en, pd.DataFrame) or not {"candidate", "term", "fdr"} <= set(en.columns):
+        return "No enrichment was run (run ssw.tl.enrich)."
+    en = en[en["candidate"].astype(str) == cand].assign(_f=lambda d: pd.to_numeric(d["fdr"], errors="coerce"))
+    en = en[en["_f"].notna()].sort_values("_f", kind="stable")
+    if en.empty:
+        return "No enrichment results for this candidate."
+
+    def item(r) -> str:
+        bits = []
+        if "gene_set" in r and isinstance(r["gene_set"], str) and r["gene_set"]:
+            bits.append(_e(r["gene_set"]))
+        if _finite(r.get("nes")):
+            bits.append(f"NES {_num(r['nes'], signed=True)}")
+        elif _finite(r.get("odds_ratio")):
+            bits.append(f"OR {_num(r['odds_ratio'])}")
+        bits.append(f"FDR {_num(r['_f'])}")
+        return f"{_e(r['term'])} ({'; '.join(bits)})"
+
+    sig = en[en["_f"] < fdr_max]
+    if len(sig):
+        return (f"Enriched terms (FDR < {fdr_max:g}, {len(sig)} in all): "
+                + ", ".join(item(r) for _, r in sig.head(n).iterrows()) + ".")
+    return f"No term reaches FDR < {fdr_max:g}; the best is {item(en.iloc[0])}."
+
+
+def _hypotheses(res: dict, metric: str | None, alpha: float) -> tuple[str, list[_Verdict], str | None]:
+    col = res.get(_keys.UNS_COLLAPSE)
+    if not isinstance(col, pd.DataFrame) or col.empty:
+        return ("<p class='skip'>No hypotheses: the collapse table is absent (run ssw.tl.prune). Without ablation "
+                "against controls no candidate can be judged.</p>", [], None)
+    col = _pl._prepare_collapse(col)
+    metric = _pl._resolve_metric(col, metric)
+    sw = res.get(_keys.UNS_SUPERWEIGHTS)
+    sw = sw if isinstance(sw, pd.DataFrame) else None
+    cands = [c for c in _candidate_order(res, col) if _row(col, _keys.cond_prune(c), metric) is not None]
+    verdicts = [_judge(col, c, metric, alpha) for c in cands]
+    n_rand = verdicts[0].n_random if verdicts else _random_deltas(col, metric).size
+    parts = [
+        f"<p class='rule'><b>Rule.</b> A candidate passes the controls when, on the primary metric "
+        f"<b>{_e(_pl.metric_label(metric))}</b> (<code>{_e(metric)}</code>, all cells), zeroing it gives "
+        f"(1) p &lt; {alpha:g} against the random same-matrix draws, (2) an |Δ| larger than zeroing the "
+        f"largest other weights (<code>top_outliers</code>), and (3) a 95% CI of Δ that excludes 0.</p>"
+    ]
+    passing = [v for v in verdicts if v.status == "passes"]
+    if not verdicts:
+        parts.append("<p class='verdict none'>No candidate was ablated on this metric, so none can be judged.</p>")
+    elif not passing:
+        parts.append(f"<p class='verdict none'><b>No candidate passes the controls</b> on {_e(metric)}: none of "
+                     f"the {len(verdicts)} candidate(s) meets all three conditions.</p>")
+    else:
+        names = ", ".join(f"<code>{_e(v.candidate)}</code>" for v in passing)
+        parts.append(f"<p class='verdict pass'><b>{len(passing)} of {len(verdicts)} candidate(s) pass the "
+                     f"controls</b> on {_e(metric)}: {names}.</p>")
+    parts.append("<ol class='hyp'>")
+    for v in verdicts:
+        desc = _describe(v.candidate, sw)
+        badge = {"passes": "pass", "fails": "fail"}.get(v.status, "na")
+        li = [f"<span class='badge {badge}'>{_e(v.status)}</span> {_judgement_sentence(v, metric, desc)}"]
+        if v.reasons:
+            li.append(f"<div class='why'>Does not pass because: {'; '.join(_e(r) for r in v.reasons)}.</div>"
+                      if v.status == "fails" else
+                      f"<div class='why'>Cannot be judged: {'; '.join(_e(r) for r in v.reasons)}.</div>")
+        parts.append("<li>" + "".join(li) + "</li>")
+    parts.append("</ol>")
+
+    # Follow-ups: for every passing candidate; when none passes, for the strongest one, flagged as exploratory.
+    follow = passing
+    if not passing and verdicts:
+        meas = [v for v in verdicts if _finite(v.delta)]
+        if meas:
+            follow = [max(meas, key=lambda v: float(_pl._worse(v.delta, metric)))]
+    for v in follow:
+        head = ("What rides on" if v.status == "passes" else "Exploratory only (it did not pass): the largest "
+                "effect,")
+        parts.append(f"<h3>{head} <code>{_e(v.candidate)}</code></h3><ul class='follow'>")
+        for s in _cell_type_text(col, v.candidate, metric):
+            parts.append(f"<li>{s}</li>")
+        parts.append(f"<li>{_restore_text(col, v.candidate, metric, v)}</li>")
+        parts.append(f"<li>{_scaling_text(col, v.candidate, metric)}</li>")
+        parts.append(f"<li>{_genes_text(res, v.candidate)}</li>")
+        parts.append(f"<li>{_terms_text(res, v.candidate)}</li>")
+        parts.append("</ul>")
+    if n_rand:
+        parts.append(f"<p class='note'>Random controls: {n_rand} draws of the same number of scalars from the "
+                     f"same matrix.</p>")
+    return "\n".join(parts), verdicts, metric
+
+
+def _caveats(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: float) -> str:
+    run = res.get(_keys.UNS_RUN) or {}
+    params = run.get("params") or {}
+    data = run.get("data") or {}
+    items = []
+    sw = res.get(_keys.UNS_SUPERWEIGHTS)
+    kinds = sorted(set(sw["kind"].astype(str))) if isinstance(sw, pd.DataFrame) and "kind" in sw.columns else []
+    items.append(
+        "scGPT blocks are post-LayerNorm: a spike written by <code>linear2</code> is rescaled by the next norm, so "
+        "zeroing an <code>ffn_down</code> scalar can be causally weak while LayerNorm gain/bias dimensions matter. "
+        "A weak ffn_down effect is not evidence that the model has no super-weight-like parameter."
+        + (f" Candidate kinds tested here: {', '.join(_e(k) for k in kinds)}." if kinds else ""))
+    blob = json.dumps(_plain(data), default=str).lower() + json.dumps(_plain(params), default=str).lower()
+    if re.search(r"(?<![a-z])(synthetic|demo)(?![a-z])", blob):
+        items.append("The data are synthetic (the demo generator): cell types, the disease effect and marker genes "
+                     "are planted, so these results test the pipeline, not biology.")
+    else:
+        src = data.get("path") or data.get("source") or "the input data"
+        items.append(f"Data: {_e(src)}. Findings hold for this model on these cells; replicate on independent "
+                     "donors before reading them as biology.")
+    if not _param(res, "donor_key"):
+        items.append("No donor key was recorded: if intervals resample cells rather than donors, they are too "
+                     "narrow for claims about donors.")
+    n = verdicts[0].n_random if verdicts else 0
+    if n:
+        pmin = 1.0 / (n + 1)
+        txt = (f"With {n} random draws the smallest empirical p-value is 1/{n + 1} = {pmin:.2g}")
+        txt += (f": at α = {alpha:g} no candidate can pass on an empirical p; run more draws."
+                if pmin >= alpha else "; rankings among candidates at that floor are not resolved.")
+        items.append(txt)
+    elif verdicts:
+        items.append("No random draws were run, so the main control is missing.")
+    col = res.get(_keys.UNS_COLLAPSE)
+    if isinstance(col, pd.DataFrame) and {"metric", "group", "condition"} <= set(col.columns):
+        nm, ng = col["metric"].nunique(), col["group"].nunique()
+        items.append(f"Multiple testing: {len(verdicts)} candidate(s) were judged on one primary metric "
+                     f"({_e(metric)}) without correction; the collapse table holds {nm} metric(s) × {ng} group(s), "
+                     "so per-cell-type and secondary-metric effects are exploratory. Gene-set FDRs are corrected "
+                     "within each enrichment run only.")
+    items.append("Passing the rule shows a parameter this model depends on, on these cells; it does not show that "
+                 "the genes or pathways on that channel are the cause.")
+    return "<ul class='caveats'>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cell(v, max_chars: int) -> tuple[str, bool]:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "", False
+    if isinstance(v, (bool, np.bool_)):
+        return _e(v), False
+    if isinstance(v, (int, np.integer)):
+        return _e(v), True
+    if isinstance(v, (float, np.floating)):
+        return _e(_num(v)), True
+    s = str(v)
+    if len(s) > max_chars:
+        s = s[: max_chars - 1] + "…"
+    return _e(s), False
+
+
+def _html_table(df: pd.DataFrame, *, max_rows: int = 20, max_chars: int = 60, caption: str | None = None) -> str:
+    """A DataFrame as an HTML table; every header and cell escaped, numbers right-aligned."""
+    out = ["<div class='tw'><table>"]
+    if caption:
+        out.append(f"<caption>{caption}</caption>")
+    out.append("<thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in df.columns) + "</tr></thead><tbody>")
+    for row in df.head(max_rows).itertuples(index=False):
+        tds = []
+        for v in row:
+            txt, num = _cell(v, max_chars)
+            tds.append(f"<td class='num'>{txt}</td>" if num else f"<td>{txt}</td>")
+        out.append("<tr>" + "".join(tds) + "</tr>")
+    out.append("</tbody></table></div>")
+    if len(df) > max_rows:
+        out.append(f"<p class='note'>Showing {max_rows} of {len(df)} rows; the full table is in the TSV.</p>")
+    return "".join(out)
+
+
+def _flatten(d, prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for k, v in (d or {}).items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            rows += _flatten(v, name + ".")
+        elif isinstance(v, (list, tuple)):
+            rows.append((name, ", ".join(str(x) for x in v)))
+        else:
+            rows.append((name, "" if v is None else str(v)))
+    return rows
+
+
+def _kv_table(d, caption: str) -> str:
+    rows = _flatten(_plain(d))
+    if not rows:
+        return f"<p class='skip'>{_e(caption)}: not recorded.</p>"
+    return _html_table(pd.DataFrame(rows, columns=["field", "value"]), max_rows=200, max_chars=120,
+                       caption=_e(caption))
+
+
+def _fig_html(fig_or_axes) -> str:
+    fig = fig_or_axes if hasattr(fig_or_axes, "savefig") else fig_or_axes[0].figure
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    b64 = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f"<img alt='figure' src='data:image/png;base64,{b64}'>"
+
+
+def _param(res: dict, *names: str):
+    """A recorded parameter, top-level or nested per step (params.prune.label_key), first name found wins."""
+    params = (res.get(_keys.UNS_RUN) or {}).get("params") or {}
+    flat = _flatten_raw(params)
+    for n in names:
+        if n in params and not isinstance(params[n], Mapping):
+            return params[n]
+        for k, v in flat:
+            if k.rsplit(".", 1)[-1] == n:
+                return v
+    return None
+
+
+def _flatten_raw(d, prefix: str = "") -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = []
+    for k, v in (d or {}).items():
+        if isinstance(v, Mapping):
+            rows += _flatten_raw(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def _label_key(res: dict, adata) -> str | None:
+    v = _param(res, "label_key", "cell_type_key")
+    if isinstance(v, str) and v in adata.obs.columns:
+        return v
+    for c in adata.obs.columns:
+        s = adata.obs[c]
+        if (isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object) and 1 < s.nunique() <= 50:
+            return c
+    return None
+
+
+def _figures(res: dict, adata, metric: str | None, top: str | None) -> str:
+    jobs = [
+        ("Spike map", "Largest |activation| per layer and site (log colour); each cell names the channel that "
+         "carries it.", lambda: _pl.spike_map(res)),
+        ("Candidate effects vs controls", "Δ of the primary metric when each candidate is zeroed, against the "
+         "random same-matrix draws (grey strip and band), the largest-other-weights control and activation "
+         "restores; whiskers are 95% CIs.", lambda: _pl.candidate_effects(res, metric=metric)),
+        ("Collapse by cell type", "Δ per cell type when the "
+         + ("top candidate" if top is None else f"candidate <code>{_e(top)}</code>")
+         + " is zeroed, disease and control cells side by side; the dashed line is all cells.",
+         lambda: _pl.collapse_by_celltype(res, metric=metric, candidate=top)),
+        ("Dose–response", "Metric vs scale factor on each candidate; the dashed line is the baseline (×1).",
+         lambda: _pl.scaling_curve(res, metric=metric)),
+    ]
+    if adata is not None:
+        lk = _label_key(res, adata)
+        jobs.append(("Embedding before and after", "Cells' <cls> embeddings before and after zeroing the top "
+                     "candidate, each reduced to 2-D with PCA" + (f", coloured by {_e(lk)}." if lk else "."),
+                     lambda: _pl.embedding_before_after(adata, color=lk)))
+    else:
+        jobs.append(("Embedding before and after", "", None))
+    jobs.append(("Enriched terms", "Terms × candidates; dot size −log10 FDR, colour NES (or odds ratio).",
+                 lambda: _pl.enrichment_dotplot(res)))
+    out = []
+    for title, caption, make in jobs:
+        head = f"<figure><figcaption><b>{_e(title)}.</b> "
+        if make is None:
+            out.append(head + "Skipped: no AnnData with obsm embeddings was given (pass the AnnData, or keep "
+                       "results.h5ad in the run directory).</figcaption></figure>")
+            continue
+        try:
+            img = _fig_html(make())
+        except DataError as err:
+            out.append(head + f"Skipped: {_e(err)}</figcaption></figure>")
+            continue
+        except Exception as err:  # noqa: BLE001 - one broken figure must not lose the page; it says so loudly
+            logger.exception("figure %r could not be drawn", title)
+            plt.close("all")
+            out.append(head + f"<span class='bad'>Could not be drawn ({_e(type(err).__name__)}: {_e(err)}).</span>"
+                       "</figcaption></figure>")
+            continue
+        out.append(head + f"{caption}</figcaption>{img}</figure>")
+    return "\n".join(out)
+
+
+def _collapse_pivot(col: pd.DataFrame, alpha: float) -> str:
+    col = _pl._prepare_collapse(col)
+    group = _keys.GROUP_ALL if (col["group"] == _keys.GROUP_ALL).any() else col["group"].iloc[0]
+    sub = col[col["group"] == group]
+    metrics = list(dict.fromkeys(sub["metric"]))
+    conds = list(dict.fromkeys(sub["condition"]))
+
+    def kind(c: str) -> int:
+        for i, pre in enumerate(("baseline", "prune:", "top_outliers", "restore:")):
+            if c.startswith(pre):
+                return i
+        return 9
+
+    shown = sorted([c for c in conds if kind(c) < 9], key=lambda c: (kind(c), conds.index(c)))
+    rows = []
+    for c in shown:
+        row = {"condition": c}
+        for m in metrics:
+            r = _row(sub, c, m, group)
+            if r is None:
+                row[m] = ""
+            elif c == _keys.COND_BASELINE:
+                row[m] = _num(r["value"])
+            else:
+                s = _num(r["delta"], signed=True)
+                if _finite(r["ci_low"]):
+                    s += f" [{_num(r['ci_low'])}, {_num(r['ci_high'])}]"
+                if _finite(r["p_value"]) and r["p_value"] < alpha:
+                    s += " *"
+                row[m] = s
+        rows.append(row)
+    rand = sub[sub["condition"].str.startswith("random:")]
+    if len(rand):
+        row = {"condition": f"random (n={rand['condition'].nunique()})"}
+        for m in metrics:
+            d = rand.loc[rand["metric"] == m, "delta"].dropna()
+            row[m] = (f"{_num(d.median(), signed=True)} [{_num(d.min())}, {_num(d.max())}]" if len(d) else "")
+        rows.append(row)
+    n_scale = sum(c.startswith("scale:") for c in conds)
+    cap = (f"Δ vs baseline on group <code>{_e(group)}</code> [95% CI]; * p &lt; {alpha:g} vs random draws; the "
+           f"baseline row holds absolute values; the random row: median [min, max]."
+           + (f" {n_scale} scaling conditions are in the dose–response figure." if n_scale else "")
+           + " Per-cell-type rows are in collapse.tsv.")
+    return _html_table(pd.DataFrame(rows), max_rows=60, max_chars=40, caption=cap)
+
+
+def _tables(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: float, n_top: int) -> str:
+    out = []
+    sw = res.get(_keys.UNS_SUPERWEIGHTS)
+    out.append("<h3>Candidates</h3>")
+    if isinstance(sw, pd.DataFrame) and len(sw):
+        s = sw.sort_values("rank", kind="stable") if "rank" in sw.columns else sw
+        cols = [c for c in [*_keys.SUPERWEIGHT_COLUMNS, "rank", "screen", "above_threshold", "round"]
+                if c in s.columns]
+        s = s[cols].copy()
+        if verdicts and metric:
+            vmap = {v.candidate: v for v in verdicts}
+            key = s["candidate"].astype(str)
+            s[f"Δ {metric}"] = key.map(lambda c: vmap[c].delta if c in vmap else np.nan)
+            s["95% CI"] = key.map(lambda c: _ci(vmap[c].ci_low, vmap[c].ci_high) if c in vmap else "")
+            s["p"] = key.map(lambda c: vmap[c].p_value if c in vmap else np.nan)
+            s["verdict"] = key.map(lambda c: vmap[c].status if c in vmap else "not ablated")
+        out.append(_html_table(s, max_rows=n_top))
+    else:
+        out.append("<p class='skip'>Skipped: no superweights table (run ssw.tl.scan).</p>")
+    out.append("<h3>Collapse (summary pivot)</h3>")
+    col = res.get(_keys.UNS_COLLAPSE)
+    if isinstance(col, pd.DataFrame) and len(col):
+        out.append(_collapse_pivot(col, alpha))
+    else:
+        out.append("<p class='skip'>Skipped: no collapse table (run ssw.tl.prune).</p>")
+    out.append("<h3>Genes</h3>")
+    g = res.get(_keys.UNS_GENES)
+    if isinstance(g, pd.DataFrame) and len(g) and "candidate" in g.columns:
+        g = g.copy()
+        if "rank" in g.columns:
+            g = g.assign(_r=pd.to_numeric(g["rank"], errors="coerce")).sort_values(["_r"], kind="stable")
+            g = g.drop(columns="_r")
+        order = {c: i for i, c in enumerate(_candidate_order(res, None) or list(dict.fromkeys(g["candidate"])))}
+        g = g.assign(_o=g["candidate"].astype(str).map(order).fillna(len(order)))
+        g = g.sort_values("_o", kind="stable").groupby("candidate", sort=False).head(10).drop(columns="_o")
+        extra = [c for c in g.columns if c not in _keys.GENE_COLUMNS][:4]
+        g = g[[c for c in _keys.GENE_COLUMNS if c in g.columns] + extra]
+        out.append(_html_table(g, max_rows=max(n_top, 30),
+                               caption="Top 10 genes per candidate (evidence columns truncated to four)."))
+    else:
+        out.append("<p class='skip'>Skipped: no genes table (run ssw.tl.genes).</p>")
+    out.append("<h3>Enrichment</h3>")
+    en = res.get(_keys.UNS_ENRICHMENT)
+    if isinstance(en, pd.DataFrame) and len(en):
+        en = en.copy()
+        if "fdr" in en.columns:
+            en = en.assign(_f=pd.to_numeric(en["fdr"], errors="coerce")).sort_values("_f", kind="stable")
+            en = en.drop(columns="_f")
+        cols = [c for c in [*_keys.ENRICHMENT_COLUMNS, "library"] if c in en.columns]
+        out.append(_html_table(en[cols], max_rows=n_top, caption="Sorted by FDR."))
+    else:
+        out.append("<p class='skip'>Skipped: no enrichment table (run ssw.tl.enrich).</p>")
+    return "\n".join(out)
+
+
+def _summary(res: dict, source: str, verdicts: list[_Verdict], metric: str | None) -> str:
+    run = _plain(res.get(_keys.UNS_RUN) or {})
+    model, data = run.get("model") or {}, run.get("data") or {}
+    cards = []
+
+    def card(label: str, value: str) -> None:
+        cards.append(f"<div class='card'><div class='k'>{_e(label)}</div><div class='v'>{value}</div></div>")
+
+    if model:
+        h = str(model.get("hash") or "")
+        card("model", _e(model.get("path") or model.get("name") or "?") + (f"<br><small>hash {_e(h[:16])}</small>"
+                                                                           if h else ""))
+    if data:
+        shape = (f"{_e(data.get('n_cells', '?'))} cells × {_e(data.get('n_genes', '?'))} genes")
+        card("data", _e(data.get("path") or data.get("name") or "?") + f"<br><small>{shape}</small>")
+    if "seed" in run:
+        card("seed", _e(run["seed"]))
+    sw = res.get(_keys.UNS_SUPERWEIGHTS)
+    if isinstance(sw, pd.DataFrame):
+        card("candidates", _e(len(sw)))
+    if verdicts:
+        n_pass = sum(v.status == "passes" for v in verdicts)
+        card("pass the controls", f"{n_pass} of {len(verdicts)}" + (f"<br><small>on {_e(metric)}</small>"
+                                                                     if metric else ""))
+    present = [n for n in _TABLE_FILES if isinstance(res.get(n), pd.DataFrame)]
+    missing = [n for n in _TABLE_FILES if n not in present]
+    txt = f"<p class='src'>Results from {_e(source)}. Tables present: {_e(', '.join(present) or 'none')}"
+    txt += f"; absent: {_e(', '.join(missing))}.</p>" if missing else ".</p>"
+    return "<div class='cards'>" + "".join(cards) + "</div>" + txt
+
+
+def _provenance(res: dict) -> str:
+    run = _plain(res.get(_keys.UNS_RUN) or {})
+    if not run:
+        return "<p class='skip'>No run.json / uns['run'] record: provenance unknown.</p>"
+    out = ["<div class='grid'>"]
+    for k, cap in (("versions", "Versions"), ("model", "Model"), ("data", "Data"), ("params", "Parameters")):
+        out.append(_kv_table(run.get(k), cap))
+    out.append(_kv_table({"seed": run.get("seed")}, "Seed"))
+    t = run.get("timings") or {}
+    if isinstance(t, Mapping) and t:
+        rows = [(k, f"{float(v):.1f} s" if _finite(v) else str(v)) for k, v in _flatten(t)]
+        out.append(_html_table(pd.DataFrame(rows, columns=["step", "time"]), max_rows=100, caption="Timings"))
+    else:
+        out.append(_kv_table(t, "Timings"))
+    rest = {k: v for k, v in run.items() if k not in ("versions", "model", "data", "params", "seed", "timings")}
+    if rest:
+        out.append(_kv_table(rest, "Other"))
+    out.append("</div>")
+    return "\n".join(out)
+
+
+_CSS = """
+:root{--fg:#1d2330;--mut:#5b6475;--line:#dfe3ea;--bg:#ffffff;--soft:#f5f7fa;--acc:#1f4e79}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);
+ font:15px/1.55 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"DejaVu Sans",sans-serif}
+main{max-width:1120px;margin:0 auto;padding:28px 32px 60px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:38px 0 10px;padding-bottom:6px;
+ border-bottom:2px solid var(--line)}h3{font-size:16px;margin:22px 0 8px}
+.sub{color:var(--mut);margin:0 0 18px;font-size:13px}
+nav{font-size:13px;margin:0 0 18px}nav a{color:var(--acc);margin-right:14px;text-decoration:none}
+code{font:12.5px/1.3 "SFMono-Regular",Menlo,Consolas,"DejaVu Sans Mono",monospace;background:var(--soft);
+ padding:1px 4px;border-radius:3px;word-break:break-all}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}
+.card{border:1px solid var(--line);border-radius:8px;padding:10px 14px;min-width:150px;max-width:360px;
+ background:var(--soft)}
+.card .k{font-size:11px;text-transform:uppercase;letter-spacing:.06em;color:var(--mut)}
+.card .v{font-size:15px;font-weight:600;word-break:break-all}.card small{font-weight:400;color:var(--mut)}
+.src,.note{color:var(--mut);font-size:13px}
+.rule{background:var(--soft);border-left:4px solid var(--acc);padding:10px 14px;border-radius:4px}
+.verdict{font-size:16px;padding:10px 14px;border-radius:6px}
+.verdict.pass{background:#e8f4ea;border:1px solid #9fcea8}.verdict.none{background:#fbeeee;border:1px solid #e3aaaa}
+ol.hyp li{margin:0 0 12px}ul.follow li{margin:0 0 6px}
+.badge{display:inline-block;font-size:11px;font-weight:700;text-transform:uppercase;padding:1px 7px;
+ border-radius:10px;margin-right:4px;vertical-align:1px}
+.badge.pass{background:#1b7837;color:#fff}.badge.fail{background:#b2182b;color:#fff}
+.badge.na{background:#888;color:#fff}
+.why{color:var(--mut);font-size:13.5px;margin-top:2px}
+figure{margin:18px 0 26px}figcaption{font-size:13.5px;color:var(--mut);margin-bottom:6px}
+figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px}
+.skip{color:var(--mut);font-style:italic}.bad{color:#b2182b}
+.tw{overflow-x:auto;margin:6px 0 4px}
+table{border-collapse:collapse;font-size:12.5px;min-width:40%}
+caption{text-align:left;color:var(--mut);font-size:12.5px;padding:0 0 4px;caption-side:top}
+th,td{padding:4px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th{background:var(--soft);font-weight:600;white-space:nowrap}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tbody tr:nth-child(even){background:#fafbfc}
+ul.caveats li{margin:0 0 6px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:6px 22px;align-items:start}
+.grid table{width:100%}.grid td{word-break:break-all}
+"""
+
+
+def report(
+    adata_or_run_dir,
+    path,
+    *,
+    key: str = _keys.UNS_KEY,
+    title: str | None = None,
+    metric: str | None = None,
+    alpha: float = 0.05,
+    n_top: int = 20,
+) -> Path:
+    """Write one self-contained HTML page: summary, hypotheses from the results, figures, tables, provenance.
+
+    Parameters
+    ----------
+    adata_or_run_dir
+        AnnData with results under ``uns[key]``, a run directory (its TSVs, run.json and, for the embedding
+        figure, results.h5ad), or the dict :func:`load_results` returns.
+    path
+        Output file (a directory gets ``report.html``).
+    key
+        Results key in ``adata.uns``.
+    title
+        Page title.
+    metric
+        Primary metric the hypotheses are judged on; default: ``params["primary_metric"]`` if recorded, else the
+        first of gepc_mse, gep_mse, knn_accuracy, ... present.
+    alpha
+        Significance level of the rule.
+    n_top
+        Rows per table.
+
+    Returns
+    -------
+    The path written.
+
+    Examples
+    --------
+    >>> ssw.report(adata, "report.html")  # doctest: +SKIP
+    """
+    res, adata, source = _gather(adata_or_run_dir, key)
+    problems = []
+    col = res.get(_keys.UNS_COLLAPSE)
+    if isinstance(col, pd.DataFrame):
+        lack = [c for c in ("condition", "metric", "value") if c not in col.columns]
+        if lack:
+            problems.append(f"the collapse table lacks column(s) {lack} and was ignored")
+            logger.warning("collapse table lacks %s; ignored in the report", lack)
+            del res[_keys.UNS_COLLAPSE]
+    if metric is None:
+        m = _param(res, "primary_metric")
+        metric = m if isinstance(m, str) else None
+    col = res.get(_keys.UNS_COLLAPSE)
+    if metric is not None and isinstance(col, pd.DataFrame) and "metric" in col.columns \
+            and metric not in set(col["metric"].astype(str)):
+        logger.warning("primary metric %r not in the collapse table; choosing another", metric)
+        metric = None
+    hyp_html, verdicts, metric = _hypotheses(res, metric, alpha)
+    top = None
+    if verdicts:
+        meas = [v for v in verdicts if _finite(v.delta)]
+        passing = [v for v in meas if v.status == "passes"] or meas
+        if passing:
+            top = max(passing, key=lambda v: float(_pl._worse(v.delta, metric))).candidate
+    run = res.get(_keys.UNS_RUN) or {}
+    title = title or "scsuperweight report"
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ver = ((run.get("versions") or {}).get("scsuperweight")) if isinstance(run.get("versions"), Mapping) else None
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        f"<p class='sub'>Generated {now}" + (f" by scsuperweight {_e(ver)}" if ver else "") + "</p>",
+        "<nav><a href='#summary'>Summary</a><a href='#hypotheses'>Hypotheses</a><a href='#figures'>Figures</a>"
+        "<a href='#tables'>Tables</a><a href='#caveats'>Caveats</a><a href='#provenance'>Provenance</a></nav>",
+        "<section id='summary'><h2>Run summary</h2>", _summary(res, source, verdicts, metric),
+        "".join(f"<p class='bad'>Note: {_e(p)}.</p>" for p in problems), "</section>",
+        "<section id='hypotheses'><h2>Hypotheses</h2>", hyp_html, "</section>",
+        "<section id='figures'><h2>Figures</h2>", _figures(res, adata, metric, top), "</section>",
+        "<section id='tables'><h2>Tables</h2>", _tables(res, verdicts, metric, alpha, n_top), "</section>",
+        "<section id='caveats'><h2>Caveats</h2>", _caveats(res, verdicts, metric, alpha), "</section>",
+        "<section id='provenance'><h2>Provenance</h2>", _provenance(res), "</section>",
+    ]
+    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>\n"
+            + "\n".join(body) + "\n</main></body></html>\n")
+    out = Path(path)
+    if out.is_dir():
+        out = out / _keys.FILE_REPORT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    logger.info("wrote report to %s", out)
+    return out

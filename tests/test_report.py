@@ -1,0 +1,325 @@
+"""The HTML report: hypotheses written from planted results, escaping, self-containment, loading a run dir.
+
+`fake_results` builds small, consistent result tables with a known answer (one candidate with a huge effect,
+20 random draws near zero, one null candidate); test_pl.py draws its figures from the same tables.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scsuperweight import _keys
+from scsuperweight.errors import DataError
+from scsuperweight.report import load_results, report
+
+STRONG = "ln_weight:L2:17"
+NULL = "ffn_down:L5:3:100"
+EVIL_LABEL = "<script>alert(1)</script>"
+EVIL_GENE = "<img src=x onerror=alert(1)>"
+SITES = ["norm1_in", "attn_out", "norm1_out", "ffn_in", "ffn_hidden", "ffn_out", "norm2_in", "norm2_out",
+         "block_out"]
+
+
+def _c(condition, metric, group, value, delta, lo=np.nan, hi=np.nan, p=np.nan):
+    return dict(condition=condition, metric=metric, group=group, value=value, delta=delta, ci_low=lo, ci_high=hi,
+                p_value=p)
+
+
+def fake_results(strong: bool = True, seed: int = 0) -> dict:
+    """Result tables with a planted answer. `strong=False` makes every candidate null."""
+    rng = np.random.default_rng(seed)
+    sw = pd.DataFrame([
+        dict(candidate=STRONG, kind="ln_weight", layer=2, param="transformer_encoder.layers.2.norm2.weight",
+             row=17, col=np.nan, value=8.5, spike=412.0, spike_ratio=950.0, token="<cls>", stability=1.0, rank=1,
+             screen="activation", above_threshold=True),
+        dict(candidate=NULL, kind="ffn_down", layer=5, param="transformer_encoder.layers.5.linear2.weight",
+             row=3, col=100, value=-0.9, spike=60.0, spike_ratio=40.0, token="APOE", stability=0.6, rank=2,
+             screen="activation", above_threshold=True),
+    ])
+    act = []
+    for layer in range(6):
+        for site in SITES:
+            m = float(rng.lognormal(1.0, 0.4))
+            ch = int(rng.integers(0, 64))
+            if (layer, site) == (2, "norm2_in"):
+                m, ch = 412.0, 17  # the planted super activation
+            act.append(dict(layer=layer, site=site, max_abs=m, median_abs=0.4, channel=ch, token="<cls>",
+                            stability=0.9))
+    act = pd.DataFrame(act)
+
+    base = {"gepc_mse": 1.23, "knn_accuracy": 0.91}
+    rows = [_c("baseline", m, "all", v, 0.0) for m, v in base.items()]
+    for k in range(20):
+        d = float(rng.normal(0, 0.01))
+        rows.append(_c(_keys.cond_random(k), "gepc_mse", "all", 1.23 + d, d))
+        rows.append(_c(_keys.cond_random(k), "knn_accuracy", "all", 0.91 - abs(d), -abs(d)))
+    rows.append(_c("top_outliers", "gepc_mse", "all", 1.25, 0.02, 0.005, 0.035, 0.2))
+    rows.append(_c("top_outliers", "knn_accuracy", "all", 0.90, -0.01, -0.02, 0.0, 0.3))
+    if strong:
+        rows.append(_c(_keys.cond_prune(STRONG), "gepc_mse", "all", 2.34, 1.11, 0.9, 1.3, 0.01))
+        rows.append(_c(_keys.cond_prune(STRONG), "knn_accuracy", "all", 0.41, -0.5, -0.6, -0.4, 0.01))
+        rows.append(_c(_keys.cond_restore(STRONG), "gepc_mse", "all", 1.43, 0.2, 0.1, 0.3, 0.03))
+        for f, v in [(0, 2.34), (0.5, 1.6), (1, 1.23), (2, 1.30), (3, 1.8)]:
+            rows.append(_c(_keys.cond_scale(STRONG, f), "gepc_mse", "all", v, v - 1.23))
+        per = {"Microglia": (2.5, 1.2), "Astrocytes": (0.8, 0.7), EVIL_LABEL: (0.3, 0.25)}
+    else:
+        rows.append(_c(_keys.cond_prune(STRONG), "gepc_mse", "all", 1.233, 0.003, -0.01, 0.016, 0.7))
+        rows.append(_c(_keys.cond_prune(STRONG), "knn_accuracy", "all", 0.905, -0.005, -0.02, 0.01, 0.6))
+        per = {"Microglia": (0.01, 0.0), "Astrocytes": (0.0, 0.01), EVIL_LABEL: (0.0, 0.0)}
+    rows.append(_c(_keys.cond_prune(NULL), "gepc_mse", "all", 1.235, 0.005, -0.01, 0.02, 0.6))
+    rows.append(_c(_keys.cond_prune(NULL), "knn_accuracy", "all", 0.90, -0.01, -0.03, 0.01, 0.5))
+    for lab, (ad, ctl) in per.items():
+        for cond, d in (("AD", ad), ("control", ctl)):
+            g = f"{lab}{_keys.GROUP_SEP}{cond}"
+            rows.append(_c("baseline", "gepc_mse", g, 1.2, 0.0))
+            rows.append(_c(_keys.cond_prune(STRONG), "gepc_mse", g, 1.2 + d, d, d - 0.1, d + 0.1, 0.01))
+        rows.append(_c(_keys.cond_prune(STRONG), "gepc_mse", lab, 1.2 + (ad + ctl) / 2, (ad + ctl) / 2,
+                       (ad + ctl) / 2 - 0.08, (ad + ctl) / 2 + 0.08, 0.01))
+    for cond, d in (("AD", 1.3 if strong else 0.004), ("control", 0.9 if strong else 0.002)):
+        rows.append(_c(_keys.cond_prune(STRONG), "gepc_mse", cond, 1.23 + d, d, d - 0.1, d + 0.1, 0.01))
+    collapse = pd.DataFrame(rows)
+
+    genes = pd.DataFrame([
+        dict(candidate=STRONG, gene="APOE", score=3.2, rank=1, spike_corr=0.8),
+        dict(candidate=STRONG, gene=EVIL_GENE, score=2.9, rank=2, spike_corr=0.7),
+        dict(candidate=STRONG, gene="CLU", score=2.1, rank=3, spike_corr=0.6),
+        dict(candidate=STRONG, gene="TREM2", score=1.7, rank=4, spike_corr=0.5),
+        dict(candidate=NULL, gene="NA", score=0.3, rank=1, spike_corr=0.1),
+        dict(candidate=NULL, gene="RPL13", score=0.2, rank=2, spike_corr=0.05),
+    ])
+    enrichment = pd.DataFrame([
+        dict(candidate=STRONG, gene_set="Reactome", term="Complement cascade", nes=2.1, odds_ratio=np.nan,
+             p_value=1e-4, fdr=0.001, genes="APOE;CLU"),
+        dict(candidate=STRONG, gene_set="GO_BP", term="Microglial activation", nes=1.8, odds_ratio=np.nan,
+             p_value=2e-3, fdr=0.02, genes="TREM2"),
+        dict(candidate=STRONG, gene_set="GO_BP", term=f"term {EVIL_LABEL}", nes=-0.5, odds_ratio=np.nan,
+             p_value=0.5, fdr=0.8, genes=EVIL_GENE),
+        dict(candidate=NULL, gene_set="KEGG", term="Ribosome", nes=0.9, odds_ratio=np.nan, p_value=0.2,
+             fdr=0.4, genes="RPL13"),
+    ])
+    run = {
+        "versions": {"scsuperweight": "0.1.0", "python": "3.11", "numpy": np.__version__},
+        "model": {"path": "checkpoints/demo_scgpt", "hash": "sha256:" + "ab" * 32, "n_layers": 6, "d_model": 64},
+        "data": {"path": "synthetic_ad.h5ad", "hash": "sha256:" + "cd" * 32, "n_cells": 600, "n_genes": 1200},
+        "params": {"label_key": "cell_type", "condition_key": "condition", "primary_metric": "gepc_mse",
+                   "n_random": 20, "note": EVIL_LABEL},
+        "seed": 0,
+        "timings": {"scan": 1.2, "prune": 33.4},
+    }
+    return {
+        _keys.UNS_SUPERWEIGHTS: sw,
+        _keys.UNS_ACTIVATIONS: act,
+        _keys.UNS_COLLAPSE: collapse,
+        _keys.UNS_GENES: genes,
+        _keys.UNS_ENRICHMENT: enrichment,
+        _keys.UNS_RUN: run,
+    }
+
+
+def fake_adata(res: dict | None = None, n: int = 240, seed: int = 0):
+    """Cells in 3 planted clusters; the pruned embedding has collapsed them onto one direction."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    labels = np.array(["Microglia", "Astrocytes", EVIL_LABEL])[rng.integers(0, 3, n)]
+    centres = {lab: rng.normal(0, 3, 16) for lab in np.unique(labels)}
+    x = np.stack([centres[lab] for lab in labels]) + rng.normal(0, 0.5, (n, 16))
+    xp = np.outer(np.ones(n), rng.normal(0, 1, 16)) + rng.normal(0, 0.05, (n, 16))
+    a = ad.AnnData(np.zeros((n, 5), dtype=np.float32))
+    a.obs["cell_type"] = pd.Categorical(labels)
+    a.obs["condition"] = pd.Categorical(rng.choice(["AD", "control"], n))
+    a.obs["age"] = rng.uniform(60, 90, n)
+    a.obsm[_keys.OBSM_EMB] = x.astype(np.float32)
+    a.obsm[_keys.OBSM_EMB_PRUNED] = xp.astype(np.float32)
+    if res is not None:
+        a.uns[_keys.UNS_KEY] = {k: v for k, v in res.items() if k != _keys.UNS_RUN}
+        a.uns[_keys.UNS_KEY][_keys.UNS_RUN] = res[_keys.UNS_RUN]
+    return a
+
+
+def _section(page: str, sid: str) -> str:
+    m = re.search(rf"<section id='{sid}'>(.*?)</section>", page, flags=re.S)
+    assert m, f"section {sid} missing"
+    return m.group(1)
+
+
+def _item(section: str, needle: str) -> str:
+    items = [li for li in re.findall(r"<li>(.*?)</li>", section, flags=re.S) if needle in li]
+    assert items, f"no list item mentions {needle}"
+    return items[0]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def strong_page(tmp_path_factory):
+    out = report(fake_results(), tmp_path_factory.mktemp("rep") / "report.html", title="Demo <b>run</b>")
+    return out.read_text(encoding="utf-8")
+
+
+def test_strong_candidate_passes_with_its_numbers(strong_page):
+    hyp = _section(strong_page, "hypotheses")
+    assert "1 of 2 candidate(s) pass the controls" in hyp
+    li = _item(hyp, f"<code>{STRONG}</code>")
+    assert "badge pass" in li
+    assert ("Zeroing ln_weight L2[17]" in li and "raises masked-expression MSE (GEPC) from 1.23 to 2.34 "
+            "(Δ +1.11, 95% CI 0.9–1.3; p = 0.01 vs 20 random draws)") in li
+    assert "the largest-other-weights control moves it by +0.02" in li
+    # the rule is stated on the page
+    assert "p &lt; 0.05 against the random same-matrix draws" in hyp and "excludes 0" in hyp
+
+
+def test_null_candidate_fails_and_says_why(strong_page):
+    li = _item(_section(strong_page, "hypotheses"), f"<code>{NULL}</code>")
+    assert "badge fail" in li
+    assert "from 1.23 to 1.24 (Δ +0.005, 95% CI -0.01 to 0.02; p = 0.6 vs 20 random draws)" in li
+    assert "p = 0.6 is not below 0.05" in li
+    assert "does not exceed the top-outliers control" in li and "includes 0" in li
+
+
+def test_follow_ups_read_off_the_tables(strong_page):
+    hyp = _section(strong_page, "hypotheses")
+    cells = _item(hyp, "Cell types that move most")
+    # Microglia collapse most (mean Δ (2.5 + 1.2) / 2 = 1.85), then Astrocytes (0.75)
+    assert cells.index("Microglia (Δ +1.85, 95% CI 1.77–1.93)") < cells.index("Astrocytes (Δ +0.75")
+    assert "AD cells lose more than control cells in 3 of 3 cell types." in hyp
+    gap = _item(hyp, "The largest gap is in Microglia")
+    # difference 2.5 - 1.2 = 1.3; CI from the two ±0.1 intervals: 1.3 ± 1.96·√2·0.1/1.96 = 1.3 ± 0.141
+    assert "difference +1.3 (≈95% CI 1.16–1.44" in gap and "AD cells lose more" in gap
+    allc = _item(hyp, "Over all cells")
+    assert "AD Δ +1.3 vs control Δ +0.9" in allc
+    assert "takes Δ from +1.11 to +0.2 (95% CI 0.1–0.3): 82% of the effect recovered" in hyp
+    assert "U-shaped, lowest at ×1" in hyp and "2.34 at ×0, 1.8 at ×3, baseline 1.23 at ×1" in hyp
+    assert "APOE (3.2)" in hyp and "CLU (2.1)" in hyp
+    assert "Complement cascade (Reactome; NES +2.1; FDR 0.001)" in hyp
+    assert "Microglial activation (GO_BP; NES +1.8; FDR 0.02)" in hyp
+
+
+def test_caveats_are_generated_from_the_run(strong_page):
+    cav = _section(strong_page, "caveats")
+    assert "post-LayerNorm" in cav and "ffn_down, ln_weight" in cav
+    assert "synthetic" in cav
+    assert "With 20 random draws the smallest empirical p-value is 1/21 = 0.048" in cav
+    assert "Multiple testing" in cav and "No donor key" in cav
+
+
+def test_every_candidate_null_says_none_passes(tmp_path):
+    page = report(fake_results(strong=False), tmp_path / "r.html").read_text(encoding="utf-8")
+    hyp = _section(page, "hypotheses")
+    assert "No candidate passes the controls" in hyp
+    assert "badge pass" not in hyp and "pass the controls</b>" not in hyp
+    assert "Exploratory only (it did not pass)" in hyp
+    # numbers keep enough digits to differ
+    assert "from 1.23 to 1.233 (Δ +0.003, 95% CI -0.01 to 0.016; p = 0.7 vs 20 random draws)" in hyp
+
+
+def test_data_strings_are_escaped(strong_page):
+    assert "<script>alert" not in strong_page
+    assert "<img src=x" not in strong_page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in strong_page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in strong_page
+    assert "<title>Demo &lt;b&gt;run&lt;/b&gt;</title>" in strong_page
+
+
+def test_page_is_self_contained(strong_page):
+    assert "<script" not in strong_page.lower() and "<link" not in strong_page.lower()
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", strong_page)
+    assert "url(" not in strong_page
+    imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", strong_page)
+    assert len(imgs) == 5  # every figure but the embedding (no AnnData here)
+    assert "Embedding before and after.</b> Skipped" in strong_page
+    assert "Could not be drawn" not in strong_page
+
+
+def test_tables_and_provenance(strong_page):
+    tables = _section(strong_page, "tables")
+    # candidates table carries the verdict; collapse is a pivot (random draws summarised in one row)
+    assert "<th>verdict</th>" in tables and "passes" in tables
+    assert "random (n=20)" in tables and "random:3" not in tables
+    assert "+1.11 [0.9, 1.3] *" in tables
+    prov = _section(strong_page, "provenance")
+    assert "sha256:abab" in prov and "33.4 s" in prov and "primary_metric" in prov
+
+
+def test_report_from_anndata_draws_the_embedding(tmp_path):
+    res = fake_results()
+    page = report(fake_adata(res), tmp_path / "a.html").read_text(encoding="utf-8")
+    assert len(re.findall(r"data:image/png;base64,", page)) == 6
+    assert "coloured by cell_type" in page
+    assert "1 of 2 candidate(s) pass the controls" in page
+
+
+def test_load_results_round_trip_and_missing_files(tmp_path):
+    res = fake_results()
+    for name, fname in [(_keys.UNS_SUPERWEIGHTS, _keys.FILE_SUPERWEIGHTS), (_keys.UNS_COLLAPSE, _keys.FILE_COLLAPSE),
+                        (_keys.UNS_GENES, _keys.FILE_GENES)]:
+        res[name].to_csv(tmp_path / fname, sep="\t", index=False)
+    (tmp_path / _keys.FILE_RUN).write_text(json.dumps(res[_keys.UNS_RUN]))
+    (tmp_path / _keys.FILE_ENRICHMENT).write_text("")  # an empty file is skipped, not a crash
+    got = load_results(tmp_path)
+    assert set(got) == {_keys.UNS_SUPERWEIGHTS, _keys.UNS_COLLAPSE, _keys.UNS_GENES, _keys.UNS_RUN}
+    assert got[_keys.UNS_GENES]["gene"].tolist()[4] == "NA"  # a gene called NA stays a gene
+    assert got[_keys.UNS_SUPERWEIGHTS]["above_threshold"].tolist() == [True, True]
+    assert got[_keys.UNS_SUPERWEIGHTS]["col"].isna().tolist() == [True, False]
+    pd.testing.assert_series_equal(got[_keys.UNS_COLLAPSE]["delta"], res[_keys.UNS_COLLAPSE]["delta"],
+                                   check_exact=False)
+    page = report(tmp_path, tmp_path).read_text(encoding="utf-8")  # a directory gets report.html
+    assert (tmp_path / _keys.FILE_REPORT).is_file()
+    assert "1 of 2 candidate(s) pass the controls" in page
+    assert "Spike map.</b> Skipped: No activations table" in page and "ssw.tl.scan" in page
+    assert "Skipped: no enrichment table (run ssw.tl.enrich)" in page
+    with pytest.raises(DataError, match="not a directory"):
+        load_results(tmp_path / "nope")
+
+
+def test_missing_collapse_says_which_step(tmp_path):
+    res = fake_results()
+    del res[_keys.UNS_COLLAPSE]
+    page = report(res, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "No hypotheses: the collapse table is absent (run ssw.tl.prune)" in page
+    assert "run ssw.tl.prune (CLI: scsuperweight prune) first" in page
+    res = fake_results()
+    res[_keys.UNS_COLLAPSE] = res[_keys.UNS_COLLAPSE].drop(columns="value")
+    page = report(res, tmp_path / "r2.html").read_text(encoding="utf-8")
+    assert "Note: the collapse table lacks column(s) [&#x27;value&#x27;] and was ignored." in page
+
+
+def test_p_value_computed_from_random_draws_when_absent(tmp_path):
+    res = fake_results()
+    col = res[_keys.UNS_COLLAPSE]
+    col.loc[col["condition"] == _keys.cond_prune(STRONG), "p_value"] = np.nan
+    page = report(res, tmp_path / "r.html").read_text(encoding="utf-8")
+    li = _item(_section(page, "hypotheses"), f"<code>{STRONG}</code>")
+    # no random draw reaches |Δ| = 1.11, so p = 1 / 21
+    assert "p = 0.048 vs 20 random draws, computed here from the draws" in li and "badge pass" in li
+
+
+def test_chromium_renders_the_page_without_console_errors(tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the headless render is skipped")
+    res = fake_results()
+    page = report(fake_adata(res), tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [exe, "--headless", "--disable-gpu", "--no-sandbox", f"--screenshot={shot}", "--window-size=1280,2000",
+         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
+    assert not console, console
+    assert shot.is_file() and shot.stat().st_size > 50_000
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
