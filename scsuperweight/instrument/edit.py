@@ -55,10 +55,13 @@ def _as_edits(targets, factor: float) -> list[ScalarEdit]:
     if targets is None:
         return []
     if hasattr(targets, "iterrows"):
+        import pandas as pd  # a DataFrame was passed, so pandas is loaded
+
         out = []
         for _, r in targets.iterrows():
             col = r.get("col")
-            idx = (int(r["row"]),) if col is None or col == "" or (isinstance(col, float) and col != col) \
+            # an LN dimension has no col: None, "", NaN, or pd.NA (find_superweights gives an Int64 column)
+            idx = (int(r["row"]),) if col is None or (isinstance(col, str) and col == "") or bool(pd.isna(col)) \
                 else (int(r["row"]), int(col))
             out.append(ScalarEdit(str(r["param"]), idx, factor))
         return out

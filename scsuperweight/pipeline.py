@@ -1,0 +1,148 @@
+"""The whole pipeline into an output directory: scan -> prune -> genes -> enrich -> report.
+
+Each step writes its table as soon as it finishes and `run.json` is rewritten after every step (with versions,
+hashes, parameters, seed and timings), so a run that fails late loses nothing already computed; the error is
+recorded in `run.json` too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from . import _keys as K
+from . import get, tl
+from ._log import logger
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("scsuperweight", "torch", "numpy", "pandas", "scipy", "anndata", "scanpy", "gseapy",
+                "scikit-learn", "leidenalg"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def model_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_hash(adata) -> str:
+    import scipy.sparse as sp
+
+    h = hashlib.sha256()
+    X = adata.X
+    if sp.issparse(X):
+        X = sp.csr_matrix(X)
+        for a in (X.data, X.indices, X.indptr):
+            h.update(np.ascontiguousarray(a).tobytes())
+    elif X is not None:
+        h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
+    h.update("\n".join(map(str, adata.obs_names)).encode())
+    h.update("\n".join(map(str, adata.var_names)).encode())
+    return h.hexdigest()
+
+
+class RunLog:
+    """run.json, rewritten atomically after every step."""
+
+    def __init__(self, out: Path, info: dict):
+        self.path = out / K.FILE_RUN
+        self.info = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "timings": {},
+                     "steps_done": [], **info}
+        self.write()
+
+    def step(self, name: str, seconds: float, **extra) -> None:
+        self.info["timings"][name] = round(seconds, 2)
+        self.info["steps_done"].append(name)
+        self.info.update(extra)
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(tl._plain(self.info), indent=2, sort_keys=True))
+        tmp.replace(self.path)
+
+
+def _write_tsv(df, path: Path) -> None:
+    df.to_csv(path, sep="\t", index=False)
+
+
+def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | None = None,
+                 donor_key: str | None = None, gene_sets=("bundled",), seed: int = 0, batch_size: int = 32,
+                 max_cells_scan: int = 1000, max_cells_per_label: int = 200, n_random: int = 10,
+                 n_boot: int = 200, permutations: int = 1000, gene_key: str | None = None, layer: str | None = None,
+                 data_path: str | None = None, model_path: str | None = None, progress: bool = True,
+                 extra_info: dict | None = None) -> dict:
+    """Run every step on `adata` with `model`, writing the DESIGN.md output files into `out_dir`."""
+    from .report import report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, gene_sets=list(gene_sets),
+                  seed=seed, batch_size=batch_size, max_cells_scan=max_cells_scan,
+                  max_cells_per_label=max_cells_per_label, n_random=n_random, n_boot=n_boot,
+                  permutations=permutations, gene_key=gene_key, layer=layer)
+    cfg = getattr(model, "config", None)
+    log = RunLog(out, {"versions": _versions(), "seed": seed, "params": params,
+                       "model": {"path": model_path, "sha256_state": model_hash(model),
+                                 "d_model": getattr(cfg, "d_model", None), "nlayers": getattr(cfg, "nlayers", None),
+                                 "nhead": getattr(cfg, "nhead", None), "ntoken": getattr(cfg, "ntoken", None)},
+                       "data": {"path": data_path, "sha256": data_hash(adata), "n_cells": int(adata.n_obs),
+                                "n_genes": int(adata.n_vars)}, **(extra_info or {})})
+    common = dict(gene_key=gene_key, layer=layer, batch_size=batch_size, seed=seed, progress=progress)
+    steps = [
+        ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, **common),
+         lambda: (_write_tsv(get.superweights(adata), out / K.FILE_SUPERWEIGHTS),
+                  _write_tsv(get.activations(adata), out / K.FILE_ACTIVATIONS))),
+        ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,
+                                   donor_key=donor_key, max_cells_per_label=max_cells_per_label, n_random=n_random,
+                                   n_boot=n_boot, **common),
+         lambda: (_write_tsv(get.collapse(adata), out / K.FILE_COLLAPSE),
+                  _write_tsv(get.contrasts(adata), out / "contrasts.tsv"))),
+        ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,
+                                   **common),
+         lambda: _write_tsv(get.genes(adata), out / K.FILE_GENES)),
+        ("enrich", lambda: tl.enrich(adata, gene_sets=gene_sets, permutations=permutations, seed=seed,
+                                     progress=progress),
+         lambda: _write_tsv(get.enrichment(adata), out / K.FILE_ENRICHMENT)),
+    ]
+    try:
+        for name, run, write in steps:
+            t0 = time.perf_counter()
+            logger.info("step %s", name)
+            run()
+            write()
+            log.step(name, time.perf_counter() - t0, **({"scan": get.params(adata, "scan")} if name == "scan"
+                                                         else {}))
+        t0 = time.perf_counter()
+        adata.uns[K.UNS_KEY][K.UNS_RUN] = json.dumps(tl._plain(log.info), sort_keys=True)
+        adata.write_h5ad(out / K.FILE_RESULTS)
+        log.step("write_h5ad", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        log.info["status"] = "done"
+        log.write()
+        report(out, out / K.FILE_REPORT)
+        log.step("report", time.perf_counter() - t0)
+    except BaseException as exc:
+        log.info["status"] = "failed"
+        log.info["error"] = f"{type(exc).__name__}: {exc}"
+        log.info["traceback"] = traceback.format_exc(limit=8)
+        log.write()
+        raise
+    return log.info
