@@ -1,0 +1,396 @@
+"""`scsuperweight` command line: the demo, the whole run, each step, pretraining and data manifests.
+
+Every command takes --device, --seed and --batch-size where they apply, shows progress bars on long work, and on
+bad input exits non-zero with a one-line reason (no traceback; --debug shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import _keys as K
+from ._log import logger
+from .errors import SSWError
+
+EXAMPLES = {
+    "demo": """examples:
+  scsuperweight demo --out demo_out            # shipped demo model on seeded AD-like data, ~5 min on 2 cores
+  scsuperweight demo --out demo_out --retrain  # pretrain the demo model afresh first (long)""",
+    "run": """examples:
+  scsuperweight run --model scGPT_brain/ --data seaad_donor.h5ad --label-key Subclass \\
+      --condition-key condition --donor-key "Donor ID" --layer UMIs --gene-sets bundled h.all.v7.0.symbols.gmt \\
+      --out run_out""",
+    "embed": """examples:
+  scsuperweight embed --model demo --data cells.h5ad --out cells_embedded.h5ad
+  scsuperweight embed --model scGPT_brain/ --data cells.h5ad --gene-key feature_name --out embedded.h5ad""",
+    "scan": """examples:
+  scsuperweight scan --model demo --data cells.h5ad --label-key cell_type --out run_out
+  scsuperweight scan --model scGPT_brain/ --data-free --out run_out     # one synthetic cell, no data""",
+    "prune": """examples:
+  scsuperweight prune --model demo --out run_out --label-key cell_type --condition-key condition --donor-key donor
+  (reads run_out/results.h5ad written by `scan`, or --data FILE.h5ad that holds uns['ssw'] from a scan)""",
+    "genes": """examples:
+  scsuperweight genes --model demo --out run_out --label-key cell_type""",
+    "enrich": """examples:
+  scsuperweight enrich --out run_out --gene-sets bundled ../shared/genesets/h.all.v7.0.symbols.gmt""",
+    "report": """examples:
+  scsuperweight report --run run_out                  # writes run_out/report.html
+  scsuperweight report --run run_out --out page.html""",
+}
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34)
+
+
+def _common(p: argparse.ArgumentParser, *, model: bool = True, batch: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default="demo", help="'demo', an official scGPT directory, or a transformers dir")
+        p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed for subsampling, masks, draws (default 0)")
+    if batch:
+        p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass (default 32)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", required=required, help="an .h5ad of raw counts (default for steps: OUT/results.h5ad)")
+    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X), e.g. counts or UMIs")
+    p.add_argument("--gene-key", default=None, help="var column with gene symbols (default: var_names)")
+
+
+def _keys_args(p: argparse.ArgumentParser, label_required: bool) -> None:
+    p.add_argument("--label-key", required=label_required, help="obs column with cell types")
+    p.add_argument("--condition-key", default=None, help="obs column with the condition (AD vs control)")
+    p.add_argument("--donor-key", default=None, help="obs column with donors (bootstrap unit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="scsuperweight", formatter_class=_formatter,
+        description="Find, prune and interpret super-weight-like parameters in scGPT on single-cell data.",
+        epilog="run `scsuperweight COMMAND --help` for each command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"scsuperweight {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole pipeline on the shipped demo model and seeded AD-like data",
+                       epilog=EXAMPLES["demo"], formatter_class=_formatter)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--retrain", action="store_true", help="pretrain the demo model afresh (recipe 'demo')")
+    p.add_argument("--n-cells", type=int, default=1500, help="synthetic cells to generate (default 1500)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="the whole pipeline on your model and data", epilog=EXAMPLES["run"],
+                       formatter_class=_formatter)
+    _common(p)
+    _data_args(p, required=True)
+    _keys_args(p, label_required=True)
+    p.add_argument("--gene-sets", nargs="+", default=["bundled"], help="'bundled' and/or .gmt files")
+    p.add_argument("--out", required=True, help="output directory")
+    _pipeline_knobs(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("embed", help="scGPT cell embeddings into obsm['X_scGPT']", epilog=EXAMPLES["embed"],
+                       formatter_class=_formatter)
+    _common(p)
+    _data_args(p, required=True)
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("scan", help="find super-weight-like candidates (superweights.tsv, activations.tsv)",
+                       epilog=EXAMPLES["scan"], formatter_class=_formatter)
+    _common(p)
+    _data_args(p)
+    p.add_argument("--label-key", default=None, help="obs column with cell types (stratifies, per-type stability)")
+    p.add_argument("--data-free", action="store_true", help="scan one synthetic cell instead of data")
+    p.add_argument("--min-ratio", type=float, default=20.0, help="spike / typical magnitude threshold (default 20)")
+    p.add_argument("--min-abs", type=float, default=0.0, help="absolute spike threshold (default 0)")
+    p.add_argument("--max-rounds", type=int, default=10, help="iterative rounds (default 10)")
+    p.add_argument("--max-cells", type=int, default=1000, help="cells scanned (default 1000)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("prune", help="prune candidates against controls (collapse.tsv)", epilog=EXAMPLES["prune"],
+                       formatter_class=_formatter)
+    _common(p)
+    _data_args(p)
+    _keys_args(p, label_required=True)
+    p.add_argument("--out", required=True, help="output directory (holds results.h5ad from scan)")
+    _pipeline_knobs(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("genes", help="genes riding on each candidate's channel (genes.tsv)", epilog=EXAMPLES["genes"],
+                       formatter_class=_formatter)
+    _common(p)
+    _data_args(p)
+    p.add_argument("--label-key", default=None, help="obs column with cell types (per-type evidence)")
+    p.add_argument("--max-cells-per-label", type=int, default=200)
+    p.add_argument("--out", required=True, help="output directory (holds results.h5ad from scan)")
+    p.set_defaults(func=cmd_genes)
+
+    p = sub.add_parser("enrich", help="pathway enrichment of the gene scores (enrichment.tsv), offline",
+                       epilog=EXAMPLES["enrich"], formatter_class=_formatter)
+    p.add_argument("--data", default=None, help="results .h5ad holding gene scores (default OUT/results.h5ad)")
+    p.add_argument("--gene-sets", nargs="+", default=["bundled"], help="'bundled' and/or local .gmt files")
+    p.add_argument("--permutations", type=int, default=1000)
+    p.add_argument("--top-n", type=int, default=50, help="top genes for over-representation (default 50)")
+    p.add_argument("--out", required=True, help="output directory")
+    _common(p, model=False, batch=False)
+    p.set_defaults(func=cmd_enrich)
+
+    p = sub.add_parser("report", help="write the self-contained HTML report of a run directory",
+                       epilog=EXAMPLES["report"], formatter_class=_formatter)
+    p.add_argument("--run", required=True, help="run directory (with the .tsv files and run.json)")
+    p.add_argument("--out", default=None, help="HTML path (default RUN/report.html)")
+    p.set_defaults(func=cmd_report)
+
+    from ._cli_pretrain import add_pretrain_parser
+
+    add_pretrain_parser(sub)
+    from ._cli_data import add_data_parser
+
+    add_data_parser(sub)
+    return parser
+
+
+def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-cells-per-label", type=int, default=200, help="cells per label evaluated (default 200)")
+    p.add_argument("--n-random", type=int, default=10, help="random-scalar draws per parameter (default 10)")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _load_data(path: str | None, out: Path | None = None):
+    import anndata as ad
+
+    if path is None and out is not None and (out / K.FILE_RESULTS).is_file():
+        path = str(out / K.FILE_RESULTS)
+    if path is None:
+        raise SSWError(f"no data: pass --data FILE.h5ad (or run `scan` into {out} first).")
+    p = Path(path)
+    if not p.is_file():
+        raise SSWError(f"data file not found: {p}")
+    if p.suffix != ".h5ad":
+        raise SSWError(f"{p} is not an .h5ad file; convert it with anndata/scanpy first (e.g. sc.read_10x_mtx).")
+    try:
+        return ad.read_h5ad(p), p
+    except Exception as exc:  # corrupt file, wrong format
+        raise SSWError(f"could not read {p} as AnnData: {type(exc).__name__}: {exc}") from None
+
+
+def _load_model(args):
+    from .loading import load_model
+
+    return load_model(args.model, device=args.device)
+
+
+def _write(adata, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out / K.FILE_RESULTS)
+
+
+def cmd_demo(args) -> int:
+    from .datasets import synthetic_ad
+    from .pipeline import run_pipeline
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if args.retrain:
+        from .train import pretrain, recipe_adata
+
+        model = pretrain(recipe_adata("demo"), recipe="demo", out_dir=out / "demo_model", device=args.device,
+                         progress=not args.no_progress, label_key="cell_type")
+        model_path = str(out / "demo_model")
+    else:
+        from .loading import load_model
+
+        model = load_model("demo", device=args.device)
+        model_path = "demo"
+    _say(f"generating {args.n_cells} AD-like cells (seed {args.seed})")
+    adata = synthetic_ad(n_cells=args.n_cells, seed=args.seed)
+    info = run_pipeline(adata, model, out, label_key="cell_type", condition_key="condition", donor_key="donor",
+                        gene_sets=["bundled"], seed=args.seed, batch_size=args.batch_size, max_cells_scan=600,
+                        max_cells_per_label=60, progress=not args.no_progress, model_path=model_path,
+                        data_path=f"synthetic_ad(n_cells={args.n_cells}, seed={args.seed})")
+    _summary(adata, out, time.perf_counter() - t0, info)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    adata, path = _load_data(args.data)
+    model = _load_model(args)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    info = run_pipeline(adata, model, out, label_key=args.label_key, condition_key=args.condition_key,
+                        donor_key=args.donor_key, gene_sets=args.gene_sets, seed=args.seed,
+                        batch_size=args.batch_size, max_cells_per_label=args.max_cells_per_label,
+                        n_random=args.n_random, n_boot=args.n_boot, gene_key=args.gene_key, layer=args.layer,
+                        progress=not args.no_progress, data_path=str(path), model_path=str(args.model))
+    _summary(adata, out, time.perf_counter() - t0, info)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from . import tl
+
+    adata, _ = _load_data(args.data)
+    tl.embed(adata, _load_model(args), gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
+             seed=args.seed, progress=not args.no_progress)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    _say(f"wrote obsm['{K.OBSM_EMB}'] ({adata.obsm[K.OBSM_EMB].shape[1]} dims) for {adata.n_obs} cells to {out}")
+    return 0
+
+
+def cmd_scan(args) -> int:
+    from . import get, tl
+
+    out = Path(args.out)
+    model = _load_model(args)
+    if args.data_free:
+        import anndata as ad
+        import numpy as np
+
+        adata = ad.AnnData(np.zeros((1, 1), dtype=np.float32))
+        adata.var_names = [next(iter(model.vocab))] if hasattr(model, "vocab") else ["g0"]
+    else:
+        adata, _ = _load_data(args.data, out)
+    tl.scan(adata, model, mode="data_free" if args.data_free else "data", label_key=args.label_key,
+            gene_key=args.gene_key, layer=args.layer, max_cells=args.max_cells, batch_size=args.batch_size,
+            min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, seed=args.seed,
+            progress=not args.no_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    sw = get.superweights(adata)
+    sw.to_csv(out / K.FILE_SUPERWEIGHTS, sep="\t", index=False)
+    get.activations(adata).to_csv(out / K.FILE_ACTIVATIONS, sep="\t", index=False)
+    if not args.data_free:
+        _write(adata, out)
+    act = sw[sw["screen"].astype(str).str.startswith("activation") & sw["above_threshold"].astype(bool)]
+    _say(f"{len(act)} candidates above threshold; {get.params(adata, 'scan')['stop_reason']}")
+    for r in act.head(5).itertuples():
+        col = "" if r.col is None or str(r.col) in ("<NA>", "nan", "") else f", col {r.col}"
+        _say(f"  {r.candidate}: {r.kind} layer {r.layer} row {r.row}{col}, spike {r.spike:.3g} "
+             f"({r.spike_ratio:.1f}x typical) on {r.token}")
+    _say(f"wrote {out / K.FILE_SUPERWEIGHTS} and {out / K.FILE_ACTIVATIONS}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from . import get, tl
+
+    out = Path(args.out)
+    adata, _ = _load_data(args.data, out)
+    tl.prune(adata, _load_model(args), label_key=args.label_key, condition_key=args.condition_key,
+             donor_key=args.donor_key, gene_key=args.gene_key, layer=args.layer,
+             max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
+             batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    get.collapse(adata).to_csv(out / K.FILE_COLLAPSE, sep="\t", index=False)
+    get.contrasts(adata).to_csv(out / "contrasts.tsv", sep="\t", index=False)
+    _write(adata, out)
+    _say(f"wrote {out / K.FILE_COLLAPSE}")
+    return 0
+
+
+def cmd_genes(args) -> int:
+    from . import get, tl
+
+    out = Path(args.out)
+    adata, _ = _load_data(args.data, out)
+    tl.genes(adata, _load_model(args), label_key=args.label_key, gene_key=args.gene_key, layer=args.layer,
+             max_cells_per_label=args.max_cells_per_label, batch_size=args.batch_size, seed=args.seed,
+             progress=not args.no_progress)
+    get.genes(adata).to_csv(out / K.FILE_GENES, sep="\t", index=False)
+    _write(adata, out)
+    _say(f"wrote {out / K.FILE_GENES}")
+    return 0
+
+
+def cmd_enrich(args) -> int:
+    from . import get, tl
+
+    out = Path(args.out)
+    adata, _ = _load_data(args.data, out)
+    tl.enrich(adata, gene_sets=args.gene_sets, permutations=args.permutations, top_n=args.top_n, seed=args.seed)
+    get.enrichment(adata).to_csv(out / K.FILE_ENRICHMENT, sep="\t", index=False)
+    _write(adata, out)
+    _say(f"wrote {out / K.FILE_ENRICHMENT}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise SSWError(f"run directory not found: {run}")
+    path = report(run, Path(args.out) if args.out else run / K.FILE_REPORT)
+    _say(f"wrote {path}")
+    return 0
+
+
+def _say(msg: str) -> None:
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _summary(adata, out: Path, seconds: float, info: dict) -> None:
+    from . import get
+
+    sw = get.superweights(adata)
+    act = sw[sw["screen"].astype(str).str.startswith("activation")]
+    above = act[act["above_threshold"].astype(bool)]
+    _say("")
+    _say(f"done in {seconds / 60:.1f} min. {len(above)} candidate(s) above threshold "
+         f"({get.params(adata, 'scan')['stop_reason']}).")
+    col = get.collapse(adata)
+    metric = get.params(adata, "prune").get("primary_metric", "gepc_mse")
+    rows = col[(col["group"] == K.GROUP_ALL) & (col["metric"] == metric) & col["condition"].str.startswith("prune:")]
+    for r in rows.head(5).itertuples():
+        _say(f"  {r.condition}: {metric} {r.value:.4g} (delta {r.delta:+.3g}, 95% CI {r.ci_low:+.3g} to "
+             f"{r.ci_high:+.3g}, p={r.p_value:.3g} vs random scalars)")
+    _say(f"report: {out / K.FILE_REPORT}")
+    _say(f"tables: {', '.join(f for f in (K.FILE_SUPERWEIGHTS, K.FILE_COLLAPSE, K.FILE_GENES, K.FILE_ENRICHMENT))}"
+         f" in {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.verbose:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) < 1:
+        parser.error("--batch-size must be >= 1")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; files already written are kept.\n")
+        return 130
+    except (SSWError, ValueError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        sys.stderr.write(f"error: {msg}\n")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
