@@ -1,0 +1,100 @@
+"""Pruning with controls on a model where the plant is causally strong (a <cls>-only super weight in the last
+block writes the cell embedding): the candidate leaves the random-control band, restoring its activation recovers,
+the scaling curve passes through the baseline at 1, and the same seed gives the same table."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from _plant import plant_cls_superweight, tiny_model, tiny_tokens
+
+from scsuperweight import _keys as K
+from scsuperweight.data import iter_batches
+from scsuperweight.detect import find_superweights
+from scsuperweight.prune import PruneOptions, build_conditions, prune, select_candidates
+
+N = 48
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = tiny_model(21, nlayers=3)
+    tok = tiny_tokens(m, n_cells=N, seed=21)
+    plain = list(iter_batches(tok, 16))
+    masked = list(iter_batches(tok, 16, mask_ratio=0.3, seed=0))
+    plant_cls_superweight(m, plain, 2, 6, 17, magnitude=300.0)
+    cands = find_superweights(m, plain)
+    labels = np.array(["astro", "micro", "neuron"])[np.arange(N) % 3]
+    conds = np.where((np.arange(N) // 3) % 2 == 0, "AD", "control")
+    donors = np.array([f"d{i}" for i in np.arange(N) // 6])
+    opts = PruneOptions(n_random=10, n_boot=60, n_boot_set=8, seed=3)
+    res = prune(m, masked, plain, cands, labels=labels, conditions=conds, donors=donors, options=opts)
+    return m, plain, masked, cands, labels, conds, donors, opts, res
+
+
+def _all(res, metric):
+    c = res.collapse
+    return c[(c["group"] == K.GROUP_ALL) & (c["metric"] == metric)].set_index("condition")
+
+
+def test_contract_columns_and_conditions(setup):
+    *_, res = setup
+    c = res.collapse
+    assert list(c.columns[: len(K.COLLAPSE_COLUMNS)]) == K.COLLAPSE_COLUMNS
+    conds = set(c["condition"])
+    top = "L2.linear2.w[6,17]"
+    assert {K.COND_BASELINE, K.cond_prune(top), K.COND_TOP_OUTLIERS, K.cond_restore(top)} <= conds
+    assert sum(x.startswith("random:") for x in conds) >= 10
+    assert {K.cond_scale(top, f) for f in (0, 0.5, 1, 1.5, 2, 3)} <= conds
+    groups = set(c["group"])
+    assert {"all", "astro", "AD", "control", "astro|AD", "neuron|control"} <= groups
+    assert {"gep_mse", "gepc_mse", "gep_pearson", "knn_accuracy", "leiden_ari", "leiden_nmi", "silhouette",
+            "knn_preservation", "knc_preservation", "cpd", "mean_cosine", "effective_rank"} <= set(c["metric"])
+    assert (c.loc[c["condition"] != K.COND_BASELINE, "bootstrap_unit"] == "donors").all()
+
+
+def test_candidate_far_outside_random_band(setup):
+    *_, res = setup
+    t = _all(res, "cls_cosine_to_baseline")
+    top = K.cond_prune("L2.linear2.w[6,17]")
+    rand = t.loc[[i for i in t.index if i.startswith("random:")], "delta"]
+    assert t.loc[top, "delta"] < -0.3
+    assert rand.abs().max() < 0.05 * abs(t.loc[top, "delta"])
+    assert t.loc[top, "p_value"] == pytest.approx(1 / 11)  # as extreme as it gets with 10 draws
+    assert t.loc[top, "ci_high"] < 0  # interval excludes no change
+    assert t.loc[top, "ci_low"] <= t.loc[top, "delta"] <= t.loc[top, "ci_high"]
+
+
+def test_restore_recovers_and_scaling_passes_baseline(setup):
+    *_, res = setup
+    t = _all(res, "cls_cosine_to_baseline")
+    top = "L2.linear2.w[6,17]"
+    assert abs(t.loc[K.cond_restore(top), "delta"]) < 0.1 * abs(t.loc[K.cond_prune(top), "delta"])
+    c = res.collapse
+    at1 = c[c["condition"] == K.cond_scale(top, 1.0)]
+    assert (at1["delta"].abs() < 1e-9).all()  # factor 1 is the baseline, every metric, every group
+    curve = [t.loc[K.cond_scale(top, f), "delta"] for f in (0.0, 0.5, 1.0)]
+    assert curve[0] < curve[1] <= curve[2] == 0.0
+    assert t.loc[K.cond_scale(top, 0.0), "delta"] == pytest.approx(t.loc[K.cond_prune(top), "delta"])
+
+
+def test_same_seed_same_table(setup):
+    m, plain, masked, cands, labels, conds, donors, opts, res = setup
+    again = prune(m, masked, plain, cands, labels=labels, conditions=conds, donors=donors, options=opts)
+    pd.testing.assert_frame_equal(res.collapse, again.collapse)
+    pd.testing.assert_frame_equal(res.contrasts, again.contrasts)
+
+
+def test_contrasts_and_random_controls(setup):
+    m, plain, masked, cands, labels, conds, donors, opts, res = setup
+    ct = res.contrasts
+    assert {"astro", "micro", "neuron"} <= set(ct["group"])
+    assert (ct["ci_low"] <= ct["ci_high"]).all()
+    built = build_conditions(m, select_candidates(cands, opts.max_candidates), opts)
+    taken = {(e.param, e.index) for c in built if c.name.startswith("prune:") for e in c.edits}
+    for c in built:
+        if c.name.startswith("random:"):
+            assert len(c.edits) == 1 and (c.edits[0].param, c.edits[0].index) not in taken
+            assert c.edits[0].param == c.control_for
+        if c.name == K.COND_TOP_OUTLIERS:
+            assert all((e.param, e.index) not in taken for e in c.edits)
+            assert len([e for e in c.edits if e.param.endswith("linear2.weight")]) == opts.outlier_floor
