@@ -90,7 +90,8 @@ def get_counts(adata, genes: GeneMatch | None = None, *, layer: str | None = Non
     data = X.data
     if data.size:
         if not np.all(np.isfinite(data)):
-            msg = f"{where} contains NaN or infinite values; scGPT needs raw counts. Clean the matrix first."
+            msg = (f"{where} contains NaN or infinite values; scGPT needs raw counts. Pass layer= the layer with raw "
+                   "counts, or clean the matrix first.")
             raise DataError(msg)
         if data.min() < 0:
             msg = (f"{where} contains negative values (min {data.min():g}): it looks scaled or centred, not raw "
