@@ -36,7 +36,9 @@ def embed(model, tok: TokenizedCells, *, batch_size: int = 64, normalise: bool =
     batches = list(iter_batches(tok, batch_size))
     for batch in tqdm(batches, desc="embed", disable=not progress, leave=False):
         b = batch.to(device)
-        hidden = model._encode(b.src, b.values, b.padding_mask)
+        # a batch without padding needs no mask, and without one attention takes torch's fused SDPA kernel
+        mask = b.padding_mask if bool(b.padding_mask.any()) else None
+        hidden = model._encode(b.src, b.values, mask)
         out[batch.cells] = hidden[:, 0, :].float().cpu().numpy()
     model.train(was_training)
     return l2_normalise(out) if normalise else out
