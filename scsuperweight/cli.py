@@ -63,6 +63,18 @@ def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--gene-key", default=None, help="var column with gene symbols (default: var_names)")
 
 
+def _gf_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Geneformer / BERT-family models")
+    g.add_argument("--token-dictionary", default=None, help="gene token dictionary (Ensembl ID -> token id)")
+    g.add_argument("--gene-medians", default=None, help="gene median dictionary (Ensembl ID -> non-zero median)")
+    g.add_argument("--symbol-key", default=None, help="var column of symbols when var_names are Ensembl IDs")
+
+
+def _gf(args) -> dict:
+    return {k: getattr(args, k) for k in ("token_dictionary", "gene_medians", "symbol_key")
+            if getattr(args, k, None) is not None}
+
+
 def _keys_args(p: argparse.ArgumentParser, label_required: bool) -> None:
     p.add_argument("--label-key", required=label_required, help="obs column with cell types")
     p.add_argument("--condition-key", default=None, help="obs column with the condition (AD vs control)")
@@ -98,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene-sets", nargs="+", default=["bundled"], help="'bundled' and/or .gmt files")
     p.add_argument("--out", required=True, help="output directory")
     _pipeline_knobs(p)
+    _gf_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("embed", help="scGPT cell embeddings into obsm['X_scGPT']", epilog=EXAMPLES["embed"],
@@ -105,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_args(p, required=True)
     p.add_argument("--out", required=True, help="output .h5ad")
+    _gf_args(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("scan", help="find super-weight-like candidates (superweights.tsv, activations.tsv)",
@@ -118,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=10, help="iterative rounds (default 10)")
     p.add_argument("--max-cells", type=int, default=1000, help="cells scanned (default 1000)")
     p.add_argument("--out", required=True, help="output directory")
+    _gf_args(p)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("prune", help="prune candidates against controls (collapse.tsv)", epilog=EXAMPLES["prune"],
@@ -127,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _keys_args(p, label_required=True)
     p.add_argument("--out", required=True, help="output directory (holds results.h5ad from scan)")
     _pipeline_knobs(p)
+    _gf_args(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("genes", help="genes riding on each candidate's channel (genes.tsv)", epilog=EXAMPLES["genes"],
@@ -136,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-key", default=None, help="obs column with cell types (per-type evidence)")
     p.add_argument("--max-cells-per-label", type=int, default=200)
     p.add_argument("--out", required=True, help="output directory (holds results.h5ad from scan)")
+    _gf_args(p)
     p.set_defaults(func=cmd_genes)
 
     p = sub.add_parser("enrich", help="pathway enrichment of the gene scores (enrichment.tsv), offline",
@@ -237,7 +254,7 @@ def cmd_run(args) -> int:
                         donor_key=args.donor_key, gene_sets=args.gene_sets, seed=args.seed,
                         batch_size=args.batch_size, max_cells_per_label=args.max_cells_per_label,
                         n_random=args.n_random, n_boot=args.n_boot, gene_key=args.gene_key, layer=args.layer,
-                        progress=not args.no_progress, data_path=str(path), model_path=str(args.model))
+                        progress=not args.no_progress, data_path=str(path), model_path=str(args.model), **_gf(args))
     _summary(adata, out, time.perf_counter() - t0, info)
     return 0
 
@@ -247,7 +264,7 @@ def cmd_embed(args) -> int:
 
     adata, _ = _load_data(args.data)
     tl.embed(adata, _load_model(args), gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
-             seed=args.seed, progress=not args.no_progress)
+             seed=args.seed, progress=not args.no_progress, **_gf(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
@@ -271,7 +288,7 @@ def cmd_scan(args) -> int:
     tl.scan(adata, model, mode="data_free" if args.data_free else "data", label_key=args.label_key,
             gene_key=args.gene_key, layer=args.layer, max_cells=args.max_cells, batch_size=args.batch_size,
             min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, seed=args.seed,
-            progress=not args.no_progress)
+            progress=not args.no_progress, **_gf(args))
     out.mkdir(parents=True, exist_ok=True)
     sw = get.superweights(adata)
     sw.to_csv(out / K.FILE_SUPERWEIGHTS, sep="\t", index=False)
@@ -296,7 +313,7 @@ def cmd_prune(args) -> int:
     tl.prune(adata, _load_model(args), label_key=args.label_key, condition_key=args.condition_key,
              donor_key=args.donor_key, gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
-             batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+             batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, **_gf(args))
     get.collapse(adata).to_csv(out / K.FILE_COLLAPSE, sep="\t", index=False)
     get.contrasts(adata).to_csv(out / "contrasts.tsv", sep="\t", index=False)
     _write(adata, out)
@@ -311,7 +328,7 @@ def cmd_genes(args) -> int:
     adata, _ = _load_data(args.data, out)
     tl.genes(adata, _load_model(args), label_key=args.label_key, gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, batch_size=args.batch_size, seed=args.seed,
-             progress=not args.no_progress)
+             progress=not args.no_progress, **_gf(args))
     get.genes(adata).to_csv(out / K.FILE_GENES, sep="\t", index=False)
     _write(adata, out)
     _say(f"wrote {out / K.FILE_GENES}")
@@ -356,7 +373,7 @@ def _summary(adata, out: Path, seconds: float, info: dict) -> None:
     _say(f"done in {seconds / 60:.1f} min. {len(above)} candidate(s) above threshold "
          f"({get.params(adata, 'scan')['stop_reason']}).")
     col = get.collapse(adata)
-    metric = get.params(adata, "prune").get("primary_metric", "gepc_mse")
+    metric = get.params(adata, "prune")["primary_metric"]
     rows = col[(col["group"] == K.GROUP_ALL) & (col["metric"] == metric) & col["condition"].str.startswith("prune:")]
     for r in rows.head(5).itertuples():
         _say(f"  {r.condition}: {metric} {r.value:.4g} (delta {r.delta:+.3g}, 95% CI {r.ci_low:+.3g} to "

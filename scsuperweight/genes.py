@@ -3,11 +3,17 @@
 For a candidate that writes channel `c` at site `s`:
 - ``act_mean``: mean |activation| at (s, c) over the positions where a gene's token stands (which genes carry
   the channel), overall and per group (``act_mean:<group>``);
-- ``recon_delta``: mean change of the squared masked-reconstruction error (GEP) at a gene's masked positions when
-  the candidate is zeroed (signed: > 0 means the gene is reconstructed worse), overall and per group;
-- ``emb_alignment``: the gene token embedding's (after the encoder norm) z-scored value at channel c.
-``score`` is the mean of the three evidence columns' percentile ranks (absolute values; a missing evidence column is
+- ``recon_delta``: mean change of a gene's reconstruction error at its masked positions when the candidate is
+  zeroed (signed: > 0 means the gene is reconstructed worse), overall and per group. scGPT: the squared error of
+  the expression decoder (GEP); BERT-family masked LMs (Geneformer): the cross-entropy of the masked gene token;
+- ``emb_alignment``: the gene token embedding's z-scored value at channel c, as the first block sees it (scGPT:
+  after the encoder norm; BERT: word plus token-type embedding after the embedding LayerNorm, positions left out
+  since a gene's rank position varies by cell; Llama: the raw token embedding).
+``score`` is the mean of the evidence columns' percentile ranks (absolute values; a missing evidence column is
 left out), so a gene scores high when it carries the channel, loses most when it is cut, and points along it.
+Evidence a model cannot give (no masked-LM head, a causal LM, a channel wider than the embedding) is NaN.
+All three work on any adapter: token ids, padding and cells come from `Adapter.batch_context`, gene names from
+`Adapter.token_name`, the vocabulary size from the token embedding module.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import torch
 
 from . import _keys as K
 from .adapters import get_adapter
-from .data.batches import Batch
 from .instrument import ScalarEdit, edit, no_fastpath
 
 
@@ -35,17 +40,50 @@ def _group_codes(groups, n_cells) -> tuple[np.ndarray, list[str]]:
     return codes.astype(np.int64), list(names)
 
 
-@torch.no_grad()
-def channel_by_token(model, batches: list[Batch], site: str, channel: int, groups=None, n_cells: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Sum and count of |activation| at (site, channel) per (group, token id): arrays (G+1, vocab)."""
+def _n_cells(batches) -> int:
+    return int(max(int(np.max(b.cells)) for b in batches)) + 1
+
+
+def vocab_size(model) -> int:
+    """Number of token ids: rows of the adapter's token embedding module (else ``config.ntoken``/``vocab_size``)."""
     adapter = get_adapter(model)
-    n_cells = n_cells or int(max(int(b.cells.max()) for b in batches)) + 1
+    if adapter.token_module:
+        emb = adapter.model.get_submodule(adapter.token_module)
+        if hasattr(emb, "num_embeddings"):
+            return int(emb.num_embeddings)
+    cfg = adapter.model.config
+    return int(getattr(cfg, "ntoken", None) or cfg.vocab_size)
+
+
+class _ByToken:
+    """Sums and counts per (group, token id), the last group row holding all cells: arrays (G+1, V)."""
+
+    def __init__(self, n_groups: int, vocab: int):
+        self.V = vocab
+        self.sums = torch.zeros(n_groups + 1, vocab, dtype=torch.float64)
+        self.counts = torch.zeros(n_groups + 1, vocab, dtype=torch.float64)
+
+    def add(self, group: torch.Tensor, token: torch.Tensor, value: torch.Tensor) -> None:
+        flat = group * self.V + token
+        ones = torch.ones_like(value)
+        self.sums.view(-1).index_add_(0, flat, value)
+        self.counts.view(-1).index_add_(0, flat, ones)
+        self.sums[-1].index_add_(0, token, value)
+        self.counts[-1].index_add_(0, token, ones)
+
+
+@torch.no_grad()
+def channel_by_token(model, batches: list, site: str, channel: int, groups=None, n_cells: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Sum and count of |activation| at (site, channel) per (group, token id): arrays (G+1, vocab).
+
+    Padding and special tokens (``<cls>``, ``<eos>``, ...) are left out: they are not genes.
+    """
+    adapter = get_adapter(model)
+    n_cells = n_cells or _n_cells(batches)
     codes, names = _group_codes(groups, n_cells)
-    G = len(names) + 1  # last row: all cells
-    V = adapter.model.config.ntoken
-    sums = torch.zeros(G, V, dtype=torch.float64)
-    counts = torch.zeros(G, V, dtype=torch.float64)
+    acc = _ByToken(len(names), vocab_size(adapter))
+    specials = torch.tensor(sorted(adapter.special_token_ids()), dtype=torch.long)
     mod = adapter.model.get_submodule(adapter.sites[site].module)
     io = adapter.sites[site].io
     captured = {}
@@ -58,56 +96,92 @@ def channel_by_token(model, batches: list[Batch], site: str, channel: int, group
     try:
         with no_fastpath(adapter.model):
             for b in batches:
+                ctx = adapter.batch_context(b)
                 adapter.run(b)
                 a = captured["x"]  # (B, L)
-                valid = ~b.padding_mask
-                valid[:, 0] = False  # <cls> is not a gene
-                tok = b.src[valid]
-                g = torch.from_numpy(codes[b.cells])[:, None].expand_as(b.src)[valid]
-                flat = g * V + tok
-                sums.view(-1).index_add_(0, flat, a[valid])
-                counts.view(-1).index_add_(0, flat, torch.ones_like(a[valid]))
-                sums[G - 1].index_add_(0, tok, a[valid])
-                counts[G - 1].index_add_(0, tok, torch.ones_like(a[valid]))
+                ids = ctx.token_ids.cpu()
+                valid = ~torch.isin(ids, specials)
+                if ctx.padding_mask is not None:
+                    valid &= ~ctx.padding_mask.cpu()
+                g = torch.from_numpy(codes[np.asarray(ctx.cells)])[:, None].expand_as(ids)
+                acc.add(g[valid], ids[valid], a[valid])
     finally:
         h.remove()
-    return sums.numpy(), counts.numpy(), names
+    return acc.sums.numpy(), acc.counts.numpy(), names
+
+
+def _masked_errors(adapter, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Per masked position of `batch`: (row in the batch, true token id, error); None if the model has none."""
+    if adapter.family == "scgpt":
+        out = adapter.run(batch)["mlm_output"].double().cpu()
+        m = batch.mask
+        err = (out - batch.target.double()) ** 2
+        rows = torch.arange(m.shape[0])[:, None].expand_as(m)
+        return rows[m], batch.src[m], err[m]
+    from .adapters.hf import _lm_head  # the masked-LM head (BERT: model.cls)
+
+    net = adapter.model
+    head = _lm_head(net)
+    if adapter.family != "bert" or head is None or net.base_model is net:
+        return None
+    kw = adapter.forward_kwargs(batch)
+    labels = kw.pop("labels", None)
+    if labels is None:
+        return None
+    hidden = net.base_model(**kw)[0]  # (B, L, d)
+    scored = labels != -100  # the masked positions; labels hold the true token there
+    logits = head(hidden[scored]).float()  # (N, V)
+    ce = torch.nn.functional.cross_entropy(logits, labels[scored], reduction="none").double().cpu()
+    return scored.nonzero()[:, 0].cpu(), labels[scored].cpu(), ce
 
 
 @torch.no_grad()
-def recon_delta_by_token(model, masked: list[Batch], edits: list[ScalarEdit], groups=None, n_cells: int | None = None
+def recon_delta_by_token(model, masked: list, edits: list[ScalarEdit], groups=None, n_cells: int | None = None
                          ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Sum and count of (pruned - baseline) squared GEP error at masked positions per (group, token id)."""
+    """Sum and count of (pruned - baseline) reconstruction error at masked positions per (group, token id).
+
+    scGPT: squared GEP error; BERT-family masked LMs: cross-entropy of the masked token (batches with ``labels``).
+    Models without a masked-reconstruction output (a bare encoder, a causal LM) give all-zero counts, which
+    `gene_scores` turns into NaN evidence.
+    """
     adapter = get_adapter(model)
-    n_cells = n_cells or int(max(int(b.cells.max()) for b in masked)) + 1
+    n_cells = n_cells or _n_cells(masked)
     codes, names = _group_codes(groups, n_cells)
-    G = len(names) + 1
-    V = adapter.model.config.ntoken
-    sums = torch.zeros(G, V, dtype=torch.float64)
-    counts = torch.zeros(G, V, dtype=torch.float64)
+    acc = _ByToken(len(names), vocab_size(adapter))
     with no_fastpath(adapter.model):
         for b in masked:
-            base = adapter.run(b)["mlm_output"].double().cpu()
+            base = _masked_errors(adapter, b)
+            if base is None:
+                break
             with edit(adapter, edits, verify=False):
-                pruned = adapter.run(b)["mlm_output"].double().cpu()
-            target = b.target.double()
-            d = (pruned - target) ** 2 - (base - target) ** 2
-            m = b.mask
-            tok = b.src[m]
-            g = torch.from_numpy(codes[b.cells])[:, None].expand_as(b.src)[m]
-            sums.view(-1).index_add_(0, g * V + tok, d[m])
-            counts.view(-1).index_add_(0, g * V + tok, torch.ones_like(d[m]))
-            sums[G - 1].index_add_(0, tok, d[m])
-            counts[G - 1].index_add_(0, tok, torch.ones_like(d[m]))
-    return sums.numpy(), counts.numpy(), names
+                pruned = _masked_errors(adapter, b)
+            rows, tok, err = base
+            cells = np.asarray(adapter.batch_context(b).cells)
+            g = torch.from_numpy(codes[cells])[rows]
+            acc.add(g, tok, pruned[2] - err)
+    return acc.sums.numpy(), acc.counts.numpy(), names
 
 
 @torch.no_grad()
 def embedding_alignment(model, channel: int) -> np.ndarray:
-    """z-score of each token's normalised gene embedding at `channel` (vocab-sized)."""
-    m = get_adapter(model).model
-    e = m.encoder.enc_norm(m.encoder.embedding.weight).double()
-    col = e[:, channel]
+    """z-score of each token's input embedding at `channel` (vocab-sized; NaN where the family has none)."""
+    adapter = get_adapter(model)
+    m = adapter.model
+    if adapter.family == "scgpt":
+        e = m.encoder.enc_norm(m.encoder.embedding.weight)
+    elif adapter.family == "bert":
+        emb = m.get_submodule(f"{adapter.root}embeddings")
+        e = emb.word_embeddings.weight
+        if getattr(emb, "token_type_embeddings", None) is not None:
+            e = e + emb.token_type_embeddings.weight[0]
+        e = emb.LayerNorm(e)
+    elif adapter.token_module:  # pre-norm: the residual stream starts from the raw token embedding
+        e = m.get_submodule(adapter.token_module).weight
+    else:
+        return np.full(vocab_size(adapter), np.nan)
+    if channel >= e.shape[1]:
+        return np.full(e.shape[0], np.nan)
+    col = e[:, channel].double()
     return ((col - col.mean()) / col.std().clamp(min=1e-12)).cpu().numpy()
 
 
@@ -115,12 +189,17 @@ def _pct_rank(x: pd.Series) -> pd.Series:
     return x.abs().rank(pct=True)
 
 
-def gene_scores(model, plain: list[Batch], masked: list[Batch], candidates: pd.DataFrame, *, groups=None,
+def gene_scores(model, plain: list, masked: list, candidates: pd.DataFrame, *, groups=None,
                 min_positions: int = 3, max_candidates: int = 3) -> pd.DataFrame:
-    """The `genes.tsv` table for the top candidates (see module docstring)."""
+    """The `genes.tsv` table for the top candidates (see module docstring).
+
+    `plain` and `masked` are the same cells' batches (scGPT `Batch`es, or Geneformer `CellBatch`es with
+    ``labels`` for the masked ones); gene names are the adapter's token names (set
+    ``get_adapter(model).id_to_token`` for a transformers model to get symbols).
+    """
     adapter = get_adapter(model)
-    id2gene = {v: k for k, v in adapter.model.vocab.items()}
-    n_cells = int(max(int(b.cells.max()) for b in plain)) + 1
+    specials = adapter.special_token_ids()
+    n_cells = _n_cells(plain)
     frames = []
     cands = candidates
     if "above_threshold" in cands and cands["above_threshold"].astype(bool).any():
@@ -136,10 +215,12 @@ def gene_scores(model, plain: list[Batch], masked: list[Batch], candidates: pd.D
         s_rec, c_rec, _ = recon_delta_by_token(adapter, masked, [_edit_of(row)], groups, n_cells)
         align = embedding_alignment(adapter, channel)
         seen = np.flatnonzero(c_act[-1] >= min_positions)
-        seen = np.array([t for t in seen if not (id2gene.get(t, "").startswith("<"))], dtype=np.int64)
+        genes = [adapter.token_name(t) for t in seen]
+        keep = [t not in specials and not g.startswith("<") for t, g in zip(seen, genes)]
+        seen = seen[np.asarray(keep, dtype=bool)] if len(seen) else seen
         if len(seen) == 0:
             continue
-        df = pd.DataFrame({"candidate": row["candidate"], "gene": [id2gene[t] for t in seen]})
+        df = pd.DataFrame({"candidate": row["candidate"], "gene": [g for g, k in zip(genes, keep) if k]})
         df["act_mean"] = s_act[-1, seen] / c_act[-1, seen]
         with np.errstate(invalid="ignore", divide="ignore"):
             df["recon_delta"] = np.where(c_rec[-1, seen] > 0, s_rec[-1, seen] / c_rec[-1, seen], np.nan)

@@ -58,6 +58,25 @@ def data_hash(adata) -> str:
     return h.hexdigest()
 
 
+def _model_info(model) -> dict:
+    """Architecture facts for run.json, under the same names for every family."""
+    from .adapters import get_adapter
+
+    cfg = getattr(model, "config", None)
+
+    def first(*names):
+        for n in names:
+            v = getattr(cfg, n, None)
+            if v is not None:
+                return v
+        return None
+
+    adapter = get_adapter(model)
+    return {"family": adapter.family, "class": type(model).__name__, "d_model": first("d_model", "hidden_size"),
+            "nlayers": adapter.n_layers, "nhead": first("nhead", "num_attention_heads"),
+            "ntoken": first("ntoken", "vocab_size")}
+
+
 class RunLog:
     """run.json, rewritten atomically after every step."""
 
@@ -87,32 +106,49 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                  donor_key: str | None = None, gene_sets=("bundled",), seed: int = 0, batch_size: int = 32,
                  max_cells_scan: int = 1000, max_cells_per_label: int = 200, n_random: int = 10,
                  n_boot: int = 200, permutations: int = 1000, gene_key: str | None = None, layer: str | None = None,
-                 data_path: str | None = None, model_path: str | None = None, progress: bool = True,
-                 extra_info: dict | None = None) -> dict:
-    """Run every step on `adata` with `model`, writing the DESIGN.md output files into `out_dir`."""
+                 token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
+                 max_seq_len: int | None = None, primary_metric: str | None = None, data_path: str | None = None,
+                 model_path: str | None = None, progress: bool = True, extra_info: dict | None = None) -> dict:
+    """Run every step on `adata` with `model`, writing the DESIGN.md output files into `out_dir`.
+
+    `model` is an scGPT model or a BERT-family masked LM (Geneformer-like); the latter reads the cells through
+    `token_dictionary` (Ensembl ID -> token id) and `gene_medians` (Ensembl ID -> non-zero median), dicts or
+    ``.json``/``.pkl`` files, with `gene_key` the var column of Ensembl IDs when ``var_names`` are symbols and
+    `symbol_key` the var column of symbols when ``var_names`` are Ensembl IDs (see `scsuperweight.tl.embed`).
+    The output files have the same columns for both families; only the reconstruction metrics differ
+    (``gep*_`` for scGPT, ``mlm_loss``/``mlm_accuracy`` for masked LMs). `primary_metric` (default the family's:
+    ``gepc_mse`` / ``mlm_loss``, see `scsuperweight.tl.prune`) is recorded in run.json's params, where the report
+    reads the metric it judges candidates on.
+    """
+    from .adapters import get_adapter
     from .report import report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    adapter = get_adapter(model)
     params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, gene_sets=list(gene_sets),
                   seed=seed, batch_size=batch_size, max_cells_scan=max_cells_scan,
                   max_cells_per_label=max_cells_per_label, n_random=n_random, n_boot=n_boot,
-                  permutations=permutations, gene_key=gene_key, layer=layer)
-    cfg = getattr(model, "config", None)
+                  permutations=permutations, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len,
+                  primary_metric=primary_metric)
+    if adapter.family != "scgpt":
+        params.update(token_dictionary=tl._describe_dict(token_dictionary),
+                      gene_medians=tl._describe_dict(gene_medians), symbol_key=symbol_key)
     log = RunLog(out, {"versions": _versions(), "seed": seed, "params": params,
-                       "model": {"path": model_path, "sha256_state": model_hash(model),
-                                 "d_model": getattr(cfg, "d_model", None), "nlayers": getattr(cfg, "nlayers", None),
-                                 "nhead": getattr(cfg, "nhead", None), "ntoken": getattr(cfg, "ntoken", None)},
+                       "model": {"path": model_path, "sha256_state": model_hash(model), **_model_info(model)},
                        "data": {"path": data_path, "sha256": data_hash(adata), "n_cells": int(adata.n_obs),
                                 "n_genes": int(adata.n_vars)}, **(extra_info or {})})
-    common = dict(gene_key=gene_key, layer=layer, batch_size=batch_size, seed=seed, progress=progress)
+    common = dict(gene_key=gene_key, layer=layer, batch_size=batch_size, max_seq_len=max_seq_len, seed=seed,
+                  progress=progress)
+    if adapter.family != "scgpt":
+        common.update(token_dictionary=token_dictionary, gene_medians=gene_medians, symbol_key=symbol_key)
     steps = [
         ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, **common),
          lambda: (_write_tsv(get.superweights(adata), out / K.FILE_SUPERWEIGHTS),
                   _write_tsv(get.activations(adata), out / K.FILE_ACTIVATIONS))),
         ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,
                                    donor_key=donor_key, max_cells_per_label=max_cells_per_label, n_random=n_random,
-                                   n_boot=n_boot, **common),
+                                   n_boot=n_boot, primary_metric=primary_metric, **common),
          lambda: (_write_tsv(get.collapse(adata), out / K.FILE_COLLAPSE),
                   _write_tsv(get.contrasts(adata), out / "contrasts.tsv"))),
         ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,
@@ -128,6 +164,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
             logger.info("step %s", name)
             run()
             write()
+            if name == "prune":  # the report judges candidates on the metric prune chose for the family
+                log.info["params"]["primary_metric"] = get.params(adata, "prune")["primary_metric"]
             log.step(name, time.perf_counter() - t0, **({"scan": get.params(adata, "scan")} if name == "scan"
                                                          else {}))
         t0 = time.perf_counter()

@@ -67,10 +67,12 @@ _METRICS: dict[str, tuple[str, bool | None]] = {
     "mean_cosine": ("mean pairwise cosine of embeddings", False),
     "effective_rank": ("effective rank of embeddings", True),
     "cls_cosine_to_baseline": ("<cls> cosine to baseline embedding", True),
+    "mlm_loss": ("masked-token cross-entropy (MLM)", False),
+    "mlm_accuracy": ("masked-token top-1 accuracy (MLM)", True),
 }
 # the metric a figure or the report uses when none is named
 _METRIC_PREFERENCE = [
-    "gepc_mse", "gep_mse", "knn_accuracy", "leiden_ari", "silhouette", "cls_cosine_to_baseline",
+    "gepc_mse", "gep_mse", "mlm_loss", "knn_accuracy", "leiden_ari", "silhouette", "cls_cosine_to_baseline",
     "mean_cosine", "effective_rank",
 ]
 

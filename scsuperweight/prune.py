@@ -6,9 +6,12 @@ column ``control_for`` names the parameter); ``top_outliers`` (the k largest oth
 parameter zeroed, the paper's "largest non-super weights" control); ``restore:<cand>`` (candidate zeroed but its
 activation put back at the token that carried the spike); ``scale:<cand>:<f>`` (the candidate multiplied by f).
 
-All conditions share the same tokenised, masked inputs; each reruns the model only from its first edited block
-(the input of every block is cached once). Metrics are computed per cell where they are defined per cell (so they
-can be averaged over any group and bootstrapped over donors) and per set otherwise.
+All conditions share the same tokenised, masked inputs. An evaluator runs each condition and returns per-cell
+reconstruction arrays (whatever the model family defines: ``gep_*``/``gepc_*`` for scGPT, ``mlm_*`` for masked-LM
+transformers such as Geneformer) and the cell embeddings under ``"cls"``: `ScGPTEvaluator` reruns the model only
+from the first edited block (the input of every block is cached once); `HFEvaluator` runs full forwards. Metrics
+are computed per cell where they are defined per cell (so they can be averaged over any group and bootstrapped over
+donors) and per set otherwise.
 """
 
 from __future__ import annotations
@@ -31,19 +34,28 @@ from .errors import DataError
 from .evaluate import l2_normalise, reconstruction_from_outputs
 from .instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
 
-PER_CELL = ("gep_mse", "gep_pearson", "gepc_mse", "gepc_pearson", "knn_accuracy", "silhouette",
-            "knn_preservation", "cls_cosine_to_baseline")
+# per-cell reconstruction metrics each family's evaluator returns (the metric is whatever the evaluator gives)
+RECONSTRUCTION = {"scgpt": ("gep_mse", "gep_pearson", "gepc_mse", "gepc_pearson"),
+                  "bert": ("mlm_loss", "mlm_accuracy")}
+EMBEDDING_PER_CELL = ("knn_accuracy", "silhouette", "knn_preservation", "cls_cosine_to_baseline")
+PER_CELL = (*RECONSTRUCTION["scgpt"], *RECONSTRUCTION["bert"], *EMBEDDING_PER_CELL)
 SET_LEVEL = ("leiden_ari", "leiden_nmi", "knc_preservation", "cpd", "mean_cosine", "effective_rank")
 LABEL_METRICS = {"knn_accuracy", "silhouette", "leiden_ari", "leiden_nmi", "knc_preservation"}
+# the metric the report judges candidates on, per family
+PRIMARY_METRIC = {"scgpt": "gepc_mse", "bert": "mlm_loss"}
 METRIC_DOCS = {
     "gep_mse": "masked-expression MSE of the per-position decoder (mlm_output) on masked genes; lower is better",
     "gep_pearson": "Pearson r between predicted and true bins on masked genes (mlm_output); higher is better",
     "gepc_mse": "masked MSE of the MVC decoder (mvc_output), predicting genes from the cell embedding alone",
     "gepc_pearson": "Pearson r of the MVC decoder on masked genes",
+    "mlm_loss": "masked-LM cross-entropy (nats) of the masked gene tokens of a cell (transformers masked LMs such "
+                "as Geneformer); lower is better",
+    "mlm_accuracy": "top-1 accuracy of the masked-LM head on the masked gene tokens of a cell; higher is better",
     "knn_accuracy": "leave-one-out kNN label accuracy of the cell embeddings (cross-validated by construction)",
     "silhouette": "cosine silhouette of the labels in embedding space; higher = types better separated",
     "knn_preservation": "Kobak-Berens KNN: fraction of each cell's k nearest baseline neighbours kept",
-    "cls_cosine_to_baseline": "cosine between a cell's <cls> output and its baseline <cls> output",
+    "cls_cosine_to_baseline": "cosine between a cell's embedding and its baseline embedding (scGPT: the <cls> "
+                              "output; transformers: the evaluator's embedding, the mean over genes by default)",
     "leiden_ari": "ARI between Leiden clusters of the embeddings and the labels",
     "leiden_nmi": "NMI between Leiden clusters of the embeddings and the labels",
     "knc_preservation": "Kobak-Berens KNC: fraction of each class mean's nearest class means kept",
@@ -67,6 +79,7 @@ class PruneOptions:
     k: int = 10  # neighbours for KNN preservation and kNN accuracy
     alpha: float = 0.05
     min_group_cells: int = 5
+    embedding: str = "mean"  # transformers cell embedding: "mean" over genes (Geneformer) or "cls"; scGPT: <cls>
     seed: int = 0
 
 
@@ -170,6 +183,108 @@ class ScGPTEvaluator:
                             out["cls"] = np.full((self.n_cells, emb.shape[1]), np.nan)
                         out["cls"][cells] = emb
         return out
+
+
+class HFEvaluator:
+    """Runs conditions for transformers masked-LM models (BERT family: Geneformer, BERT) over fixed batches.
+
+    Same contract as `ScGPTEvaluator`: ``run(cond)`` returns per-cell arrays ``mlm_loss`` and ``mlm_accuracy``
+    (`scsuperweight.adapters.hf.evaluate_mlm` on the masked batches) and ``cls``, the (n_cells, d) cell embedding
+    (`scsuperweight.adapters.hf.embed_cells` on the plain batches; ``emb="mean"``, Geneformer's convention, by
+    default). No block inputs are cached: every condition is a full forward under `scsuperweight.instrument.edit`
+    (transformers block call signatures differ between versions, and a rerun from a middle block would have to
+    rebuild the attention masks the model builds itself), so a condition costs a whole pass over the batches.
+    A restore condition puts the baseline activation of its site and channel back wherever the input token is the
+    token that carried the spike (an `ActivationPatch` per batch).
+    """
+
+    def __init__(self, model, masked: Sequence, plain: Sequence, n_cells: int, *, emb: str = "mean",
+                 progress: bool = False):
+        self.adapter = get_adapter(model)
+        if self.adapter.family != "bert":
+            msg = (f"HFEvaluator scores masked-LM reconstruction; it supports BERT-family models (Geneformer), not "
+                   f"the {self.adapter.family} family.")
+            raise TypeError(msg)
+        self.model = self.adapter.model
+        self.masked = list(masked)
+        self.plain = list(plain)
+        self.n_cells = n_cells
+        self.emb = emb
+        self.progress = progress
+        self.forwards = 0  # blocks computed, for the efficiency benchmark
+        self._site_values: dict = {}
+
+    def _baseline_channel(self, which: str, i: int, batch, site: str, channel: int) -> torch.Tensor:
+        """(B, L) activation of `site`, `channel` on batch `i` without edits (computed once, then reused)."""
+        key = (which, i, site, channel)
+        if key not in self._site_values:
+            captured = {}
+            mod = self.model.get_submodule(self.adapter.sites[site].module)
+
+            def hook(m, a, out):
+                x = out[0] if isinstance(out, tuple) else out
+                captured["x"] = x[..., channel].detach().clone()
+
+            kw = self.adapter.forward_kwargs(batch)
+            kw.pop("labels", None)
+            h = mod.register_forward_hook(hook)
+            try:
+                self.model.base_model(**kw)
+            finally:
+                h.remove()
+            self._site_values[key] = captured["x"]
+        return self._site_values[key]
+
+    def _patches(self, which: str, i: int, batch, restore) -> list[ActivationPatch]:
+        site, channel, token_id = restore
+        base = self._baseline_channel(which, i, batch, site, channel)
+        ids = self.adapter.forward_kwargs({"input_ids": batch["input_ids"]})["input_ids"]
+        return [ActivationPatch(site, channel, base, ids.eq(token_id))]
+
+    @torch.no_grad()
+    def run(self, cond: Condition) -> dict[str, np.ndarray]:
+        from .adapters.hf import embed_cells, evaluate_mlm
+
+        n = self.n_cells
+        if cond.restore is not None:  # baseline values are captured before any edit is applied
+            for which, batches in (("masked", self.masked), ("plain", self.plain)):
+                for i, b in enumerate(batches):
+                    self._baseline_channel(which, i, b, cond.restore[0], cond.restore[1])
+        with edit(self.model, cond.edits, verify=False):
+            if cond.restore is None:
+                rec = evaluate_mlm(self.model, self.masked, n_cells=n)
+                emb = embed_cells(self.model, self.plain, emb=self.emb, n_cells=n)
+            else:  # a patch holds one batch's values: one call per batch
+                rec = {"loss": np.full(n, np.nan), "accuracy": np.full(n, np.nan)}
+                for i, b in enumerate(self.masked):
+                    r = evaluate_mlm(self.model, [b], patches=self._patches("masked", i, b, cond.restore),
+                                     n_cells=n)
+                    for k in rec:
+                        ok = ~np.isnan(r[k])
+                        rec[k][ok] = r[k][ok]
+                emb = None
+                for i, b in enumerate(self.plain):
+                    e = embed_cells(self.model, [b], emb=self.emb, n_cells=n,
+                                    patches=self._patches("plain", i, b, cond.restore))
+                    if emb is None:
+                        emb = np.full_like(e, np.nan)
+                    rows = ~np.isnan(e).all(1)  # this batch's cells
+                    emb[rows] = e[rows]
+        self.forwards += self.adapter.n_layers * (len(self.masked) + len(self.plain))
+        return {"mlm_loss": rec["loss"], "mlm_accuracy": rec["accuracy"], "cls": emb.astype(np.float64)}
+
+
+def evaluator_for(model, masked: Sequence, plain: Sequence, n_cells: int, *, emb: str = "mean",
+                  progress: bool = False):
+    """The evaluator of `model`'s family: `ScGPTEvaluator` (cached reruns) or `HFEvaluator` (masked LMs)."""
+    family = get_adapter(model).family
+    if family == "scgpt":
+        return ScGPTEvaluator(model, masked, plain, n_cells, progress=progress)
+    if family == "bert":
+        return HFEvaluator(model, masked, plain, n_cells, emb=emb, progress=progress)
+    msg = (f"pruning needs a reconstruction metric; it is implemented for scGPT and BERT-family masked LMs "
+           f"(Geneformer), not for the {family} family.")
+    raise DataError(msg)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -287,9 +402,15 @@ def _groups(labels, conditions, min_cells: int) -> list[tuple[str, np.ndarray, b
     return [g for g in out if g[1].sum() >= min_cells]
 
 
+def reconstruction_metrics(res: dict) -> list[str]:
+    """The per-cell reconstruction metrics an evaluator returned: every 1-D array except the embedding."""
+    return [m for m, v in res.items() if m != "cls" and np.ndim(v) == 1]
+
+
 def per_cell_metrics(res: dict, base: dict | None, labels, k: int) -> dict[str, np.ndarray]:
+    """The evaluator's reconstruction arrays as they are, then the embedding metrics (from ``res["cls"]``)."""
     emb = l2_normalise(np.nan_to_num(res["cls"]))
-    out = {m: res[m] for m in ("gep_mse", "gep_pearson", "gepc_mse", "gepc_pearson") if m in res}
+    out = {m: res[m] for m in reconstruction_metrics(res)}
     if labels is not None and len(set(labels)) > 1:
         out["knn_accuracy"] = M.knn_label_correct(emb, labels, k=k).astype(float)
         out["silhouette"] = M.silhouette_per_cell(emb, labels)
@@ -353,22 +474,25 @@ def _set_boots(emb, base_emb, units, n_boot: int, seed: int) -> dict[str, np.nda
 
 def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd.DataFrame, *,
           labels: np.ndarray | None = None, conditions: np.ndarray | None = None,
-          donors: np.ndarray | None = None, options: PruneOptions | None = None,
+          donors: np.ndarray | None = None, options: PruneOptions | None = None, n_cells: int | None = None,
           progress: bool = False) -> PruneResult:
     """Run every condition and compute the long `collapse` table and the AD-vs-control `contrasts`.
 
-    `masked` and `plain` are the same cells' batches with and without the fixed reconstruction mask;
-    `labels`/`conditions`/`donors` are per cell (global cell index = `Batch.cells`).
+    `masked` and `plain` are the same cells' batches with and without the fixed reconstruction mask (scGPT
+    `Batch`es, or `scsuperweight.data.geneformer.CellBatch`es for a BERT-family masked LM; the evaluator is chosen
+    by `evaluator_for`); `labels`/`conditions`/`donors` are per cell (global cell index = the batches' ``.cells``).
+    `n_cells` defaults to one past the largest cell index (pass it when some cells have no batch).
     """
     opts = options or PruneOptions()
-    n_cells = int(max(int(b.cells.max()) for b in plain)) + 1
+    if n_cells is None:
+        n_cells = int(max(int(np.max(b.cells)) for b in plain)) + 1
     labels = None if labels is None else np.asarray(labels).astype(str)
     conditions = None if conditions is None else np.asarray(conditions).astype(str)
     units = None if donors is None else np.asarray(donors).astype(str)
     cands = select_candidates(candidates, opts.max_candidates)
     conds = build_conditions(model, cands, opts)
     logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
-    ev = ScGPTEvaluator(model, masked, plain, n_cells, progress=progress)
+    ev = evaluator_for(model, masked, plain, n_cells, emb=opts.embedding, progress=progress)
     results: dict[str, dict] = {}
     for cond in tqdm(conds, desc="prune conditions", disable=not progress):
         results[cond.name] = ev.run(cond)
@@ -475,6 +599,11 @@ def _add_p_values(df: pd.DataFrame, conds: list[Condition]) -> pd.DataFrame:
     return df[cols + [c for c in df.columns if c not in cols]]
 
 
+# reconstruction metrics in the contrasts table: errors first, then correlations (unknown ones last)
+_CONTRAST_ORDER = {m: i for i, m in enumerate(("gep_mse", "gepc_mse", "mlm_loss", "gep_pearson", "gepc_pearson",
+                                               "mlm_accuracy"))}
+
+
 def _contrasts(conds, results, base_pc, labels, conditions, units, opts) -> pd.DataFrame:
     """Per cell type: (delta in one condition) - (delta in the other), with a bootstrap interval."""
     levels = sorted(set(conditions))
@@ -488,8 +617,8 @@ def _contrasts(conds, results, base_pc, labels, conditions, units, opts) -> pd.D
         if not cond.name.startswith(("prune:", "restore:")) and cond.name != K.COND_TOP_OUTLIERS:
             continue
         pc = per_cell_metrics(results[cond.name], base, labels, opts.k)
-        for metric in ("gep_mse", "gepc_mse", "gep_pearson", "gepc_pearson", "cls_cosine_to_baseline",
-                       "knn_preservation"):
+        recon = sorted(reconstruction_metrics(results[cond.name]), key=lambda m: _CONTRAST_ORDER.get(m, 99))
+        for metric in (*recon, "cls_cosine_to_baseline", "knn_preservation"):
             if metric not in pc:
                 continue
             d = pc[metric] - (base_pc[metric] if metric in base_pc else 0)

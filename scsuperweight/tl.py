@@ -3,6 +3,11 @@
 Each takes `adata` first, writes only under its own key (``adata.uns["ssw"]`` by default, embeddings in
 ``adata.obsm["X_scGPT"]`` / ``["X_scGPT_pruned"]``), records its parameters in ``uns[key]["params"][step]``, and
 returns None (or a copy with ``copy=True``). Stored tables are DataFrames that survive ``write_h5ad``.
+
+Models: scGPT (binned expression through its vocab), or a transformers BERT-family masked LM such as Geneformer,
+fed rank-value encoded cells through the user's ``token_dictionary=`` and ``gene_medians=`` (given once per model;
+remembered on its adapter). The steps, tables and keys are the same for both; only the reconstruction metrics are
+the family's own (``gep*_`` vs ``mlm_*``).
 """
 
 from __future__ import annotations
@@ -114,33 +119,144 @@ def stratified_subsample(labels: np.ndarray | None, n_obs: int, max_per_label: i
     return np.sort(idx)
 
 
-def _tokenize(adata, model, *, gene_key, layer, max_seq_len, seed, cells=None):
+# -- model families ------------------------------------------------------------------------------------------
+# scGPT reads binned expression through its own vocab; a BERT-family masked LM (Geneformer) reads rank-value
+# encoded cells through the user's token dictionary and gene medians. Everything below the tokeniser is shared.
+_MASK_RATIO = {"scgpt": 0.25, "bert": 0.15}  # each family's pretraining mask ratio (Geneformer: 15%)
+
+
+def _family(model, step: str) -> str:
+    """'scgpt' or 'bert'; a clear DataError for a model the AnnData face cannot feed."""
+    from .adapters import get_adapter
+
+    family = get_adapter(model).family
+    if family not in ("scgpt", "bert"):
+        msg = (f"tl.{step} on AnnData supports scGPT and BERT-family (Geneformer-like) models; this is a {family} "
+               "model. Use the low-level API (find_superweights with batches of forward kwargs).")
+        raise DataError(msg)
+    return family
+
+
+def _describe_dict(d) -> str | None:
+    """How a dictionary argument is recorded in params: its path, or its size (never the dict itself)."""
+    if d is None:
+        return None
+    if isinstance(d, str | Path):
+        return str(d)
+    return f"<dict of {len(d)} entries>"
+
+
+def _gene_dictionaries(model, token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
+                       step: str = "", required: bool = True) -> dict | None:
+    """Geneformer inputs of a BERT-family model: given now, else remembered on its adapter from an earlier step.
+
+    Both dictionaries are read once (JSON, pickle or dict) and kept, read, on ``adapter.gene_dictionaries``, so
+    later steps on the same model need not repeat them.
+    """
+    from .adapters import get_adapter
+    from .data.geneformer import read_gene_dictionary
+
+    adapter = get_adapter(model)
+    known = adapter.gene_dictionaries or {}
+    if (token_dictionary is None) != (gene_medians is None) and not known:
+        given = "token_dictionary" if gene_medians is None else "gene_medians"
+        missing = "gene_medians" if gene_medians is None else "token_dictionary"
+        msg = f"tl.{step}: {given}= was given without {missing}=; a Geneformer-like model needs both."
+        raise DataError(msg)
+    if token_dictionary is None and gene_medians is None and not known:
+        if not required:
+            return None
+        msg = (f"tl.{step} on a {type(adapter.model).__name__} (BERT family) needs the Geneformer inputs: pass "
+               "token_dictionary= (Ensembl ID -> token id; a dict, .json or .pkl, e.g. Geneformer's "
+               "token_dictionary.pkl) and gene_medians= (Ensembl ID -> non-zero median; e.g. "
+               "gene_median_dictionary.pkl). They are remembered for later steps on the same model.")
+        raise DataError(msg)
+    out = dict(known)
+    if token_dictionary is not None:
+        out["token_dictionary"] = read_gene_dictionary(token_dictionary, what="token dictionary")
+        out["token_dictionary_source"] = _describe_dict(token_dictionary)
+    if gene_medians is not None:
+        out["gene_medians"] = read_gene_dictionary(gene_medians, what="gene-median dictionary")
+        out["gene_medians_source"] = _describe_dict(gene_medians)
+    if symbol_key is not None:
+        out["symbol_key"] = symbol_key
+    adapter.gene_dictionaries = out
+    return out
+
+
+def _tokenize(adata, model, *, gene_key, layer, max_seq_len, seed, cells=None, dictionaries=None):
+    """scGPT: `TokenizedCells`; BERT family: `GeneformerTokens` (and the adapter learns the gene symbols)."""
+    sub = adata[cells] if cells is not None else adata
+    if dictionaries is not None:
+        from .adapters import get_adapter
+        from .data.geneformer import tokenize_geneformer
+
+        tok = tokenize_geneformer(sub, dictionaries["token_dictionary"], dictionaries["gene_medians"],
+                                  gene_id_key=gene_key, layer=layer, model_input_size=max_seq_len, model=model,
+                                  symbol_key=dictionaries.get("symbol_key"))
+        get_adapter(model).id_to_token = tok.token_names  # tokens print as gene symbols
+        return tok
     from .data.tokenize import tokenize_anndata
 
-    sub = adata[cells] if cells is not None else adata
     cfg = model.config
     max_len = max_seq_len or int(model.args.get("max_seq_len", 1200))
     return tokenize_anndata(sub, model.vocab, gene_key=gene_key, layer=layer, n_bins=cfg.n_bins, max_seq_len=max_len,
                             pad_value=cfg.pad_value, seed=seed, pad_token=model.args.get("pad_token", "<pad>"))
 
 
-def _inputs(adata, model, *, gene_key, layer, max_seq_len, seed, batch_size, cells=None, mask_ratio=None):
+def _inputs(adata, model, *, gene_key, layer, max_seq_len, seed, batch_size, cells=None, mask_ratio=None,
+            dictionaries=None):
+    """Tokens, plain batches and (with `mask_ratio`) fixed, seeded masked batches of the same cells."""
+    tok = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed, cells=cells,
+                    dictionaries=dictionaries)
+    if dictionaries is not None:
+        from .data.geneformer import geneformer_batches
+
+        plain = geneformer_batches(tok, batch_size)
+        masked = geneformer_batches(tok, batch_size, mask_ratio=mask_ratio, seed=seed) if mask_ratio else None
+        return tok, plain, masked
     from .data.batches import iter_batches
 
-    tok = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed, cells=cells)
     plain = list(iter_batches(tok, batch_size))
     masked = list(iter_batches(tok, batch_size, mask_ratio=mask_ratio, mask_value=model.config.mask_value,
                                seed=seed)) if mask_ratio else None
     return tok, plain, masked
 
 
-def _check_scgpt(model, step: str):
-    from .models.scgpt import ScGPTModel
+def _gene_counts(tok) -> dict:
+    """Genes matched to the vocab (and the data's total), for the params record."""
+    genes = getattr(tok, "genes", None)
+    if genes is not None:  # scGPT TokenizedCells
+        return {"genes_matched": len(genes.var_index), "genes_total": genes.n_total}
+    return {"genes_matched": len(tok.var_index)}
 
-    if not isinstance(model, ScGPTModel):
-        msg = (f"tl.{step} on AnnData needs an scGPT model; for transformers models use the low-level API "
-               "(find_superweights with batches of forward kwargs) and scsuperweight.data.geneformer.")
-        raise DataError(msg)
+
+def _background(tok) -> np.ndarray:
+    """Genes present in both the data and the model's vocabulary, named as genes.tsv names them."""
+    genes = getattr(tok, "genes", None)
+    return np.asarray(genes.genes if genes is not None else tok.symbols, dtype=str)
+
+
+def _embed_cells(model, tok, *, batch_size, edits=None, progress=False) -> np.ndarray:
+    """L2-normalised cell embeddings of every tokenised cell: scGPT <cls>; BERT family the mean over genes."""
+    from .instrument import edit
+
+    if hasattr(tok, "token_names"):  # Geneformer tokens
+        from .adapters.hf import embed_cells
+        from .data.geneformer import geneformer_batches
+
+        emb = embed_cells(model, geneformer_batches(tok, batch_size), emb="mean", n_cells=tok.n_cells, edits=edits,
+                          normalise=True, progress=progress)
+        n_bad = int(np.isnan(emb).any(1).sum())
+        if n_bad:
+            logger.warning("%d cells have no gene in the token dictionary: their embedding rows are NaN", n_bad)
+        return emb
+    from .evaluate import embed as _embed
+
+    if edits is None:
+        return _embed(model, tok, batch_size=batch_size, progress=progress)
+    with edit(model, edits):
+        return _embed(model, tok, batch_size=batch_size, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -149,18 +265,28 @@ def _check_scgpt(model, step: str):
 
 
 def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None = None, batch_size: int = 64,
-          max_seq_len: int | None = None, seed: int = 0, device=None, key_added: str = K.OBSM_EMB,
-          copy: bool = False, progress: bool = True):
-    """scGPT cell embeddings: the L2-normalised `<cls>` output, as the official embedding task computes it.
+          max_seq_len: int | None = None, token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
+          seed: int = 0, device=None, key_added: str = K.OBSM_EMB, copy: bool = False, progress: bool = True):
+    """Cell embeddings, L2-normalised: scGPT's `<cls>` output (as the official embedding task computes it), or for a
+    BERT-family model (Geneformer) the mean of the final hidden states over a cell's genes.
 
     Parameters
     ----------
     adata
-        Raw counts in ``X`` (or ``layer``); genes matched to the vocab by ``var_names`` (or ``var[gene_key]``).
+        Raw counts in ``X`` (or ``layer``); genes matched to the vocab by ``var_names`` (or ``var[gene_key]``; for a
+        Geneformer-like model the column of Ensembl IDs when ``var_names`` are symbols).
     model
         A loaded model or a path / ``"demo"``.
+    max_seq_len
+        Longest input; default the model's (scGPT ``args.json``; transformers ``max_position_embeddings``).
+    token_dictionary, gene_medians
+        Geneformer-like models only (required once per model, then remembered on its adapter): Ensembl ID ->
+        token id, and Ensembl ID -> non-zero median; dicts, ``.json`` or ``.pkl`` files.
+    symbol_key
+        Geneformer-like models: ``var`` column of gene symbols for token names (default ``var_names``).
     key_added
-        ``obsm`` key written (default ``"X_scGPT"``), ready for ``sc.pp.neighbors(adata, use_rep=key_added)``.
+        ``obsm`` key written (default ``"X_scGPT"``, kept for every family so that `pl` and the report find it),
+        ready for ``sc.pp.neighbors(adata, use_rep=key_added)``.
 
     Returns
     -------
@@ -175,30 +301,42 @@ def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None
     >>> adata.obsm["X_scGPT"].shape
     (300, 64)
     """
-    from .evaluate import embed as _embed
-
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
-    _check_scgpt(model, "embed")
-    tok = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed)
-    adata.obsm[key_added] = _embed(model, tok, batch_size=batch_size, progress=progress)
+    family = _family(model, "embed")
+    dicts = _gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "embed") \
+        if family == "bert" else None
+    tok = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                    dictionaries=dicts)
+    adata.obsm[key_added] = _embed_cells(model, tok, batch_size=batch_size, progress=progress)
     _record(adata, K.UNS_KEY, "embed", dict(gene_key=gene_key, layer=layer, batch_size=batch_size,
-                                          max_seq_len=max_seq_len, seed=seed, key_added=key_added,
-                                          genes_matched=len(tok.genes.var_index), genes_total=tok.genes.n_total))
+                                          max_seq_len=max_seq_len, seed=seed, key_added=key_added, family=family,
+                                          **_dict_params(dicts), **_gene_counts(tok)))
     return adata if copy else None
+
+
+def _dict_params(dicts: dict | None) -> dict:
+    """The Geneformer inputs as recorded in params (sources, never the dictionaries)."""
+    if dicts is None:
+        return {}
+    return {"token_dictionary": dicts.get("token_dictionary_source"),
+            "gene_medians": dicts.get("gene_medians_source"), "symbol_key": dicts.get("symbol_key")}
 
 
 def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = None, gene_key: str | None = None,
          layer: str | None = None, max_cells: int | None = 1000, batch_size: int = 32, max_seq_len: int | None = None,
          min_ratio: float = 20.0, min_abs: float = 0.0, max_rounds: int = 10, stop_fraction: float = 0.1,
-         include_ln: bool = True, include_attn: bool = True, weight_only: bool = True, seed: int = 0, device=None,
-         key: str = K.UNS_KEY, copy: bool = False, progress: bool = True):
+         include_ln: bool = True, include_attn: bool = True, weight_only: bool = True, token_dictionary=None,
+         gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None, key: str = K.UNS_KEY,
+         copy: bool = False, progress: bool = True):
     """Find super-weight-like parameters from activation spikes over the cells (and a weight-only screen).
 
     Writes ``uns[key]["superweights"]`` (the `superweights.tsv` table: activation candidates, then the weight-only
     screen's rows flagged ``screen="weight_only"``), ``uns[key]["activations"]`` (per layer and site) and
     ``uns[key]["params"]["scan"]`` (thresholds, stop reason, rounds). Cells are subsampled to ``max_cells``
-    (stratified by ``label_key`` when given). ``mode="data_free"`` uses one synthetic cell instead.
+    (stratified by ``label_key`` when given). ``mode="data_free"`` uses one synthetic cell instead. A BERT-family
+    (Geneformer-like) model reads the cells through ``token_dictionary`` and ``gene_medians`` (see `embed`); its
+    ``token`` column then names genes by symbol.
 
     Examples
     --------
@@ -210,7 +348,9 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
 
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
-    _check_scgpt(model, "scan")
+    family = _family(model, "scan")
+    dicts = _gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "scan",
+                               required=mode == "data") if family == "bert" else None
     labels = _obs_column(adata, label_key, "label_key")
     per_label = None if labels is None or max_cells is None else max(1, max_cells // len(set(labels)))
     cells = stratified_subsample(labels, adata.n_obs, per_label, seed, max_cells)
@@ -218,7 +358,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     batches = None
     if mode == "data":
         _, batches, _ = _inputs(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                                batch_size=batch_size, cells=cells)
+                                batch_size=batch_size, cells=cells, dictionaries=dicts)
         if labels is not None:
             group_names, groups = np.unique(labels[cells], return_inverse=True)
     res = _scan(model, batches, mode=mode, min_ratio=min_ratio, min_abs=min_abs, max_rounds=max_rounds,
@@ -229,10 +369,14 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
         ws = weight_screen(model)
         table = pd.concat([table, ws], ignore_index=True) if len(table) else ws
     _store(adata, key, K.UNS_SUPERWEIGHTS, table)
-    _store(adata, key, K.UNS_ACTIVATIONS, res.activations)
+    act = res.activations
+    if len(act) and set(K.ACTIVATION_COLUMNS) <= set(act.columns):  # the contract columns first, as in the TSV
+        act = act[[*K.ACTIVATION_COLUMNS, *(c for c in act.columns if c not in K.ACTIVATION_COLUMNS)]]
+    _store(adata, key, K.UNS_ACTIVATIONS, act)
     _record(adata, key, "scan", {**res.params, "label_key": label_key, "max_cells": max_cells,
                                  "n_cells_scanned": int(len(cells)) if mode == "data" else 1,
-                                 "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only})
+                                 "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only,
+                                 "family": family, **_dict_params(dicts)})
     n_above = int(res.candidates["above_threshold"].sum()) if len(res.candidates) else 0
     logger.info("scan: %d candidates above threshold; %s", n_above, res.stop_reason)
     return adata if copy else None
@@ -240,9 +384,10 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
 
 def prune(adata, model="demo", *, label_key: str, condition_key: str | None = None, donor_key: str | None = None,
           candidates: pd.DataFrame | None = None, gene_key: str | None = None, layer: str | None = None,
-          max_cells_per_label: int | None = 200, mask_ratio: float = 0.25, batch_size: int = 32,
+          max_cells_per_label: int | None = 200, mask_ratio: float | None = None, batch_size: int = 32,
           max_seq_len: int | None = None, n_random: int = 10, max_candidates: int = 6, n_boot: int = 200,
-          scale_factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), seed: int = 0, device=None,
+          scale_factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), primary_metric: str | None = None,
+          token_dictionary=None, gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None,
           key: str = K.UNS_KEY, copy: bool = False, progress: bool = True):
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
 
@@ -252,19 +397,35 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     ``obsm["X_scGPT_pruned"]`` (all cells, with the top candidate zeroed). Metrics use a stratified subsample of
     at most ``max_cells_per_label`` cells per label, stated in the params.
 
+    Reconstruction metrics are the model family's: scGPT ``gep_mse``/``gep_pearson``/``gepc_mse``/``gepc_pearson``
+    (masked expression), a BERT-family masked LM (Geneformer) ``mlm_loss``/``mlm_accuracy`` (masked gene tokens;
+    its inputs come from ``token_dictionary``/``gene_medians``, see `embed`). Embedding metrics are shared.
+
+    Parameters
+    ----------
+    mask_ratio
+        Fraction of each cell's genes masked for the reconstruction metrics; default the family's pretraining
+        ratio (scGPT 0.25, Geneformer 0.15).
+    primary_metric
+        The metric the report judges candidates on, recorded in the params; default ``gepc_mse`` for scGPT
+        (``gep_mse`` when the model has no MVC decoder) and ``mlm_loss`` for a BERT-family model.
+
     Examples
     --------
     >>> ssw.tl.prune(adata, "demo", label_key="cell_type", condition_key="condition", donor_key="donor")
     >>> ssw.get.collapse(adata).query("group == 'all' and metric == 'gepc_mse'")
     """
-    from .evaluate import embed as _embed
-    from .instrument import edit
-    from .prune import PruneOptions
+    from .prune import PRIMARY_METRIC, PruneOptions
     from .prune import prune as _prune
 
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
-    _check_scgpt(model, "prune")
+    family = _family(model, "prune")
+    dicts = _gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "prune") \
+        if family == "bert" else None
+    if family == "bert":
+        _check_mlm_head(model, "prune")
+    mask_ratio = _MASK_RATIO[family] if mask_ratio is None else mask_ratio
     if candidates is None:
         ns = adata.uns.get(key, {})
         if K.UNS_SUPERWEIGHTS not in ns:
@@ -279,28 +440,52 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
         raise DataError(msg)
     cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
     tok, plain, masked = _inputs(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                                 batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
+                                 batch_size=batch_size, cells=cells, mask_ratio=mask_ratio, dictionaries=dicts)
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot,
                         scale_factors=tuple(scale_factors), seed=seed)
     cand = _candidate_frame(candidates)
     res = _prune(model, masked, plain, cand, labels=labels[cells],
                  conditions=None if conditions is None else conditions[cells],
-                 donors=None if donors is None else donors[cells], options=opts, progress=progress)
+                 donors=None if donors is None else donors[cells], options=opts, n_cells=len(cells),
+                 progress=progress)
+    metrics = set(res.collapse["metric"]) if len(res.collapse) else set()
+    if primary_metric is None:
+        primary_metric = PRIMARY_METRIC[family]
+        if family == "scgpt" and primary_metric not in metrics and "gep_mse" in metrics:
+            primary_metric = "gep_mse"  # no MVC decoder: the per-position decoder's error
+    elif metrics and primary_metric not in metrics:
+        msg = (f"primary_metric={primary_metric!r} was not measured for this {family} model; measured metrics are "
+               f"{sorted(metrics)}.")
+        raise DataError(msg)
     _store(adata, key, K.UNS_COLLAPSE, res.collapse)
     _store(adata, key, "contrasts", res.contrasts)
     _store(adata, key, "conditions", res.conditions)
     # embeddings of every cell: baseline, and with the top candidate zeroed
-    full = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed)
-    adata.obsm[K.OBSM_EMB] = _embed(model, full, batch_size=batch_size)
+    full = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                     dictionaries=dicts)
+    adata.obsm[K.OBSM_EMB] = _embed_cells(model, full, batch_size=batch_size)
     top = res.params["candidates"][0]
     row = cand[cand["candidate"] == top].iloc[0]
-    with edit(model, cand[cand["candidate"] == top]):
-        adata.obsm[K.OBSM_EMB_PRUNED] = _embed(model, full, batch_size=batch_size)
+    adata.obsm[K.OBSM_EMB_PRUNED] = _embed_cells(model, full, batch_size=batch_size,
+                                                 edits=cand[cand["candidate"] == top])
     _record(adata, key, "prune", {**res.params, "label_key": label_key, "condition_key": condition_key,
                                   "donor_key": donor_key, "mask_ratio": mask_ratio, "max_cells_per_label":
                                   max_cells_per_label, "n_cells_evaluated": int(len(cells)), "pruned_embedding_of":
-                                  top, "pruned_param": str(row["param"]), "primary_metric": "gepc_mse"})
+                                  top, "pruned_param": str(row["param"]), "primary_metric": primary_metric,
+                                  "family": family, **_dict_params(dicts)})
     return adata if copy else None
+
+
+def _check_mlm_head(model, step: str) -> None:
+    """A BERT-family model needs its masked-LM head for the reconstruction metrics."""
+    from .adapters import get_adapter
+
+    net = get_adapter(model).model
+    if not type(net).__name__.endswith("ForMaskedLM"):
+        msg = (f"tl.{step} measures masked-gene reconstruction, which needs the masked-LM head; got "
+               f"{type(net).__name__}. Load the model with its head (e.g. BertForMaskedLM: architectures in "
+               "config.json).")
+        raise DataError(msg)
 
 
 def _candidate_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -318,13 +503,17 @@ def _candidate_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | None = None,
-          layer: str | None = None, max_cells_per_label: int | None = 200, mask_ratio: float = 0.25,
-          batch_size: int = 32, max_seq_len: int | None = None, max_candidates: int = 3, seed: int = 0, device=None,
-          key: str = K.UNS_KEY, copy: bool = False, progress: bool = True):
+          layer: str | None = None, max_cells_per_label: int | None = 200, mask_ratio: float | None = None,
+          batch_size: int = 32, max_seq_len: int | None = None, max_candidates: int = 3, token_dictionary=None,
+          gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None, key: str = K.UNS_KEY,
+          copy: bool = False, progress: bool = True):
     """Rank the genes that ride on each top candidate's channel (see `scsuperweight.genes`).
 
     Writes ``uns[key]["genes"]`` (the `genes.tsv` table with its evidence columns, per cell type when
-    ``label_key`` is given) and ``uns[key]["background"]`` (genes present in both the data and the vocab).
+    ``label_key`` is given) and ``uns[key]["background"]`` (genes present in both the data and the vocab). For a
+    BERT-family model (inputs from ``token_dictionary``/``gene_medians``, see `embed`) genes are named by symbol
+    and ``recon_delta`` is the change of the masked gene token's cross-entropy; ``mask_ratio`` defaults to the
+    family's pretraining ratio (scGPT 0.25, Geneformer 0.15).
 
     Examples
     --------
@@ -335,7 +524,10 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
 
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
-    _check_scgpt(model, "genes")
+    family = _family(model, "genes")
+    dicts = _gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "genes") \
+        if family == "bert" else None
+    mask_ratio = _MASK_RATIO[family] if mask_ratio is None else mask_ratio
     ns = adata.uns.get(key, {})
     if K.UNS_SUPERWEIGHTS not in ns:
         msg = f"no candidates under uns[{key!r}]: run ssw.tl.scan first."
@@ -345,14 +537,14 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
     labels = _obs_column(adata, label_key, "label_key")
     cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
     tok, plain, masked = _inputs(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                                 batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
+                                 batch_size=batch_size, cells=cells, mask_ratio=mask_ratio, dictionaries=dicts)
     table = gene_scores(model, plain, masked, cand, groups=None if labels is None else labels[cells],
                         max_candidates=max_candidates)
     _store(adata, key, K.UNS_GENES, table)
-    _ns(adata, key)["background"] = np.asarray(tok.genes.genes, dtype=str)
+    _ns(adata, key)["background"] = _background(tok)
     _record(adata, key, "genes", dict(label_key=label_key, max_cells_per_label=max_cells_per_label,
                                       mask_ratio=mask_ratio, max_candidates=max_candidates, seed=seed,
-                                      n_cells=int(len(cells))))
+                                      n_cells=int(len(cells)), family=family, **_dict_params(dicts)))
     return adata if copy else None
 
 

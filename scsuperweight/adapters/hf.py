@@ -82,6 +82,8 @@ class HFAdapter(Adapter):
         self.base = blocks[: -len(blocks.rsplit(".", 1)[-1])]  # "bert.encoder." / "model." / ""
         self.root = self.base[: -len("encoder.")] if self.base.endswith("encoder.") else self.base  # "bert." ...
         self.tokenizer = None  # a transformers tokenizer, when known (token names, special ids)
+        # Geneformer inputs remembered by ssw.tl once given: {"token_dictionary": dict, "gene_medians": dict, ...}
+        self.gene_dictionaries: dict | None = None
         self._id_to_token: dict[int, str] | None = None
         self._start_token_id: int | None = None
         self._params = {n for n, _ in model.named_parameters()}
