@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cells-per-label", type=int, default=200, help="cells per label evaluated (default 200)")
     p.add_argument("--n-random", type=int, default=10, help="random-scalar draws per parameter (default 10)")
+    p.add_argument("--max-candidates", type=int, default=6, help="candidates pruned (default 6)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200)")
 
 
@@ -237,7 +238,7 @@ def cmd_demo(args) -> int:
     adata = synthetic_ad(n_cells=args.n_cells, seed=args.seed)
     info = run_pipeline(adata, model, out, label_key="cell_type", condition_key="condition", donor_key="donor",
                         gene_sets=["bundled"], seed=args.seed, batch_size=args.batch_size, max_cells_scan=600,
-                        max_cells_per_label=60, progress=not args.no_progress, model_path=model_path,
+                        max_cells_per_label=60, max_candidates=3, progress=not args.no_progress, model_path=model_path,
                         data_path=f"synthetic_ad(n_cells={args.n_cells}, seed={args.seed})")
     _summary(adata, out, time.perf_counter() - t0, info)
     return 0
@@ -253,7 +254,8 @@ def cmd_run(args) -> int:
     info = run_pipeline(adata, model, out, label_key=args.label_key, condition_key=args.condition_key,
                         donor_key=args.donor_key, gene_sets=args.gene_sets, seed=args.seed,
                         batch_size=args.batch_size, max_cells_per_label=args.max_cells_per_label,
-                        n_random=args.n_random, n_boot=args.n_boot, gene_key=args.gene_key, layer=args.layer,
+                        n_random=args.n_random, max_candidates=args.max_candidates, n_boot=args.n_boot,
+                        gene_key=args.gene_key, layer=args.layer,
                         progress=not args.no_progress, data_path=str(path), model_path=str(args.model), **_gf(args))
     _summary(adata, out, time.perf_counter() - t0, info)
     return 0
@@ -313,7 +315,8 @@ def cmd_prune(args) -> int:
     tl.prune(adata, _load_model(args), label_key=args.label_key, condition_key=args.condition_key,
              donor_key=args.donor_key, gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
-             batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, **_gf(args))
+             max_candidates=args.max_candidates, batch_size=args.batch_size, seed=args.seed,
+             progress=not args.no_progress, **_gf(args))
     get.collapse(adata).to_csv(out / K.FILE_COLLAPSE, sep="\t", index=False)
     get.contrasts(adata).to_csv(out / "contrasts.tsv", sep="\t", index=False)
     _write(adata, out)

@@ -15,7 +15,7 @@ Method (Yu et al. 2024, adapted to post-norm encoders):
 3. Edit the primary candidate out (zero the scalar; zero gain and bias for a norm), re-trace, repeat. Stop when the
    strongest spike falls below `stop_fraction` x the first one, when a coordinate repeats, when nothing passes the
    thresholds, or after `max_rounds`.
-Spikes between `near_miss` x and 1 x the thresholds are reported as near-misses (``above_threshold=False``).
+Spikes between `near_miss` (0.25) x and 1 x the thresholds are reported as near-misses (``above_threshold=False``).
 A weight-only screen (no forward pass) ranks outlier scalars and LN dimensions as a cheap first pass.
 """
 
@@ -115,7 +115,7 @@ def _norm_for(adapter: Adapter, norm_module: str) -> tuple[str | None, str | Non
 
 
 def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_ratio: float = 20.0,
-         min_abs: float = 0.0, near_miss: float = 0.5, max_rounds: int = 10, stop_fraction: float = 0.1,
+         min_abs: float = 0.0, near_miss: float = 0.25, max_rounds: int = 10, stop_fraction: float = 0.1,
          include_ln: bool = True, include_attn: bool = True, groups: np.ndarray | None = None,
          group_names: Sequence[str] | None = None, n_tokens: int = 256, seed: int = 0,
          progress: bool = False) -> ScanResult:

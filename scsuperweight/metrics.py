@@ -589,7 +589,12 @@ def effective_rank(emb) -> float:
     """
     x = _as_matrix(emb, "emb")
     centred = x - x.mean(axis=0, keepdims=True)
-    s = np.linalg.svd(centred, compute_uv=False)
+    if centred.shape[0] > 2 * centred.shape[1]:
+        # tall matrix: R of a QR has the same singular values, and the (d x d) SVD is much cheaper than the tall
+        # one (QR is backward stable, unlike forming the Gram matrix)
+        s = np.linalg.svd(np.linalg.qr(centred, mode="r"), compute_uv=False)
+    else:
+        s = np.linalg.svd(centred, compute_uv=False)
     # identical cells leave only rounding noise after centring; call that rank 0 rather than noise's rank
     if s[0] <= 1e-10 * np.abs(x).max() * np.sqrt(x.shape[0]):
         logger.debug("effective_rank: all cells are identical; returning 0.0")

@@ -105,7 +105,8 @@ def _write_tsv(df, path: Path) -> None:
 def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | None = None,
                  donor_key: str | None = None, gene_sets=("bundled",), seed: int = 0, batch_size: int = 32,
                  max_cells_scan: int = 1000, max_cells_per_label: int = 200, n_random: int = 10,
-                 n_boot: int = 200, permutations: int = 1000, gene_key: str | None = None, layer: str | None = None,
+                 max_candidates: int = 6, n_boot: int = 200, permutations: int = 1000,
+                 gene_key: str | None = None, layer: str | None = None,
                  token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
                  max_seq_len: int | None = None, primary_metric: str | None = None, data_path: str | None = None,
                  model_path: str | None = None, progress: bool = True, extra_info: dict | None = None) -> dict:
@@ -128,7 +129,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     adapter = get_adapter(model)
     params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, gene_sets=list(gene_sets),
                   seed=seed, batch_size=batch_size, max_cells_scan=max_cells_scan,
-                  max_cells_per_label=max_cells_per_label, n_random=n_random, n_boot=n_boot,
+                  max_cells_per_label=max_cells_per_label, n_random=n_random, max_candidates=max_candidates,
+                  n_boot=n_boot,
                   permutations=permutations, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len,
                   primary_metric=primary_metric)
     if adapter.family != "scgpt":
@@ -148,7 +150,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                   _write_tsv(get.activations(adata), out / K.FILE_ACTIVATIONS))),
         ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,
                                    donor_key=donor_key, max_cells_per_label=max_cells_per_label, n_random=n_random,
-                                   n_boot=n_boot, primary_metric=primary_metric, **common),
+                                   max_candidates=max_candidates, n_boot=n_boot, primary_metric=primary_metric,
+                                   **common),
          lambda: (_write_tsv(get.collapse(adata), out / K.FILE_COLLAPSE),
                   _write_tsv(get.contrasts(adata), out / "contrasts.tsv"))),
         ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,

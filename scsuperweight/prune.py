@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import _keys as K
@@ -297,16 +298,22 @@ def _edit_of(row) -> ScalarEdit:
 
 
 def select_candidates(candidates: pd.DataFrame, max_candidates: int) -> pd.DataFrame:
-    """Activation candidates above threshold first (primary before LN companions); near-misses if none pass."""
+    """What to prune, in this order of preference: activation candidates above threshold (primary before their LN
+    companions); else the activation near-misses (the strongest sub-threshold spikes, so that the question "does
+    even the largest activation's parameter matter?" is still answered); else the weight-only screen's rows."""
     if candidates is None or len(candidates) == 0:
         msg = "no candidates to prune: run the scan first (ssw.tl.scan / scsuperweight scan)."
         raise DataError(msg)
     c = candidates
-    if "screen" in c:
-        act = c[c["screen"].astype(str).str.startswith("activation")]
-        c = act if len(act) else c
-    if "above_threshold" in c and c["above_threshold"].astype(bool).any():
-        c = c[c["above_threshold"].astype(bool)]
+    screen = c["screen"].astype(str) if "screen" in c else pd.Series("activation", index=c.index)
+    above = c["above_threshold"].astype(bool) if "above_threshold" in c else pd.Series(True, index=c.index)
+    act = screen.str.startswith("activation")
+    for mask, why in ((act & above, "activation candidates above threshold"),
+                      (act, "activation near-misses (nothing passed the thresholds)"),
+                      (~act, "weight-only screen rows (no activation spike was found)")):
+        if mask.any():
+            logger.info("pruning %s", why)
+            return c[mask].head(max_candidates).reset_index(drop=True)
     return c.head(max_candidates).reset_index(drop=True)
 
 
@@ -458,13 +465,15 @@ _SET_BOOT = {"cpd": lambda e, b, s: M.cpd(b, e, seed=s), "mean_cosine": lambda e
              "effective_rank": lambda e, b, s: M.effective_rank(e)}
 
 
-def _set_boots(emb, base_emb, units, n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """Set-level metrics recomputed on `n_boot` resamples (same resamples for every condition)."""
+def _set_boots(emb, base_emb, units, n_boot: int, seed: int, with_cpd: bool = True) -> dict[str, np.ndarray]:
+    """Set-level metrics recomputed on `n_boot` resamples (same resamples for every condition). CPD (a rank
+    correlation over all pairs) is the costly one: callers bootstrap it for the overall group only."""
     if not n_boot:
         return {}
-    out = {m: np.full(n_boot, np.nan) for m in _SET_BOOT}
+    out = {m: np.full(n_boot, np.nan) for m in _SET_BOOT if with_cpd or m != "cpd"}
     for i, idx in enumerate(M.bootstrap_indices(units if units is not None else len(emb), n_boot, seed)):
-        for m, fn in _SET_BOOT.items():
+        for m in out:
+            fn = _SET_BOOT[m]
             try:
                 out[m][i] = fn(emb[idx], base_emb[idx], seed)
             except Exception:  # a degenerate resample is skipped, not fatal
@@ -496,55 +505,59 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     results: dict[str, dict] = {}
     for cond in tqdm(conds, desc="prune conditions", disable=not progress):
         results[cond.name] = ev.run(cond)
-    base = results[K.COND_BASELINE]
-    groups = _groups(labels, conditions, opts.min_group_cells) if (labels is not None or conditions is not None) \
-        else [(K.GROUP_ALL, np.ones(n_cells, dtype=bool), False)]
-    base_pc = per_cell_metrics(base, None, labels, opts.k)
-    base_emb = l2_normalise(np.nan_to_num(base["cls"]))
-    # per group, once: bootstrap resample counts (shared by every metric and condition), baseline set metrics
-    gstate = {}
-    for gi, (gname, gmask, multi) in enumerate(groups):
-        gunits = units[gmask] if units is not None and len(set(units[gmask])) > 1 else None
-        counts = _resample_counts(gunits if gunits is not None else int(gmask.sum()), opts.n_boot, opts.seed + gi)
-        glabels = labels[gmask] if labels is not None else None
-        boot_set = opts.n_boot_set if (gname == K.GROUP_ALL or (conditions is not None and gname in
-                                                                 set(conditions))) else 0
-        bset = set_metrics(base_emb[gmask], base_emb[gmask], glabels, multi, opts.seed)
-        bboots = _set_boots(base_emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed)
-        gstate[gname] = (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots)
-    rows = []
-    embeddings = {}
-    for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False):
-        res = results[cond.name]
-        is_base = cond.name == K.COND_BASELINE
-        pc = base_pc if is_base else per_cell_metrics(res, base, labels, opts.k)
-        emb = l2_normalise(np.nan_to_num(res["cls"]))
-        if is_base or cond.name.startswith(("prune:", "restore:")) or cond.name == K.COND_TOP_OUTLIERS:
-            embeddings[cond.name] = emb.astype(np.float32)
-        for gname, (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots) in gstate.items():
-            unit = "cells" if gunits is None else "donors"
-            for metric, vals in pc.items():
-                if metric in ("knn_accuracy", "silhouette") and labels is None:
-                    continue
-                v, b = vals[gmask], base_pc[metric][gmask]
-                ok = ~np.isnan(v) & ~np.isnan(b)
-                if ok.sum() < 2:
-                    continue
-                target = v if is_base else v - b
-                lo, hi = _boot_mean_ci(target, counts, opts.alpha)
-                rows.append(_row(cond, metric, gname, float(np.mean(v[ok])), float(np.mean(v[ok] - b[ok])), lo, hi,
-                                 unit))
-            sm = bset if is_base else set_metrics(emb[gmask], base_emb[gmask], glabels, multi, opts.seed)
-            boots = bboots if is_base else _set_boots(emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed)
-            for metric, value in sm.items():
-                lo = hi = np.nan
-                if metric in boots:
-                    d = boots[metric] if is_base else boots[metric] - bboots[metric]
-                    d = d[~np.isnan(d)]
-                    if len(d) >= 5:
-                        lo, hi = np.quantile(d, [opts.alpha / 2, 1 - opts.alpha / 2])
-                rows.append(_row(cond, metric, gname, float(value), float(value - bset.get(metric, np.nan)), lo, hi,
-                                 unit))
+    # the metrics are many small matrix operations: multi-threaded BLAS only spins on them (measured 200x slower
+    # on a busy 2-core machine), so they run on one BLAS thread
+    with threadpool_limits(limits=1, user_api="blas"):
+        base = results[K.COND_BASELINE]
+        groups = _groups(labels, conditions, opts.min_group_cells) if (labels is not None or conditions is not None) \
+            else [(K.GROUP_ALL, np.ones(n_cells, dtype=bool), False)]
+        base_pc = per_cell_metrics(base, None, labels, opts.k)
+        base_emb = l2_normalise(np.nan_to_num(base["cls"]))
+        # per group, once: bootstrap resample counts (shared by every metric and condition), baseline set metrics
+        gstate = {}
+        for gi, (gname, gmask, multi) in enumerate(groups):
+            gunits = units[gmask] if units is not None and len(set(units[gmask])) > 1 else None
+            counts = _resample_counts(gunits if gunits is not None else int(gmask.sum()), opts.n_boot, opts.seed + gi)
+            glabels = labels[gmask] if labels is not None else None
+            boot_set = opts.n_boot_set if (gname == K.GROUP_ALL or (conditions is not None and gname in
+                                                                     set(conditions))) else 0
+            bset = set_metrics(base_emb[gmask], base_emb[gmask], glabels, multi, opts.seed)
+            bboots = _set_boots(base_emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed, gname == K.GROUP_ALL)
+            gstate[gname] = (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots)
+        rows = []
+        embeddings = {}
+        for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False):
+            res = results[cond.name]
+            is_base = cond.name == K.COND_BASELINE
+            pc = base_pc if is_base else per_cell_metrics(res, base, labels, opts.k)
+            emb = l2_normalise(np.nan_to_num(res["cls"]))
+            if is_base or cond.name.startswith(("prune:", "restore:")) or cond.name == K.COND_TOP_OUTLIERS:
+                embeddings[cond.name] = emb.astype(np.float32)
+            for gname, (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots) in gstate.items():
+                unit = "cells" if gunits is None else "donors"
+                for metric, vals in pc.items():
+                    if metric in ("knn_accuracy", "silhouette") and labels is None:
+                        continue
+                    v, b = vals[gmask], base_pc[metric][gmask]
+                    ok = ~np.isnan(v) & ~np.isnan(b)
+                    if ok.sum() < 2:
+                        continue
+                    target = v if is_base else v - b
+                    lo, hi = _boot_mean_ci(target, counts, opts.alpha)
+                    rows.append(_row(cond, metric, gname, float(np.mean(v[ok])), float(np.mean(v[ok] - b[ok])), lo, hi,
+                                     unit))
+                sm = bset if is_base else set_metrics(emb[gmask], base_emb[gmask], glabels, multi, opts.seed)
+                boots = bboots if is_base else _set_boots(emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed,
+                                                          gname == K.GROUP_ALL)
+                for metric, value in sm.items():
+                    lo = hi = np.nan
+                    if metric in boots:
+                        d = boots[metric] if is_base else boots[metric] - bboots[metric]
+                        d = d[~np.isnan(d)]
+                        if len(d) >= 5:
+                            lo, hi = np.quantile(d, [opts.alpha / 2, 1 - opts.alpha / 2])
+                    rows.append(_row(cond, metric, gname, float(value), float(value - bset.get(metric, np.nan)), lo, hi,
+                                     unit))
     collapse = pd.DataFrame(rows)
     collapse = _add_p_values(collapse, conds)
     contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts) \
