@@ -1,0 +1,1 @@
+"""Training recipes shipped with the package (JSON); `scsuperweight.train.load_recipe("demo")` reads them."""
