@@ -210,7 +210,8 @@ def test_planted_down_projection_superweight_is_found(family, layer, row, hidden
             K.KIND_FFN_DOWN, param, layer, row, hidden)
         assert top["token"] == first and bool(top["above_threshold"]) and top["spike"] > 100
         assert top["value"] == pytest.approx(float(model.get_parameter(param).detach()[row, hidden]))
-        ln = df[df["kind"].isin([K.KIND_LN_WEIGHT, K.KIND_LN_BIAS]) & (df["round"] == 0)]
+        # (near-misses, reported down to 0.25x the threshold, are other spikes: only the passing round-0 rows count)
+        ln = df[df["kind"].isin([K.KIND_LN_WEIGHT, K.KIND_LN_BIAS]) & (df["round"] == 0) & df["above_threshold"]]
         if family == "bert":  # post-norm: the LayerNorm receiving the write comes along, gain and bias
             nn = f"bert.encoder.layer.{layer}.output.LayerNorm"
             assert {(p, r) for p, r in zip(ln["param"], ln["row"])} >= {(f"{nn}.weight", row), (f"{nn}.bias", row)}

@@ -11,6 +11,7 @@ and it raises if a hook it placed never fired. Everything is undone on exit, als
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,10 +34,9 @@ class _Reduced:
 
     B: int
     L: int
-    a: torch.Tensor  # (B, L, d) |x| as float32 with 0 at padding, on the activation's device
-    cellmax: torch.Tensor  # (B, d) each cell's max |x| per channel, same device
-    m_dev: torch.Tensor  # (d,) max |x| per channel over the batch, float32, same device
     m: torch.Tensor  # (d,) max |x| per channel over the batch, float64, CPU
+    arg_b: torch.Tensor  # (d,) batch row of the first (row, position) holding it, as max(0) over (B * L, d), CPU
+    arg_pos: torch.Tensor  # (d,) and its position, CPU
     sum_abs: torch.Tensor  # (d,) float64, CPU
     n_valid: int
     top: torch.Tensor  # (B,) each cell's largest channel, CPU
@@ -56,7 +56,10 @@ def _geometry(ctx: BatchContext, B: int, L: int, d: int, device) -> dict:
     else:
         pad_rows, g["n_valid"] = None, B * L
     n = g["n_valid"] * d
-    g["step"] = step = max(1, n // _HIST_SAMPLE)
+    step = max(1, n // _HIST_SAMPLE)
+    while step > 1 and math.gcd(step, d) != 1:  # a stride sharing a factor with d would sample only some channels
+        step += 1
+    g["step"] = step
     g["pad_rows"] = pad_rows if pad_rows is not None and len(pad_rows) else None
     g["sample"] = None
     if g["pad_rows"] is not None:
@@ -68,33 +71,49 @@ def _geometry(ctx: BatchContext, B: int, L: int, d: int, device) -> dict:
 
 
 def _log_hist(vals: torch.Tensor) -> torch.Tensor:
-    """`torch.histc(torch.log10(vals), _HIST_BINS, _HIST_LO, _HIST_HI)` as float64 counts on the CPU.
+    """`torch.histc(torch.log10(vals), _HIST_BINS, _HIST_LO, _HIST_HI)` as float64 counts on the CPU, for vals >= 0.
 
-    The same bin for every float32 value as histc (its arithmetic: trunc((v - lo) * bins / (hi - lo)) in the input
-    dtype, the top edge in the last bin, out-of-range and NaN dropped; checked over every float32 in [1e-11, 1e9]),
-    but in a few vectorised passes and a bincount instead of histc's scalar loop: about 3x faster.
+    The same bin for every float32 value as histc: its arithmetic, trunc((log10 v - lo) * bins / (hi - lo)) in
+    float32, the top edge in the last bin, values outside the range, NaN and zeros (log10 = -inf) dropped; checked
+    over every float32 in [1e-11, 1e9]. But in a few cheap in-place passes and a bincount rather than histc's scalar
+    loop, and without log10(0), which takes a slow path: zeros are lifted to 1e-30 first, below the range anyway.
     """
-    lv = torch.log10(vals)
-    inside = (lv >= _HIST_LO) & (lv <= _HIST_HI)
-    t = lv.sub(_HIST_LO).mul_(_HIST_BINS).div_(_HIST_HI - _HIST_LO).clamp_(max=_HIST_BINS - 0.5)
-    pos = torch.where(inside, t, float(_HIST_BINS)).long()
-    return torch.bincount(pos, minlength=_HIST_BINS + 1)[:_HIST_BINS].double().cpu()
+    t = torch.log10(vals.clamp(min=1e-30))
+    t.sub_(_HIST_LO).mul_(_HIST_BINS).div_(_HIST_HI - _HIST_LO)  # histc's position, before truncation
+    # below the range (t < 0) and NaN -> 0; bin k -> k + 1; t >= bins -> bins + 1 (above the range or the top edge)
+    t.nan_to_num_(nan=-1.0).clamp_(-1.0, _HIST_BINS).floor_().add_(1.0)
+    counts = torch.bincount(t.int(), minlength=_HIST_BINS + 2).cpu()
+    hist = counts[1:_HIST_BINS + 1].double()
+    if counts[_HIST_BINS + 1]:  # rare (|x| >= 1e8): histc keeps a value whose log10 is exactly hi in the last bin
+        lv = torch.log10(vals.clamp(min=1e-30))
+        top = (lv.sub(_HIST_LO).mul_(_HIST_BINS).div_(_HIST_HI - _HIST_LO) >= _HIST_BINS) & (lv <= _HIST_HI)
+        hist[-1] += int(top.sum())
+    return hist
 
 
-def _reduce(x: torch.Tensor, ctx: BatchContext, geometry: dict | None = None) -> _Reduced:
+def _reduce(x: torch.Tensor, ctx: BatchContext, geometry: dict | None = None, scratch: dict | None = None
+            ) -> _Reduced:
     """Every per-batch reduction of one activation (the hot path of a trace: it runs per site and batch).
 
-    `geometry` caches `_geometry` across the sites of one batch. One abs, one in-place zeroing of the padding rows,
-    one amax over positions (the batch max, each cell's top channel and where the max sits all follow from the
-    per-cell max), one sum, and the histogram of a fixed strided sample gathered without packing the valid rows.
+    One abs, one in-place zeroing of the padding rows, one amax over positions (the batch max, each cell's top
+    channel and where the max sits all follow from the per-cell max), one sum, and the histogram of a fixed strided
+    sample gathered without packing the valid rows. Only small per-channel results are returned. `geometry` caches
+    `_geometry` across the sites of one batch; `scratch` keeps the |x| buffer between calls (a fresh
+    activation-sized buffer costs a page fault per 4 KiB on every call).
     """
     x = x.detach()
     if x.dim() == 2:  # (L, d) unbatched
         x = x[None]
     B, L, d = x.shape
-    # a new contiguous float32 tensor (so its padding can be zeroed in place) in one pass, whatever x's layout
-    # (attention outputs come transposed from (L, B, d))
-    a = torch.empty((B, L, d), dtype=torch.float32, device=x.device)
+    # |x| into a contiguous float32 buffer of our own (so its padding can be zeroed in place) in one pass, whatever
+    # x's layout (attention outputs come transposed from (L, B, d))
+    n = B * L * d
+    buf = scratch.get(x.device) if scratch is not None else None
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float32, device=x.device)
+        if scratch is not None:
+            scratch[x.device] = buf
+    a = buf[:n].view(B, L, d)
     if x.dtype == torch.float32:
         torch.abs(x, out=a)
     else:
@@ -109,7 +128,10 @@ def _reduce(x: torch.Tensor, ctx: BatchContext, geometry: dict | None = None) ->
     if g["pad_rows"] is not None:
         flat[g["pad_rows"]] = 0.0
     cellmax = a.amax(1)  # (B, d)
-    m_dev = cellmax.amax(0)  # (d,) max is exact: the same values as a max over all positions
+    m = cellmax.amax(0)  # (d,) max is exact: the same values as a max over all positions
+    # where each channel's max sits: the first row reaching it, then the first position in that row
+    arg_b = (cellmax == m).to(torch.uint8).argmax(0)  # (d,)
+    arg_pos = (a[arg_b, :, torch.arange(d, device=a.device)] == m[:, None]).to(torch.uint8).argmax(1)  # (d,)
     sum_abs = a.sum((0, 1)).double().cpu()
     top = cellmax.argmax(1).cpu()  # (B,) each cell's largest channel
     step = g["step"]
@@ -117,7 +139,7 @@ def _reduce(x: torch.Tensor, ctx: BatchContext, geometry: dict | None = None) ->
     n_pos = int(torch.count_nonzero(vals > 0))
     n_zero = (vals.numel() - n_pos) * step
     hist = _log_hist(vals) * step if n_pos else None
-    return _Reduced(B, L, a, cellmax, m_dev, m_dev.double().cpu(), sum_abs, g["n_valid"], top, hist, n_zero)
+    return _Reduced(B, L, m.double().cpu(), arg_b.cpu(), arg_pos.cpu(), sum_abs, g["n_valid"], top, hist, n_zero)
 
 
 @dataclass
@@ -155,12 +177,7 @@ class SiteStats:
         better = m > self.max_abs
         if better.any():
             cols = better.nonzero()[:, 0]
-            # the first (cell, position) holding the max, as max(0) over the flattened (B * L, d) would give
-            dcols = cols.to(r.a.device)
-            mc = r.m_dev[dcols]
-            b = (r.cellmax[:, dcols] == mc).to(torch.uint8).argmax(0)  # (k,) first cell reaching it
-            pos = (r.a[b, :, dcols] == mc[:, None]).to(torch.uint8).argmax(1).cpu()  # (k,) first position there
-            b = b.cpu()
+            b, pos = r.arg_b[cols], r.arg_pos[cols]
             cells = torch.as_tensor(ctx.cells, dtype=torch.long) if ctx.cells is not None else torch.arange(r.B)
             self.max_abs[cols] = m[cols]
             self.arg_cell[cols] = cells[b]
@@ -299,6 +316,7 @@ class Trace:
         self._geom_owner: tuple = ()
         self._geom: dict = {}
         self._memo: tuple = ()
+        self._scratch: dict = {}
 
     # -- context management --------------------------------------------------------------------------------
     def __enter__(self) -> Trace:
@@ -331,7 +349,7 @@ class Trace:
                 raise HookError(msg)
 
     def _restore(self) -> None:
-        self._geom_owner, self._geom, self._memo = (), {}, ()
+        self._geom_owner, self._geom, self._memo, self._scratch = (), {}, (), {}
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -399,7 +417,7 @@ class Trace:
         version = _version(x)
         if memo and memo[0] is x and version is not None and memo[1] == version:
             return memo[2]
-        r = _reduce(x, ctx, self._geom)
+        r = _reduce(x, ctx, self._geom, self._scratch)
         self._memo = (x, version, r) if version is not None else ()
         return r
 

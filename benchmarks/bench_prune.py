@@ -1,0 +1,240 @@
+"""Pruning conditions: cached reruns from the first edited block against naive full forwards, same conditions.
+
+Model and data as in bench_trace.py (a randomly initialised 4-layer, d=64 scGPT on `synthetic_ad` cells, or the
+Darmanis cells with ``--darmanis``). Two super weights are planted with tests/_plant.py (a hidden unit that fires
+only on <cls> and writes a spike of ~200 into one FFN output channel) in two different blocks (``--plant-layers``,
+default 1 and 3); `scsuperweight.detect.scan` finds them and their LayerNorm companions (a planted weight the
+iterative scan does not reach, because removing an earlier one silenced it, is added as a hand-made candidate row),
+and `prune.select_candidates` + `prune.build_conditions` (default `PruneOptions`) turn them into the conditions
+`prune` runs: baseline, prune:<cand>, random:<k>, top_outliers, restore:<cand>, scale:<cand>:<f>.
+
+(a) cached: `ScGPTEvaluator(model, masked, plain)` (caches every block's input once, unedited) then `.run(cond)`
+    for every condition: each reruns only blocks >= its first edited block, from the cached input;
+(b) naive: for every condition, ``model(src, values, padding_mask)`` on every masked and plain batch under
+    ``edit(model, cond.edits)`` (restore conditions: with the same `ActivationPatch`, its baseline values captured
+    by an unedited full forward once per batch and (site, channel), as the evaluator caches them), and the same
+    per-cell metrics (`reconstruction_from_outputs`, the <cls> embedding).
+
+Printed: both outputs' max abs difference over every condition, metric and cell (they must agree: bitwise here);
+the transformer blocks each side ran (counted by forward hooks on the blocks, cache construction and restore
+captures included) and the fraction the cached path recomputes; times of (a) and (b) alternating (ABBA) for
+``--reps`` repetitions, as medians and the median per-repetition speed ratio naive / cached, wall-clock and
+process CPU time (the machine is shared: the ratios are the figures).
+
+Usage: python benchmarks/bench_prune.py [--cells 128] [--reps 3] [--threads 1] [--darmanis] [--n-random 10]
+           [--plant-layers 1 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_trace as bt  # noqa: E402
+
+sys.path.insert(0, str(bt.ROOT / "tests"))
+from _plant import plant_cls_superweight  # noqa: E402
+
+from scsuperweight.adapters import get_adapter  # noqa: E402
+from scsuperweight.data import iter_batches, tokenize_anndata  # noqa: E402
+from scsuperweight.detect import scan  # noqa: E402
+from scsuperweight.evaluate import reconstruction_from_outputs  # noqa: E402
+from scsuperweight.instrument import ActivationPatch, edit  # noqa: E402
+from scsuperweight.prune import PruneOptions, ScGPTEvaluator, build_conditions, select_candidates  # noqa: E402
+
+
+class BlockCounter:
+    """Counts transformer-block calls (one per block per batch) through forward hooks, which leave outputs alone."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handles = [blk.register_forward_hook(self._hook) for blk in model.transformer_encoder.layers]
+
+    def _hook(self, *args):
+        self.n += 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def run_cached(model, masked, plain, n_cells, conds) -> tuple[dict, ScGPTEvaluator]:
+    ev = ScGPTEvaluator(model, masked, plain, n_cells)
+    return {c.name: ev.run(c) for c in conds}, ev
+
+
+@torch.no_grad()
+def run_naive(model, masked, plain, n_cells, conds) -> dict:
+    adapter = get_adapter(model)
+    baseline: dict = {}  # (site, channel, which, batch index) -> (B, L) values of the unedited model
+
+    def capture(site: str, channel: int, batch) -> torch.Tensor:
+        got = {}
+        mod = model.get_submodule(adapter.sites[site].module)
+
+        def hook(m, a, out):
+            x = out[0] if isinstance(out, tuple) else out
+            got["x"] = x[..., channel].detach().clone()
+
+        h = mod.register_forward_hook(hook)
+        try:
+            model(batch.src, batch.values, batch.padding_mask)
+        finally:
+            h.remove()
+        return got["x"]
+
+    results = {}
+    for cond in conds:
+        if cond.restore is not None:  # before any edit, as the evaluator does
+            site, channel, _ = cond.restore
+            for which, batches in (("masked", masked), ("plain", plain)):
+                for i, b in enumerate(batches):
+                    key = (site, channel, which, i)
+                    if key not in baseline:
+                        baseline[key] = capture(site, channel, b)
+        out: dict[str, np.ndarray] = {}
+        with edit(model, cond.edits, verify=False):
+            for which, batches in (("masked", masked), ("plain", plain)):
+                for i, b in enumerate(batches):
+                    patch = nullcontext()
+                    if cond.restore is not None:
+                        site, channel, token_id = cond.restore
+                        p = ActivationPatch(site, channel, baseline[(site, channel, which, i)], b.src.eq(token_id))
+                        patch = edit(model, patches=[p], verify=False)
+                    with patch:
+                        o = model(b.src, b.values, b.padding_mask)
+                    if which == "masked":
+                        for k, v in reconstruction_from_outputs(o, b).items():
+                            out.setdefault(k, np.full(n_cells, np.nan))[b.cells] = v
+                    else:
+                        emb = o["cell_emb"].double().cpu().numpy()
+                        out.setdefault("cls", np.full((n_cells, emb.shape[1]), np.nan))[b.cells] = emb
+        results[cond.name] = out
+    return results
+
+
+def compare(a: dict, b: dict) -> tuple[float, int, int]:
+    """Max abs difference over all conditions, metrics and cells; mismatched NaN patterns; values compared."""
+    worst, nan_mismatch, n = 0.0, 0, 0
+    for name in a:
+        for k in a[name]:
+            x, y = a[name][k], b[name][k]
+            nan_mismatch += int(np.sum(np.isnan(x) != np.isnan(y)))
+            ok = ~np.isnan(x) & ~np.isnan(y)
+            n += int(ok.sum())
+            if ok.any():
+                worst = max(worst, float(np.max(np.abs(x[ok] - y[ok]))))
+    return worst, nan_mismatch, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bt.add_common_args(parser, cells=128)
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each timing")
+    parser.add_argument("--mask-ratio", type=float, default=0.25, help="scGPT's pretraining mask ratio (as tl.prune)")
+    parser.add_argument("--n-random", type=int, default=PruneOptions.n_random,
+                        help="random same-parameter controls per candidate parameter")
+    parser.add_argument("--plant-layers", type=int, nargs="+", default=[1, 3])
+    opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
+
+    adata, genes, label = bt.load_cells(opts)
+    model = bt.build_model(genes, opts)
+    tok = tokenize_anndata(adata, model.vocab, max_seq_len=opts.max_seq_len, seed=opts.seed)
+    plain = list(iter_batches(tok, opts.batch_size))
+    masked = list(iter_batches(tok, opts.batch_size, mask_ratio=opts.mask_ratio,
+                               mask_value=model.config.mask_value, seed=opts.seed))
+    n_cells = tok.n_cells
+    print(f"data: {label}: {n_cells} cells, {len(plain)} plain + {len(masked)} masked batches of "
+          f"{opts.batch_size}, mean {tok.lengths.mean():.0f} tokens/cell")
+    print(f"model: {bt.describe_model(model)}")
+    print(bt.machine_line())
+
+    # planted super weights in different blocks, found by the scan
+    adapter = get_adapter(model)
+    planted = []
+    for i, layer in enumerate(opts.plant_layers):
+        row, hidden = (5 + 11 * i) % opts.d_model, (3 + 7 * i) % opts.d_hid
+        plant_cls_superweight(model, plain, layer=layer, row=row, hidden=hidden)
+        planted.append((layer, row, hidden))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = scan(model, plain)
+    cands = found.candidates
+    cands = cands[cands["above_threshold"].astype(bool)] if len(cands) else cands
+    # a later planted unit reads the earlier spike through the residual stream, so removing the earlier super weight
+    # can silence it and the iterative scan stops before reaching it: add such planted weights as hand-made rows
+    missing = []
+    for layer, row, hidden in planted:
+        param = f"{adapter.block_name(layer)}.linear2.weight"
+        cid = adapter.candidate_id(param, (row, hidden))
+        if cid not in set(cands["candidate"]):
+            missing.append({"candidate": cid, "kind": "ffn_down", "layer": layer, "param": param, "row": row,
+                            "col": hidden, "primary": True, "site": f"L{layer}.ffn_out", "channel": row,
+                            "token": "<cls>", "above_threshold": True, "screen": "activation:planted (hand-made)",
+                            "spike": float("nan"), "spike_ratio": float("nan")})
+    if missing:
+        cands = pd.concat([cands, pd.DataFrame(missing)], ignore_index=True)
+    popts = PruneOptions(n_random=opts.n_random)
+    cands = select_candidates(cands, popts.max_candidates + len(missing))
+    conds = build_conditions(model, cands, popts)
+    first = [min([adapter.first_layer_of(e.param) for e in c.edits]
+                 + ([adapter.sites[c.restore[0]].layer] if c.restore else []), default=adapter.n_layers)
+             for c in conds]  # as ScGPTEvaluator.first_layer
+    print(f"\nplanted (block, row, col) {planted}; scan: {len(found.candidates)} candidate rows "
+          f"({found.stop_reason}); {len(missing)} planted weight(s) the scan did not reach added by hand; "
+          f"pruning {len(cands)}:")
+    for _, r in cands.iterrows():
+        col = "" if pd.isna(r["col"]) else f", {int(r['col'])}"
+        how = "hand-made" if "hand" in str(r.get("screen", "")) else \
+            f"scan: spike {r['spike']:.1f} ({r['spike_ratio']:.0f}x typical)"
+        print(f"  {r['candidate']:<24} {r['kind']:<10} block {adapter.first_layer_of(r['param'])}  "
+              f"[{int(r['row'])}{col}]  {how}")
+    by_first = {k: first.count(k) for k in sorted(set(first))}
+    kinds = {}
+    for c in conds:
+        kinds[c.name.split(":")[0]] = kinds.get(c.name.split(":")[0], 0) + 1
+    print(f"{len(conds)} conditions {kinds}; first recomputed block -> conditions: {by_first} "
+          f"({adapter.n_layers} = decoders only)")
+
+    # correctness and blocks, once
+    counter = BlockCounter(model)
+    cached, ev = run_cached(model, masked, plain, n_cells, conds)
+    blocks_cached = counter.n
+    counter.n = 0
+    naive = run_naive(model, masked, plain, n_cells, conds)
+    blocks_naive = counter.n
+    counter.remove()
+    worst, nan_mismatch, n = compare(cached, naive)
+    exact = worst == 0.0 and nan_mismatch == 0
+    print(f"\noutputs, cached vs naive: max |diff| = {worst:.3g} over {n} values (per-cell GEP/GEPC MSE and "
+          f"Pearson, <cls> embeddings) of {len(conds)} conditions, {nan_mismatch} NaN mismatches -> "
+          f"{'identical' if exact else 'DIFFERENT'}")
+    print(f"blocks run (one block on one batch = 1): cached {blocks_cached} (cache construction "
+          f"{adapter.n_layers * (len(plain) + len(masked))}, evaluator's own count of reruns {ev.forwards}), naive "
+          f"{blocks_naive}: the cached path recomputes {blocks_cached / blocks_naive:.1%} of the blocks")
+
+    res = bt.interleaved(lambda: run_naive(model, masked, plain, n_cells, conds),
+                      lambda: run_cached(model, masked, plain, n_cells, conds), opts.reps)
+    print(f"\ntime for all {len(conds)} conditions, {opts.reps} interleaved repetitions (ABBA)")
+    print("  rep   naive wall   cached wall   naive/cached    naive cpu   cached cpu   naive/cached")
+    for i, (ta, tb) in enumerate(zip(res["a"], res["b"])):
+        print(f"  {i:>3}   {ta[0]:9.2f} s   {tb[0]:9.2f} s   {ta[0] / tb[0]:11.2f}x   {ta[1]:8.2f} s  {tb[1]:8.2f} s  "
+              f"{ta[1] / tb[1]:11.2f}x")
+    for kind in ("cpu", "wall"):
+        speed = statistics.median(1 / r for r in res[f"ratios_{kind}"])
+        print(f"  speed-up naive / cached, median of per-repetition ratios ({kind:>4}): {speed:.2f}x  "
+              f"(medians: naive {res[f'a_{kind}']:.2f} s, cached {res[f'b_{kind}']:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
