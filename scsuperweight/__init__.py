@@ -22,7 +22,8 @@ _LAZY = {
     "report": ("report", "report"),
     "get_adapter": ("adapters", "get_adapter"),
 }
-_SUBMODULES = {"tl", "pl", "get", "datasets", "metrics", "enrich", "data", "models", "adapters", "instrument"}
+_SUBMODULES = {"tl", "pl", "get", "datasets", "metrics", "enrich", "data", "models", "adapters", "instrument",
+               "pipeline"}
 
 
 def __getattr__(name: str):
