@@ -31,8 +31,8 @@ training_log.json (held-out GEP/GEPC MSE vs the gene-mean baseline, <cls> kNN ac
 def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "pretrain", help="train a small scGPT from scratch (the demo model's recipe by default)",
-        description="Pretrain a small scGPT on raw counts with the scGPT objective (masked GEP + GEPC), with a "
-                    "held-out evaluation, periodic official-format checkpoints and exact resume.",
+        description="Pretrain a small scGPT on raw counts with the scGPT objective (masked GEP + GEPC),\n"
+                    "with a held-out evaluation, periodic official-format checkpoints and exact resume.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="FILE.h5ad", help="AnnData of raw counts (gene symbols as var_names)")

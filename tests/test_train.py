@@ -35,8 +35,9 @@ STEPS = TINY["train"]["steps"]
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
+    # tiny models are all small ops: one thread is several times faster than two on a busy machine (measured 8x)
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
 
@@ -139,7 +140,8 @@ def test_demo_recipe_first_steps_reproduce(tmp_path):
         pytest.skip("the demo checkpoint has not been trained yet (scsuperweight/checkpoints/demo)")
     shipped = json.loads((DEMO_DIR / "training_log.json").read_text())
     recipe = load_recipe("demo")
-    assert shipped["recipe"] == {**recipe, "train": {**recipe["train"], "steps": shipped["recipe"]["train"]["steps"]}}
+    # the shipped run's recipe, completed with today's defaults, is the demo recipe
+    assert load_recipe(shipped["recipe"]) == recipe
     # evaluation settings do not touch training: shrink them to keep the test fast
     adata = recipe_adata("demo")
     if data_fingerprint(adata) != shipped["data_sha256"]:
@@ -152,22 +154,27 @@ def test_demo_recipe_first_steps_reproduce(tmp_path):
 
 
 def test_shipped_demo_model_learned():
-    """On a fresh sample of the recipe's generator: <cls> kNN >= 0.9 and GEP below the gene-mean baseline."""
+    """Fresh cells from the recipe's generator: <cls> kNN >= 0.9 and GEP clearly below the gene-mean baseline."""
     if not (DEMO_DIR / "best_model.pt").is_file():
         pytest.skip("the demo checkpoint has not been trained yet (scsuperweight/checkpoints/demo)")
     model = ssw.load_model("demo")
     recipe = load_recipe(model.args["recipe"])
-    args = {**recipe["data"]["args"], "n_cells": 500, "seed": 12345}
-    adata = synthetic_ad(**args)
-    rec = {**recipe, "eval": {**recipe["eval"], "heldout_fraction": 0.6}}
+    rec = {**recipe, "eval": {**recipe["eval"], "heldout_fraction": 0.5}}
+    # Same generator arguments (so the same simulated tissue: gene levels, programs, donors), another size: the
+    # cells are new draws the model never saw. The baseline is fitted on the other half of these fresh cells.
+    adata = synthetic_ad(**{**recipe["data"]["args"], "n_cells": 600})
     data = prepare_data(adata, rec, label_key="cell_type", seed=0, vocab=model.vocab)
-    res = evaluate(model, data, rec, seed=0, activations=False)
-    official = res["views"]["official"]  # counted genes only: what embedding and pruning use
+    official = evaluate(model, data, rec, seed=0, activations=False)["views"]["official"]  # what tl feeds
     assert official["knn_accuracy"] >= 0.9
-    assert official["mean_cosine"] < 0.99
-    # Masked reconstruction is judged on the recipe's own held-out cells (the shipped log): on a sample from
-    # another generator seed (new donors, new donor effects) GEP was measured at 1.06x the gene-mean baseline,
-    # a generalisation gap reported in the closing note rather than hidden here.
+    assert official["gep_mse"] < 0.85 * official["baseline_mse"]  # measured 0.69x
+    assert official["mean_cosine"] < 0.95  # not collapsed (measured 0.77)
+    # Another generator seed re-draws every gene's level and the program strengths (another tissue, not only
+    # other donors): the cell types still separate, but gene levels learned on seed 0 no longer apply, so GEP is
+    # at the level of a baseline fitted on that tissue itself (measured 1.09x on seed 12345, 1.00x on seed 7).
+    other = synthetic_ad(**{**recipe["data"]["args"], "n_cells": 500, "seed": 12345})
+    data = prepare_data(other, rec, label_key="cell_type", seed=0, vocab=model.vocab)
+    assert evaluate(model, data, rec, seed=0, activations=False)["views"]["official"]["knn_accuracy"] >= 0.9
+    # and the run's own held-out split, as logged
     shipped = json.loads((DEMO_DIR / "training_log.json").read_text())["eval"][-1]["views"]["official"]
     assert shipped["gep_mse"] < 0.8 * shipped["baseline_mse"]
     assert shipped["knn_accuracy"] >= 0.9
