@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,130 @@ def test_activation_patch_restores_baseline_value(model_and_batches):
             restored = m(b.src, b.values, b.padding_mask)
     assert not torch.allclose(pruned["cell_emb"], base["cell_emb"])
     assert torch.allclose(restored["cell_emb"], base["cell_emb"], atol=1e-5)
+
+
+def _brute_force(xs, batches, d):
+    """Every reduction of one site recomputed from its full activations, padding excluded."""
+    max_abs = torch.zeros(d, dtype=torch.float64)
+    cell = torch.full((d,), -1, dtype=torch.long)
+    pos = torch.full((d,), -1, dtype=torch.long)
+    top, vals, total = [], [], torch.zeros(d, dtype=torch.float64)
+    for x, b in zip(xs, batches):
+        a = x.abs().double()
+        a[b.padding_mask] = 0
+        for r in range(a.shape[0]):  # rows in order, positions in order: the first occurrence wins ties
+            m, p = a[r].max(0)
+            better = m > max_abs
+            max_abs[better] = m[better]
+            cell[better] = int(b.cells[r])
+            pos[better] = p[better]
+            top.append(int(a[r].amax(0).argmax()))
+        vals.append(a[~b.padding_mask])
+        total += a.sum((0, 1))
+    return max_abs, cell, pos, np.array(top), torch.cat(vals), total
+
+
+def test_every_reduction_matches_brute_force_on_every_site(model_and_batches):
+    """All channels of all sites (shared tensors included) against a recomputation from the full activations."""
+    m, batches = model_and_batches
+    groups = np.arange(20) % 3  # a group code per cell
+    with torch.no_grad(), Trace(m, "all", keep="all", groups=groups) as tr:
+        for b in batches:
+            tr.run(b)
+    cells = np.concatenate([b.cells for b in batches])
+    for name, st in tr.stats.items():
+        xs = tr.full[name]
+        max_abs, cell, pos, top, vals, total = _brute_force(xs, batches, st.d)
+        assert torch.equal(st.max_abs, max_abs), name
+        assert torch.equal(st.arg_cell, cell), name
+        assert torch.equal(st.arg_pos, pos), name
+        src = {int(c): b.src[i] for b in batches for i, c in enumerate(b.cells)}
+        seen = [c for c in range(st.d) if cell[c] >= 0]  # -1: a channel that was only ever 0
+        assert all(int(st.arg_token[c]) == int(src[int(cell[c])][int(pos[c])]) for c in seen), name
+        assert torch.equal(st.top_count, torch.as_tensor(np.bincount(top, minlength=st.d))), name
+        for code in range(3):
+            sel = groups[cells] == code
+            assert st.group_cells[code] == int(sel.sum())
+            assert torch.equal(st.group_top[code], torch.as_tensor(np.bincount(top[sel], minlength=st.d)))
+        assert st.n_positions == len(vals) == sum(int((~b.padding_mask).sum()) for b in batches)
+        # tiny batches: every row is sampled, so the sums and the zero count are exact
+        assert torch.allclose(st.sum_abs, total, rtol=1e-5), name
+        assert st.n_zero == pytest.approx(float((vals == 0).sum())), name
+        nz = vals[vals > 0]
+        assert st.median_abs(nonzero=True) == pytest.approx(float(nz.median()), rel=0.025), name
+
+
+def test_sampled_histogram_and_sums_on_large_batches():
+    """Batches larger than the sample: the median within a bin width, the per-channel mean within a few percent."""
+    from scsuperweight.adapters import BatchContext
+    from scsuperweight.instrument import trace as T
+
+    gen = torch.Generator().manual_seed(0)
+    d = 48
+    scale = torch.linspace(0.5, 4.0, d)
+    x = torch.randn(64, 300, d, generator=gen) * scale
+    x[:, :, 5] = torch.relu(x[:, :, 5])  # a ReLU-like channel: half zeros
+    pad = torch.zeros(64, 300, dtype=torch.bool)
+    pad[::2, 250:] = True
+    ctx = BatchContext(None, pad, np.arange(64))
+    g = T._geometry(ctx, 64, 300, d, x.device)
+    assert g["step"] > 1 and math.gcd(g["step"], 300) == 1
+    stack = T._Stack(64, 300, d, ctx, g)
+    a = x.abs()
+    T._reduce_tensor(a.clone(), g, stack)
+    stack.entries.append(["s"])
+    r = T._reduce_stack(stack)
+    valid = a[~pad]  # (n_valid, d)
+    est, exact = r["sum_abs"][0] / len(valid), valid.double().mean(0)
+    assert float(est.sum() / exact.sum()) == pytest.approx(1.0, abs=0.03)  # ~170 sampled rows: 1% standard error
+    assert torch.allclose(est, exact, rtol=0.25)  # per channel: 6% standard error
+    hist = r["hist"][0]
+    total = float(hist.sum() + r["n_zero"][0])
+    assert total == pytest.approx(valid.numel(), rel=1e-9)  # weights restore the full count
+    assert float(r["n_zero"][0]) == pytest.approx(float((valid == 0).sum()), rel=0.1)
+    med = float(valid[valid > 0].median())
+    cum = torch.cumsum(hist, 0)
+    k = int(torch.searchsorted(cum, cum[-1] / 2))
+    assert T._EDGES[k] * 0.97 <= med <= T._EDGES[k + 1] * 1.03
+
+
+def test_a_module_called_twice_per_batch_counts_both_calls():
+    """A shared module runs twice in one forward: both calls are folded in, none overwrites the other."""
+    from torch import nn
+
+    from scsuperweight.adapters.base import Adapter, BatchContext, Site
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    class TwiceAdapter(Adapter):
+        def __init__(self, model):
+            self.model = model
+            self.sites = {"L0.ffn_out": Site("L0.ffn_out", 0, "ffn_out", "lin", "out")}
+            self.token_module = None
+
+        def batch_context(self, batch):
+            return BatchContext(None, None, np.arange(len(batch)))
+
+        def run(self, batch):
+            return self.model(batch)
+
+    torch.manual_seed(0)
+    model = Twice()
+    x = torch.randn(3, 5, 4)
+    ad = TwiceAdapter(model)
+    with torch.no_grad(), Trace(ad, "all") as tr:
+        tr.set_context(BatchContext(None, None, np.arange(3)))
+        tr.run(x)
+    with torch.no_grad():
+        first = model.lin(x)
+        second = model.lin(first)
+    st = tr.stats["L0.ffn_out"]
+    assert st.calls == 2 and st.n_cells == 6
+    expect = torch.maximum(first.abs().amax((0, 1)), second.abs().amax((0, 1))).double()
+    assert torch.equal(st.max_abs, expect)
