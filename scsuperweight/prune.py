@@ -365,16 +365,33 @@ def build_conditions(model, cands: pd.DataFrame, opts: PruneOptions) -> list[Con
         token_id = _token_id(adapter, token)
         if token_id is None:
             continue
-        restore_site = site if adapter.sites[site].io == "out" else None
-        if restore_site:
+        target = _restore_target(adapter, cand_edits[r["candidate"]], site, int(r["channel"]))
+        if target is not None:
             conds.append(Condition(K.cond_restore(r["candidate"]), [cand_edits[r["candidate"]]],
-                                   restore=(restore_site, int(r["channel"]), token_id), candidate=r["candidate"]))
+                                   restore=(*target, token_id), candidate=r["candidate"]))
     for _, r in ranked.head(opts.n_scale).iterrows():
         for f in opts.scale_factors:
             e = cand_edits[r["candidate"]]
             conds.append(Condition(K.cond_scale(r["candidate"], f), [ScalarEdit(e.param, e.index, float(f))],
                                    candidate=r["candidate"], factor=float(f)))
     return conds
+
+
+def _restore_target(adapter, e: ScalarEdit, spike_site: str, channel: int) -> tuple[str, int] | None:
+    """(site, channel) whose baseline activation undoes the edit `e` downstream of it, or None.
+
+    A weight candidate writes the spike site (a down-projection's output): restoring that site's channel puts the
+    super activation back. A LayerNorm gain/bias dimension acts after the spike, inside the norm: the activation to
+    put back is the norm's output at that dimension (patching the spike site upstream of the edited norm would not
+    undo the edit at all).
+    """
+    module = e.param.rsplit(".", 1)[0]
+    norm_out = [s.name for s in adapter.sites.values() if s.module == module and s.io == "out"]
+    if adapter.param(e.param).dim() == 1 and norm_out:
+        return norm_out[0], int(e.index[0])
+    if spike_site in adapter.sites and adapter.sites[spike_site].io == "out":
+        return spike_site, channel
+    return None
 
 
 def _token_id(adapter, token: str) -> int | None:

@@ -98,3 +98,20 @@ def test_contrasts_and_random_controls(setup):
         if c.name == K.COND_TOP_OUTLIERS:
             assert all((e.param, e.index) not in taken for e in c.edits)
             assert len([e for e in c.edits if e.param.endswith("linear2.weight")]) == opts.outlier_floor
+
+
+def test_restore_of_a_layernorm_candidate_patches_the_norm_output(setup):
+    """Zeroing a LayerNorm gain dimension acts inside the norm: the restore condition must put back the norm's
+    output at that dimension (the spike site, upstream of the norm, cannot undo it)."""
+    m, plain, masked, cands, labels, conds, donors, opts, _ = setup
+    ln = cands[cands["candidate"] == "L2.norm2.w[6]"]
+    assert len(ln) == 1 and ln.iloc[0]["kind"] == K.KIND_LN_WEIGHT
+    built = {c.name: c for c in build_conditions(m, ln, opts)}
+    restore = built[K.cond_restore("L2.norm2.w[6]")]
+    assert restore.restore[:2] == ("L2.norm2_out", 6)
+    small = PruneOptions(n_random=2, n_boot=10, n_boot_set=2, n_scale=0, seed=3)
+    res = prune(m, masked, plain, ln, labels=labels, conditions=conds, donors=donors, options=small)
+    t = _all(res, "cls_cosine_to_baseline")
+    assert t.loc[K.cond_prune("L2.norm2.w[6]"), "delta"] < -0.05  # zeroing the gain at the spike channel hurts
+    # the last block's norm output at <cls> is the cell embedding: putting it back recovers it exactly
+    assert abs(t.loc[K.cond_restore("L2.norm2.w[6]"), "delta"]) < 1e-6
