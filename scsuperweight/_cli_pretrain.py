@@ -19,6 +19,10 @@ examples:
   scsuperweight pretrain --data brain.h5ad --label-key cell_type --out my_model
   scsuperweight pretrain --data brain.h5ad --label-key cell_type --out my_model --resume
 
+  # an exploratory recipe for real data (HVGs, zeros in the sequences); measured on Darmanis 2015: <cls> kNN 0.43
+  # vs 0.755 for PCA, embeddings still collapsed -- see scsuperweight/train.py for why
+  scsuperweight pretrain --data darmanis2015_GSE67835.h5ad --recipe darmanis --label-key cell_type --out dar_model
+
   # your own recipe (any subset of the keys of scsuperweight/recipes/demo.json)
   scsuperweight pretrain --data brain.h5ad --recipe my_recipe.json --out my_model
 
@@ -38,8 +42,8 @@ def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--data", metavar="FILE.h5ad", help="AnnData of raw counts (gene symbols as var_names)")
     src.add_argument("--synthetic", action="store_true",
                      help="train on the seeded synthetic AD-like data the recipe's 'data' section describes")
-    p.add_argument("--recipe", default="demo", metavar="demo|PATH.json",
-                   help="shipped recipe name or a JSON file (default: demo)")
+    p.add_argument("--recipe", default="demo", metavar="demo|darmanis|PATH.json",
+                   help="shipped recipe name (demo, darmanis) or a JSON file (default: demo)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the recipe's)")

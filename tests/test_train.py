@@ -114,6 +114,18 @@ def test_resume_refuses_another_recipe(small_ad, tiny_run):
         pretrain(small_ad, recipe=other, out_dir=out, progress=False, seed=1, resume=True)
 
 
+def test_shipped_darmanis_recipe_loads():
+    """`--recipe darmanis` is found among the shipped recipes and holds only keys the trainer knows."""
+    from importlib import resources
+
+    given = json.loads(resources.files("scsuperweight.recipes").joinpath("darmanis.json").read_text())
+    rec = load_recipe("darmanis")  # _merge raises on any unknown key
+    assert rec["name"] == "darmanis" == given["name"]
+    assert rec["genes"]["n_top_genes"] == given["genes"]["n_top_genes"]
+    assert rec["tokens"] == {**load_recipe("demo")["tokens"], **given["tokens"]}
+    assert rec["data"]["label_key"] == "cell_type"
+
+
 def test_zero_fraction_sampling(small_ad):
     rec = load_recipe({**TINY, "tokens": {"max_seq_len": 64, "zero_fraction": 0.3}})
     data = prepare_data(small_ad, rec, seed=0)
