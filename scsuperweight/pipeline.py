@@ -104,7 +104,7 @@ def _write_tsv(df, path: Path) -> None:
 
 def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | None = None,
                  donor_key: str | None = None, gene_sets=("bundled",), seed: int = 0, batch_size: int = 32,
-                 max_cells_scan: int = 1000, max_cells_per_label: int = 200, n_random: int = 10,
+                 max_cells_scan: int = 1000, max_cells_per_label: int = 200, n_random: int = 40,
                  max_candidates: int = 6, n_boot: int = 200, permutations: int = 1000,
                  gene_key: str | None = None, layer: str | None = None,
                  token_dictionary=None, gene_medians=None, symbol_key: str | None = None,

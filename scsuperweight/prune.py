@@ -68,7 +68,7 @@ METRIC_DOCS = {
 
 @dataclass
 class PruneOptions:
-    n_random: int = 10  # random draws per candidate parameter (the null)
+    n_random: int = 40  # random draws per candidate parameter (the null): the smallest p is 1/41, below 0.05
     outlier_fraction: float = 1e-6  # the paper's top 1e-6 of each tensor ...
     outlier_floor: int = 10  # ... but at least this many per matrix (1 per vector)
     scale_factors: tuple = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -146,7 +146,7 @@ class ScGPTEvaluator:
             h = mod.register_forward_hook(hook)
             try:
                 with no_fastpath(self.model):
-                    self.adapter.run_from(cache, self.adapter.sites[site].layer)
+                    self.adapter.run_from(cache, self.adapter.sites[site].layer, decoders=False)
             finally:
                 h.remove()
             self._site_values[key] = captured["x"]
@@ -168,11 +168,12 @@ class ScGPTEvaluator:
                         base = self._baseline_channel(cache, site, channel)
                         positions = cache["batch"].src.eq(token_id)
                         patches = [ActivationPatch(site, channel, base, positions)]
+                    decoders = name == "masked"  # the plain batches give the cell embedding only
                     if patches:
                         with edit(self.model, patches=patches, verify=False):
-                            o = self.adapter.run_from(cache, layer)
+                            o = self.adapter.run_from(cache, layer, decoders=decoders)
                     else:
-                        o = self.adapter.run_from(cache, layer)
+                        o = self.adapter.run_from(cache, layer, decoders=decoders)
                     self.forwards += self.adapter.n_layers - max(layer, 0)
                     cells = cache["batch"].cells
                     if name == "masked":
@@ -444,8 +445,11 @@ def per_cell_metrics(res: dict, base: dict | None, labels, k: int) -> dict[str, 
     return out
 
 
-def set_metrics(emb: np.ndarray, base_emb: np.ndarray, labels, multi_label: bool, seed: int) -> dict[str, float]:
-    out = {"cpd": M.cpd(base_emb, emb, seed=seed), "mean_cosine": M.mean_pairwise_cosine(emb),
+def set_metrics(emb: np.ndarray, base_emb: np.ndarray, labels, multi_label: bool, seed: int,
+                cpd_ref: M.CPDReference | None = None) -> dict[str, float]:
+    """Set-level metrics of one group; `cpd_ref`: the baseline's `M.CPDReference` (same result, faster)."""
+    cpd = cpd_ref(emb) if cpd_ref is not None else M.cpd(base_emb, emb, seed=seed)
+    out = {"cpd": cpd, "mean_cosine": M.mean_pairwise_cosine(emb),
            "effective_rank": M.effective_rank(emb)}
     if multi_label:
         ari, nmi = M.leiden_ari_nmi(emb, labels, seed=seed)
@@ -482,17 +486,24 @@ _SET_BOOT = {"cpd": lambda e, b, s: M.cpd(b, e, seed=s), "mean_cosine": lambda e
              "effective_rank": lambda e, b, s: M.effective_rank(e)}
 
 
-def _set_boots(emb, base_emb, units, n_boot: int, seed: int, with_cpd: bool = True) -> dict[str, np.ndarray]:
+def _set_boots(emb, base_emb, units, n_boot: int, seed: int, with_cpd: bool = True,
+               cpd_refs: dict | None = None) -> dict[str, np.ndarray]:
     """Set-level metrics recomputed on `n_boot` resamples (same resamples for every condition). CPD (a rank
-    correlation over all pairs) is the costly one: callers bootstrap it for the overall group only."""
+    correlation over all pairs) is the costly one: callers bootstrap it for the overall group only, and pass
+    `cpd_refs` (resample -> the baseline's `M.CPDReference` on it, filled on first use) so that the baseline's
+    distances are ranked once per resample rather than once per condition."""
     if not n_boot:
         return {}
     out = {m: np.full(n_boot, np.nan) for m in _SET_BOOT if with_cpd or m != "cpd"}
     for i, idx in enumerate(M.bootstrap_indices(units if units is not None else len(emb), n_boot, seed)):
         for m in out:
-            fn = _SET_BOOT[m]
             try:
-                out[m][i] = fn(emb[idx], base_emb[idx], seed)
+                if m == "cpd" and cpd_refs is not None:
+                    if i not in cpd_refs:
+                        cpd_refs[i] = M.CPDReference(base_emb[idx], seed=seed)
+                    out[m][i] = cpd_refs[i](emb[idx])
+                else:
+                    out[m][i] = _SET_BOOT[m](emb[idx], base_emb[idx], seed)
             except Exception:  # a degenerate resample is skipped, not fatal
                 continue
     return out
@@ -538,9 +549,12 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             glabels = labels[gmask] if labels is not None else None
             boot_set = opts.n_boot_set if (gname == K.GROUP_ALL or (conditions is not None and gname in
                                                                      set(conditions))) else 0
-            bset = set_metrics(base_emb[gmask], base_emb[gmask], glabels, multi, opts.seed)
-            bboots = _set_boots(base_emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed, gname == K.GROUP_ALL)
-            gstate[gname] = (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots)
+            cref = M.CPDReference(base_emb[gmask], seed=opts.seed)
+            brefs: dict = {}
+            bset = set_metrics(base_emb[gmask], base_emb[gmask], glabels, multi, opts.seed, cref)
+            bboots = _set_boots(base_emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed, gname == K.GROUP_ALL,
+                                brefs)
+            gstate[gname] = (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots, cref, brefs)
         rows = []
         embeddings = {}
         for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False):
@@ -550,7 +564,8 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             emb = l2_normalise(np.nan_to_num(res["cls"]))
             if is_base or cond.name.startswith(("prune:", "restore:")) or cond.name == K.COND_TOP_OUTLIERS:
                 embeddings[cond.name] = emb.astype(np.float32)
-            for gname, (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots) in gstate.items():
+            for gname, (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots, cref, brefs) in \
+                    gstate.items():
                 unit = "cells" if gunits is None else "donors"
                 for metric, vals in pc.items():
                     if metric in ("knn_accuracy", "silhouette") and labels is None:
@@ -563,9 +578,9 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                     lo, hi = _boot_mean_ci(target, counts, opts.alpha)
                     rows.append(_row(cond, metric, gname, float(np.mean(v[ok])), float(np.mean(v[ok] - b[ok])), lo, hi,
                                      unit))
-                sm = bset if is_base else set_metrics(emb[gmask], base_emb[gmask], glabels, multi, opts.seed)
+                sm = bset if is_base else set_metrics(emb[gmask], base_emb[gmask], glabels, multi, opts.seed, cref)
                 boots = bboots if is_base else _set_boots(emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed,
-                                                          gname == K.GROUP_ALL)
+                                                          gname == K.GROUP_ALL, brefs)
                 for metric, value in sm.items():
                     lo = hi = np.nan
                     if metric in boots:

@@ -2,7 +2,10 @@
 
 The Hypotheses section is written from the numbers in the tables, never from canned text: each candidate is
 judged by one stated rule against the controls, and what follows (cell types, disease vs control, restoring the
-activation, the dose–response curve, genes, terms) is read off the same tables. Everything that comes from the
+activation, the dose–response curve, genes, terms) is read off the same tables. Disease vs control comes from the
+prune step's own contrasts (contrasts.tsv), never approximated from per-group intervals; every count and level the
+page states (random draws per parameter's pool, the interval level, cells) is read from the tables or the recorded
+parameters, never written in. Everything that comes from the
 data is passed through :func:`html.escape`; figures are embedded as base64 PNG and the page loads nothing else.
 """
 
@@ -30,17 +33,26 @@ from scsuperweight.errors import DataError
 
 __all__ = ["report", "load_results"]
 
+# The AD-vs-control contrasts the prune step computes (per cell type: Δ in case cells minus Δ in control cells, with
+# a bootstrap interval): uns[key]["contrasts"] (tl.prune) and contrasts.tsv (cli prune, pipeline.run_pipeline).
+UNS_CONTRASTS = getattr(_keys, "UNS_CONTRASTS", "contrasts")
+FILE_CONTRASTS = getattr(_keys, "FILE_CONTRASTS", "contrasts.tsv")
+
 _TABLE_FILES = {
     _keys.UNS_SUPERWEIGHTS: _keys.FILE_SUPERWEIGHTS,
     _keys.UNS_ACTIVATIONS: _keys.FILE_ACTIVATIONS,
     _keys.UNS_COLLAPSE: _keys.FILE_COLLAPSE,
+    UNS_CONTRASTS: FILE_CONTRASTS,
     _keys.UNS_GENES: _keys.FILE_GENES,
     _keys.UNS_ENRICHMENT: _keys.FILE_ENRICHMENT,
 }
+# tables whose empty file means "computed, no rows" rather than "unreadable": the prune step writes an empty
+# contrasts.tsv when the data have no condition column (or not two conditions) to contrast
+_EMPTY_MEANS_NO_ROWS = {UNS_CONTRASTS}
 # columns that hold names, never numbers, however they look ("1", "NA", "True" stay strings)
 _TEXT_COLUMNS = {
     "candidate", "kind", "param", "token", "site", "condition", "metric", "group", "gene", "gene_set", "term",
-    "genes", "screen", "library", "label",
+    "genes", "screen", "library", "label", "control_for", "contrast", "bootstrap_unit", "ci_of",
 }
 
 
@@ -77,8 +89,10 @@ def load_results(run_dir) -> dict[str, pd.DataFrame | dict]:
 
     Returns
     -------
-    Dict with ``superweights``, ``activations``, ``collapse``, ``genes``, ``enrichment`` (DataFrames) and
-    ``run`` (the parsed run.json), each present only when its file exists and can be read.
+    Dict with ``superweights``, ``activations``, ``collapse``, ``contrasts``, ``genes``, ``enrichment``
+    (DataFrames) and ``run`` (the parsed run.json), each present only when its file exists and can be read. An
+    empty ``contrasts.tsv`` (what the prune step writes when there is nothing to contrast) gives an empty
+    DataFrame, so that "computed, no rows" stays distinct from "absent".
 
     Examples
     --------
@@ -96,7 +110,12 @@ def load_results(run_dir) -> dict[str, pd.DataFrame | dict]:
             continue
         try:
             out[name] = _read_tsv(f)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        except pd.errors.EmptyDataError as err:
+            if name in _EMPTY_MEANS_NO_ROWS:
+                out[name] = pd.DataFrame()
+            else:
+                logger.warning("skipping unreadable %s: %s", f, err)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
             logger.warning("skipping unreadable %s: %s", f, err)
     f = run_dir / _keys.FILE_RUN
     if f.is_file():
@@ -120,6 +139,26 @@ def _plain(v):
     return v
 
 
+def _with_step_params(run, params) -> dict:
+    """run.json's record with each step's parameters from ``uns[key]["params"]`` (JSON text per step) merged in
+    under ``params.<step>``; what run.json records itself wins."""
+    run = dict(_plain(run or {})) if isinstance(run, Mapping) else {}
+    params = _plain(params or {})
+    if not isinstance(params, Mapping) or not params:
+        return run
+    steps = {}
+    for step, v in params.items():
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                continue
+        steps[step] = v
+    own = run.get("params") if isinstance(run.get("params"), Mapping) else {}
+    run["params"] = {**steps, **own}
+    return run
+
+
 def _gather(obj, key: str):
     """(results dict, AnnData or None, where it came from)."""
     if _pl._is_adata(obj):
@@ -133,10 +172,12 @@ def _gather(obj, key: str):
             if t is not None:
                 res[name] = t
         run = _plain(store.get(_keys.UNS_RUN) or {})
-        params = _plain(store.get(_keys.UNS_PARAMS) or {})
-        if params:
-            run = dict(run)
-            run["params"] = {**params, **(run.get("params") or {})}
+        if isinstance(run, str):  # the pipeline stores run.json's text in uns
+            try:
+                run = json.loads(run)
+            except json.JSONDecodeError:
+                run = {}
+        run = _with_step_params(run, store.get(_keys.UNS_PARAMS))
         if run:
             res[_keys.UNS_RUN] = run
         return res, obj, f"AnnData ({obj.n_obs} cells × {obj.n_vars} genes), uns[{key!r}]"
@@ -158,6 +199,12 @@ def _gather(obj, key: str):
                 adata = ad.read_h5ad(h5, backed="r")
             except Exception as err:  # noqa: BLE001 - the page says why the embedding figure is missing
                 logger.warning("could not read %s for the embedding figure: %s", h5, err)
+        if adata is not None:  # each step's options (prune: n_random, alpha, n_cells, ...) live in its uns
+            store = adata.uns.get(key)
+            if isinstance(store, Mapping) and store.get(_keys.UNS_PARAMS) is not None:
+                run = _with_step_params(res.get(_keys.UNS_RUN) or {}, store.get(_keys.UNS_PARAMS))
+                if run:
+                    res[_keys.UNS_RUN] = run
         return res, adata, str(p)
     msg = (f"report() takes an AnnData, a run directory or a results dict, got {type(obj).__name__}; "
            f"pass adata after the ssw.tl steps or the --out directory of a run.")
@@ -242,7 +289,8 @@ class _Verdict:
     ci_high: float
     p_value: float
     p_computed: bool  # p taken from the random draws here, the table had none
-    n_random: int
+    n_random: int  # draws in the pool the candidate's p-value is taken against
+    pool: str | None  # the parameter whose draws those are; None when the table does not label draws by parameter
     top_delta: float
     reasons: tuple[str, ...]  # why it fails / what is missing, in words
 
@@ -253,28 +301,83 @@ def _row(col: pd.DataFrame, cond: str, metric: str, group: str = _keys.GROUP_ALL
 
 
 def _random_deltas(col: pd.DataFrame, metric: str, group: str = _keys.GROUP_ALL) -> np.ndarray:
+    """Every random draw's Δ, all parameters' pools together (for spreads, not for p-values)."""
     r = col[(col["metric"] == metric) & (col["group"] == group) & col["condition"].str.startswith("random:")]
     d = r["delta"].to_numpy(dtype=float)
     return d[np.isfinite(d)]
 
 
-def _judge(col: pd.DataFrame, cand: str, metric: str, alpha: float) -> _Verdict:
+def _pool_labels(rand: pd.DataFrame) -> pd.Series | None:
+    """Which parameter each random row was drawn from (collapse.tsv's ``control_for``), or None when the table
+    does not say for every row."""
+    if "control_for" not in rand.columns or rand.empty:
+        return None
+    cf = rand["control_for"]
+    ok = cf.notna() & (cf.astype(str).str.strip() != "")
+    return cf.astype(str) if bool(ok.all()) else None
+
+
+def _random_pools(col: pd.DataFrame, metric: str, group: str = _keys.GROUP_ALL) -> dict[str | None, np.ndarray]:
+    """The random draws' finite Δ per pool, as the prune step's p-values use them: one pool per parameter
+    (``control_for``); a single pool under the key None when the table does not label draws by parameter."""
+    r = col[(col["metric"] == metric) & (col["group"] == group) & col["condition"].str.startswith("random:")]
+    if r.empty:
+        return {}
+    lab = _pool_labels(r)
+
+    def finite(d: pd.DataFrame) -> np.ndarray:
+        v = d.drop_duplicates("condition")["delta"].to_numpy(dtype=float)
+        return v[np.isfinite(v)]
+
+    if lab is None:
+        return {None: finite(r)}
+    return {str(k): finite(g) for k, g in r.groupby(lab, sort=False)}
+
+
+def _candidate_param(cand: str, sw: pd.DataFrame | None) -> str | None:
+    if sw is None or not {"candidate", "param"} <= set(sw.columns):
+        return None
+    r = sw[sw["candidate"].astype(str) == cand]
+    v = r["param"].iloc[0] if len(r) else None
+    return str(v) if isinstance(v, str) and v else None
+
+
+def _candidate_pool(pools: dict, cand: str, sw: pd.DataFrame | None) -> tuple[str | None, np.ndarray | None]:
+    """(parameter, draws) that candidate `cand`'s p-value is against; draws None when no pool can be matched."""
+    if not pools:
+        return None, None
+    if None in pools:
+        return None, pools[None]
+    param = _candidate_param(cand, sw)
+    if param is not None:
+        return param, pools.get(param)
+    if len(pools) == 1:  # one pool: every candidate edits the same parameter
+        k = next(iter(pools))
+        return k, pools[k]
+    return None, None
+
+
+def _judge(col: pd.DataFrame, cand: str, metric: str, alpha: float, pools: dict, sw: pd.DataFrame | None,
+           ci: str) -> _Verdict:
     r = _row(col, _keys.cond_prune(cand), metric)
-    rand = _random_deltas(col, metric)
+    pool, rand = _candidate_pool(pools, cand, sw)
+    n_rand = 0 if rand is None else int(rand.size)
     top = _row(col, _keys.COND_TOP_OUTLIERS, metric)
     top_d = float(top["delta"]) if top is not None and _finite(top["delta"]) else float("nan")
     nan = float("nan")
     if r is None or not _finite(r["delta"]):
-        return _Verdict(cand, "not evaluable", nan, nan, nan, nan, nan, nan, False, rand.size, top_d,
+        return _Verdict(cand, "not evaluable", nan, nan, nan, nan, nan, nan, False, n_rand, pool, top_d,
                         (f"no prune row for {metric} on all cells",))
     d = float(r["delta"])
     p, computed = float(r["p_value"]), False
-    if not _finite(p) and rand.size:
-        p, computed = (1 + int(np.sum(np.abs(rand) >= abs(d)))) / (rand.size + 1), True
+    if not _finite(p) and n_rand:
+        p, computed = (1 + int(np.sum(np.abs(rand) >= abs(d)))) / (n_rand + 1), True
     lo, hi = float(r["ci_low"]), float(r["ci_high"])
     checks: list[tuple[bool | None, str]] = []
     if _finite(p):
         checks.append((p < alpha, f"{_p(p)} is not below {alpha:g}"))
+    elif pools and rand is None:
+        checks.append((None, "no p-value, and no random draws of its own parameter to compute one"))
     else:
         checks.append((None, "no p-value and no random draws to compute one"))
     if _finite(top_d):
@@ -283,7 +386,7 @@ def _judge(col: pd.DataFrame, cand: str, metric: str, alpha: float) -> _Verdict:
     else:
         checks.append((None, "the top-outliers control was not run"))
     if _finite(lo) and _finite(hi):
-        checks.append((lo > 0 or hi < 0, f"the 95% CI ({_ci(lo, hi)}) includes 0"))
+        checks.append((lo > 0 or hi < 0, f"the {ci} ({_ci(lo, hi)}) includes 0"))
     else:
         checks.append((None, "no confidence interval"))
     if all(ok is True for ok, _ in checks):
@@ -294,7 +397,7 @@ def _judge(col: pd.DataFrame, cand: str, metric: str, alpha: float) -> _Verdict:
         status = "not evaluable"
     reasons = tuple(msg for ok, msg in checks if ok is not True)
     return _Verdict(cand, status, float(r["baseline_value"]), float(r["value"]), d, lo, hi, p, computed,
-                    rand.size, top_d, reasons)
+                    n_rand, pool, top_d, reasons)
 
 
 def _candidate_order(res: dict, col: pd.DataFrame | None) -> list[str]:
@@ -338,25 +441,28 @@ def _verb(delta: float, metric: str) -> str:
     return "raises" if delta > 0 else "lowers"
 
 
-def _judgement_sentence(v: _Verdict, metric: str, desc: str) -> str:
+def _judgement_sentence(v: _Verdict, metric: str, desc: str, ci: str) -> str:
     if v.status == "not evaluable" and not _finite(v.delta):
         return f"{desc}: no measurement of {_e(_pl.metric_label(metric))} on all cells."
-    ptxt = _p(v.p_value) + (f" vs {v.n_random} random draws" if v.n_random else "")
+    ptxt = _p(v.p_value)
+    if v.n_random:
+        ptxt += f" vs {v.n_random} random draws" + (f" of <code>{_e(v.pool)}</code>" if v.pool else "")
     if v.p_computed:
         ptxt += ", computed here from the draws"
     top = (f"; the largest-other-weights control moves it by {_num(v.top_delta, signed=True)}"
            if _finite(v.top_delta) else "; the largest-other-weights control was not run")
     b, a = _pair(v.baseline, v.value)
     s = (f"Zeroing {desc} {_verb(v.delta, metric)} {_e(_pl.metric_label(metric))} from {b} "
-         f"to {a} (Δ {_num(v.delta, signed=True)}, 95% CI {_ci(v.ci_low, v.ci_high)}; {ptxt}){top}.")
+         f"to {a} (Δ {_num(v.delta, signed=True)}, {ci} {_ci(v.ci_low, v.ci_high)}; {ptxt}){top}.")
     return s
 
 
-def _cell_type_text(col: pd.DataFrame, cand: str, metric: str) -> list[str]:
+def _cell_type_text(res: dict, col: pd.DataFrame, cand: str, metric: str, ci: str) -> list[str]:
     cond = _keys.cond_prune(cand)
     sub = col[(col["condition"] == cond) & (col["metric"] == metric) & (col["group"] != _keys.GROUP_ALL)]
     if sub.empty:
-        return ["No per-cell-type measurements for this candidate (run ssw.tl.prune with a label key)."]
+        return ["No per-cell-type measurements for this candidate (run ssw.tl.prune with a label key).",
+                *_contrast_text(res, cand, metric)]
     split = _pl._split_groups(list(sub["group"]))
     rows = [(g, *split[g]) for g in sub["group"]]
     sub = sub.assign(_label=[r[1] for r in rows], _cond=[r[2] for r in rows], _contrast=[r[3] for r in rows])
@@ -376,92 +482,137 @@ def _cell_type_text(col: pd.DataFrame, cand: str, metric: str) -> list[str]:
     per = per[np.isfinite(per["_w"].to_numpy(float))].sort_values("_w", ascending=False, kind="stable")
     if len(per):
         worst = [f"{_e(lab)} (Δ {_num(r['delta'], signed=True)}"
-                 + (f", 95% CI {_ci(r['ci_low'], r['ci_high'])})" if _finite(r["ci_low"]) else ")")
+                 + (f", {ci} {_ci(r['ci_low'], r['ci_high'])})" if _finite(r["ci_low"]) else ")")
                  for lab, r in per.head(3).iterrows()]
         txt = f"Cell types that move most{how}: " + "; ".join(worst) + "."
         if len(per) > 3:
             lab, r = per.index[-1], per.iloc[-1]
             txt += f" Least affected: {_e(lab)} (Δ {_num(r['delta'], signed=True)})."
         out.append(txt)
-    # 2. disease vs control
-    conds = _pl._order_conditions(sub.loc[sub["_cond"].notna(), "_cond"])
-    if len(conds) >= 2:
-        roles = {c: _pl._condition_role(c) for c in conds}
-        a = next((c for c in conds if roles[c] == "disease"), conds[0])
-        b = next((c for c in reversed(conds) if roles[c] == "control" and c != a), None)
-        b = b or next(c for c in conds if c != a)
-        out.extend(_contrast_text(sub, a, b, metric))
+    # 2. disease vs control: the prune step's own contrasts, never an approximation from the groups above
+    out.extend(_contrast_text(res, cand, metric))
     return out
 
 
-def _contrast_text(sub: pd.DataFrame, a: str, b: str, metric: str) -> list[str]:
-    """Sentences on whether condition `a` cells lose more than condition `b` cells."""
+def _contrast_names(con: pd.DataFrame) -> tuple[str, str]:
+    """(case, control) as the contrasts table names them: its ``contrast`` column ("AD - control"), else its two
+    ``delta_<condition>`` columns in order."""
+    if "contrast" in con.columns:
+        for c in con["contrast"].dropna().astype(str):
+            parts = c.split(" - ")
+            if len(parts) == 2 and all(x.strip() for x in parts):
+                return parts[0].strip(), parts[1].strip()
+    deltas = [c[len("delta_"):] for c in con.columns if c.startswith("delta_")]
+    if len(deltas) == 2:
+        return deltas[0], deltas[1]
+    return "case", "control"
+
+
+def _contrast_ci(con: pd.DataFrame) -> str:
+    """The contrasts' interval label: its level when the table records one (``ci_level`` or ``alpha``)."""
+    for c, to_level in (("ci_level", lambda v: v if v > 1 else 100 * v), ("alpha", lambda v: 100 * (1 - v))):
+        if c in con.columns:
+            v = pd.to_numeric(con[c], errors="coerce").dropna().unique()
+            if len(v) == 1 and 0 < to_level(float(v[0])) < 100:
+                return f"{to_level(float(v[0])):g}% bootstrap CI"
+    return "bootstrap CI"
+
+
+def _no_contrast_reason(res: dict) -> str | None:
+    """Why there is no AD-vs-control contrast to report, or None when the contrasts table has rows."""
+    con = res.get(UNS_CONTRASTS)
+    if isinstance(con, pd.DataFrame) and len(con):
+        return None
+    if not isinstance(con, pd.DataFrame):
+        return (f"there is no contrasts table ({FILE_CONTRASTS}, written by the prune step, is absent from this run), "
+                "and the report does not approximate one from the per-condition rows of collapse.tsv")
+    ck = _param(res, "condition_key")
+    if not ck:
+        why = ("no condition column was given to the prune step (condition_key is not set in the run's "
+               "parameters), so there are no disease and control cells to contrast")
+    else:
+        mg = _step_param(res, "prune", "min_group_cells")
+        need = f"{int(mg)} cells" if _finite(mg) else "enough cells (min_group_cells)"
+        why = (f"although condition_key <code>{_e(ck)}</code> was given, the prune step contrasts only when that "
+               f"column has exactly two values and a cell type has at least {need} in each of them")
+    return f"{FILE_CONTRASTS} has no rows: {why}"
+
+
+def _contrast_text(res: dict, cand: str, metric: str) -> list[str]:
+    """Sentences on whether disease cells lose more than control cells, read off the prune step's contrasts."""
+    why = _no_contrast_reason(res)
+    if why is not None:
+        return [f"No AD-vs-control contrast: {why}."]
+    con = res[UNS_CONTRASTS]
+    lack = sorted({"condition", "metric", "group", "difference", "ci_low", "ci_high"} - set(con.columns))
+    if lack:
+        return [f"No AD-vs-control contrast: the contrasts table lacks column(s) {_e(', '.join(lack))}."]
+    cond = _keys.cond_prune(cand)
+    mine = con[con["condition"].astype(str) == cond]
+    sub = mine[mine["metric"].astype(str) == metric]
+    if sub.empty:
+        have = list(dict.fromkeys(mine["metric"].astype(str)))
+        where = (f"it has {_e(', '.join(have))} for this candidate, not {_e(metric)}" if have
+                 else "this candidate is not in it")
+        return [f"No AD-vs-control contrast on {_e(metric)}: {FILE_CONTRASTS} has {len(con)} row(s), but {where}."]
+    case, ctrl = _contrast_names(sub)
+    ci = _contrast_ci(sub)
     hib = _pl._higher_is_better(metric)
-    pa = sub[sub["_cond"] == a].drop_duplicates("_label").set_index("_label")
-    pb = sub[sub["_cond"] == b].drop_duplicates("_label").set_index("_label")
-    contr = {}
-    for _, r in sub[sub["_contrast"].notna()].iterrows():
-        x, y = r["_contrast"]
-        if {x, y} == {a, b}:
-            sgn = 1.0 if x == a else -1.0  # store as a minus b
-            lo, hi = sgn * r["ci_low"], sgn * r["ci_high"]
-            contr[r["_label"]] = (sgn * r["delta"], min(lo, hi), max(lo, hi))
-    labels = [lab for lab in pa.index if lab in pb.index]
-    if not labels:
-        return []
-    gaps = []
-    for lab in labels:
-        da, db = float(pa.loc[lab, "delta"]), float(pb.loc[lab, "delta"])
-        if not (_finite(da) and _finite(db)):
-            continue
-        if lab in contr and _finite(contr[lab][0]):
-            diff, lo, hi = contr[lab]
-            src = "reported"
-        else:
-            diff = da - db
-            sa = _se(pa.loc[lab, "ci_low"], pa.loc[lab, "ci_high"])
-            sb = _se(pb.loc[lab, "ci_low"], pb.loc[lab, "ci_high"])
-            if _finite(sa) and _finite(sb):
-                half = 1.96 * math.hypot(sa, sb)
-                lo, hi, src = diff - half, diff + half, "approx"
-            else:
-                lo, hi, src = float("nan"), float("nan"), "none"
-        # worse-gap: positive = `a` cells lose more
-        wg = float(_pl._worse(diff, metric)) if hib is not None else abs(da) - abs(db)
-        gaps.append((lab, da, db, diff, lo, hi, src, wg))
-    if not gaps:
-        return []
-    cell_gaps = [g for g in gaps if g[0] != "all cells"]
-    n_more = sum(g[7] > 0 for g in cell_gaps)
-    out = []
     lose = "lose more" if hib is not None else "move more"
-    if cell_gaps:
-        out.append(f"{_e(a)} cells {lose} than {_e(b)} cells in {n_more} of {len(cell_gaps)} cell types.")
-    for g in [g for g in gaps if g[0] == "all cells"] + sorted(cell_gaps, key=lambda g: -abs(g[7]))[:1]:
-        lab, da, db, diff, lo, hi, src, wg = g
-        where = "Over all cells" if lab == "all cells" else f"The largest gap is in {_e(lab)}"
-        txt = (f"{where}: {_e(a)} Δ {_num(da, signed=True)} vs {_e(b)} Δ {_num(db, signed=True)}, "
-               f"difference {_num(diff, signed=True)}")
-        if src == "reported":
-            txt += f" (95% CI {_ci(lo, hi)})"
-        elif src == "approx":
-            txt += f" (≈95% CI {_ci(lo, hi)}, from the two groups' intervals assuming independence)"
+    rows = []
+    for _, r in sub.iterrows():
+        d, lo, hi = r["difference"], r["ci_low"], r["ci_high"]
+        if not _finite(d):
+            continue
+        da, db = r.get(f"delta_{case}"), r.get(f"delta_{ctrl}")
+        if hib is not None:
+            wg = float(_pl._worse(float(d), metric))  # positive: case cells lose more
+        elif _finite(da) and _finite(db):
+            wg = abs(float(da)) - abs(float(db))
         else:
-            txt += " (no interval for the contrast)"
-        if src != "none":
-            txt += ("; the interval includes 0, so the difference is not resolved" if lo <= 0 <= hi
-                    else f"; {_e(a) if wg > 0 else _e(b)} cells lose more")
-        out.append(txt + ".")
+            wg = float("nan")
+        resolved = _finite(lo) and _finite(hi) and (float(lo) > 0 or float(hi) < 0)
+        rows.append((str(r["group"]), r, float(d), wg, resolved))
+    if not rows:
+        return [f"No AD-vs-control contrast: {FILE_CONTRASTS} has rows for this candidate on {_e(metric)}, but "
+                f"none with a finite difference."]
+    units = sorted({str(r["bootstrap_unit"]) for _, r, *_ in rows
+                    if "bootstrap_unit" in sub.columns and isinstance(r["bootstrap_unit"], str)})
+    over = f", resampling {' or '.join(_e(u) for u in units)}" if units else ""
+    n = len(rows)
+    n_more = sum(wg > 0 for *_, wg, _ in rows if _finite(wg))
+    res_rows = sorted([x for x in rows if x[4]], key=lambda x: -abs(x[2]))
+    txt = (f"{_e(case)} − {_e(ctrl)} contrasts from {FILE_CONTRASTS} (per cell type, Δ in {_e(case)} cells minus Δ "
+           f"in {_e(ctrl)} cells, {ci}{over}): {_e(case)} cells {lose} than {_e(ctrl)} cells in {n_more} of {n} "
+           f"cell types by the point estimate; the interval excludes 0 in {len(res_rows)} of {n}")
+    if res_rows:
+        txt += ": " + "; ".join(f"{_e(lab)} {_num(d, signed=True)} ({ci} {_ci(r['ci_low'], r['ci_high'])})"
+                                for lab, r, d, _, _ in res_rows[:3])
+        if len(res_rows) > 3:
+            txt += f"; and {len(res_rows) - 3} more (see the contrasts table)"
+    out = [txt + "."]
+    lab, r, d, wg, resolved = max(rows, key=lambda x: abs(x[3]) if _finite(x[3]) else abs(x[2]))
+    da, db = r.get(f"delta_{case}"), r.get(f"delta_{ctrl}")
+    txt = f"The largest contrast is in {_e(lab)}: "
+    if _finite(da) and _finite(db):
+        txt += f"{_e(case)} Δ {_num(da, signed=True)} vs {_e(ctrl)} Δ {_num(db, signed=True)}, "
+    txt += f"difference {_num(d, signed=True)}"
+    if _finite(r["ci_low"]) and _finite(r["ci_high"]):
+        txt += f" ({ci} {_ci(r['ci_low'], r['ci_high'])}"
+    else:
+        txt += " (no interval in the table"
+    nc, nk = r.get("n_case"), r.get("n_control")
+    if _finite(nc) and _finite(nk):
+        txt += f"; {int(nc)} {_e(case)} and {int(nk)} {_e(ctrl)} cells"
+    txt += ")"
+    if _finite(r["ci_low"]) and _finite(r["ci_high"]):
+        txt += ("; the interval includes 0, so the difference is not resolved" if not resolved
+                else f"; {_e(case) if wg > 0 else _e(ctrl)} cells {lose}" if _finite(wg) else "")
+    out.append(txt + ".")
     return out
 
 
-def _se(lo, hi) -> float:
-    if _finite(lo) and _finite(hi):
-        return (float(hi) - float(lo)) / (2 * 1.96)
-    return float("nan")
-
-
-def _restore_text(col: pd.DataFrame, cand: str, metric: str, v: _Verdict) -> str:
+def _restore_text(col: pd.DataFrame, cand: str, metric: str, v: _Verdict, ci: str) -> str:
     r = _row(col, _keys.cond_restore(cand), metric)
     if r is None or not _finite(r["delta"]):
         return "No restore control was run for this candidate (zero the weight, patch the activation back)."
@@ -469,7 +620,7 @@ def _restore_text(col: pd.DataFrame, cand: str, metric: str, v: _Verdict) -> str
     txt = (f"Restoring the activation while the weight stays zeroed takes Δ from {_num(v.delta, signed=True)} "
            f"to {_num(dr, signed=True)}")
     if _finite(r["ci_low"]):
-        txt += f" (95% CI {_ci(r['ci_low'], r['ci_high'])})"
+        txt += f" ({ci} {_ci(r['ci_low'], r['ci_high'])})"
     if _finite(v.delta) and abs(v.delta) > 0:
         frac = 1.0 - dr / v.delta
         txt += f": {_pct(frac)} of the effect recovered"
@@ -574,13 +725,15 @@ def _hypotheses(res: dict, metric: str | None, alpha: float) -> tuple[str, list[
     sw = res.get(_keys.UNS_SUPERWEIGHTS)
     sw = sw if isinstance(sw, pd.DataFrame) else None
     cands = [c for c in _candidate_order(res, col) if _row(col, _keys.cond_prune(c), metric) is not None]
-    verdicts = [_judge(col, c, metric, alpha) for c in cands]
-    n_rand = verdicts[0].n_random if verdicts else _random_deltas(col, metric).size
+    ci = _ci_label(res)
+    pools = _random_pools(col, metric)
+    verdicts = [_judge(col, c, metric, alpha, pools, sw, ci) for c in cands]
+    level = "" if ci != "CI" else " (the interval's level is not recorded in the run's parameters)"
     parts = [
         f"<p class='rule'><b>Rule.</b> A candidate passes the controls when, on the primary metric "
         f"<b>{_e(_pl.metric_label(metric))}</b> (<code>{_e(metric)}</code>, all cells), zeroing it gives "
-        f"(1) p &lt; {alpha:g} against the random same-matrix draws, (2) an |Δ| larger than zeroing the "
-        f"largest other weights (<code>top_outliers</code>), and (3) a 95% CI of Δ that excludes 0.</p>"
+        f"(1) p &lt; {alpha:g} against the random draws of the same parameter, (2) an |Δ| larger than zeroing the "
+        f"largest other weights (<code>top_outliers</code>), and (3) a {ci} of Δ that excludes 0{level}.</p>"
     ]
     passing = [v for v in verdicts if v.status == "passes"]
     if not verdicts:
@@ -596,7 +749,7 @@ def _hypotheses(res: dict, metric: str | None, alpha: float) -> tuple[str, list[
     for v in verdicts:
         desc = _describe(v.candidate, sw)
         badge = {"passes": "pass", "fails": "fail"}.get(v.status, "na")
-        li = [f"<span class='badge {badge}'>{_e(v.status)}</span> {_judgement_sentence(v, metric, desc)}"]
+        li = [f"<span class='badge {badge}'>{_e(v.status)}</span> {_judgement_sentence(v, metric, desc, ci)}"]
         if v.reasons:
             li.append(f"<div class='why'>Does not pass because: {'; '.join(_e(r) for r in v.reasons)}.</div>"
                       if v.status == "fails" else
@@ -614,17 +767,47 @@ def _hypotheses(res: dict, metric: str | None, alpha: float) -> tuple[str, list[
         head = ("What rides on" if v.status == "passes" else "Exploratory only (it did not pass): the largest "
                 "effect,")
         parts.append(f"<h3>{head} <code>{_e(v.candidate)}</code></h3><ul class='follow'>")
-        for s in _cell_type_text(col, v.candidate, metric):
+        for s in _cell_type_text(res, col, v.candidate, metric, ci):
             parts.append(f"<li>{s}</li>")
-        parts.append(f"<li>{_restore_text(col, v.candidate, metric, v)}</li>")
+        parts.append(f"<li>{_restore_text(col, v.candidate, metric, v, ci)}</li>")
         parts.append(f"<li>{_scaling_text(col, v.candidate, metric)}</li>")
         parts.append(f"<li>{_genes_text(res, v.candidate)}</li>")
         parts.append(f"<li>{_terms_text(res, v.candidate)}</li>")
         parts.append("</ul>")
-    if n_rand:
-        parts.append(f"<p class='note'>Random controls: {n_rand} draws of the same number of scalars from the "
-                     f"same matrix.</p>")
+    note = _random_note(res, pools, metric)
+    if note:
+        parts.append(f"<p class='note'>{note}</p>")
     return "\n".join(parts), verdicts, metric
+
+
+def _random_note(res: dict, pools: dict, metric: str) -> str:
+    """How many random draws there are, per pool, counted in the collapse table (and checked against n_random)."""
+    if not pools:
+        return ""
+    sizes = {k: int(v.size) for k, v in pools.items()}
+    total = sum(sizes.values())
+    where = f"counted in collapse.tsv on {_e(metric)}, all cells"
+    if None in sizes:
+        txt = (f"Random controls: {total} draws ({where}), each zeroing one random scalar of a candidate's parameter; "
+               f"the table does not say which parameter each draw belongs to (no <code>control_for</code>), so every "
+               f"candidate is compared with all {total}.")
+    else:
+        names = ", ".join(f"<code>{_e(k)}</code>" for k in sizes)
+        uniq = sorted(set(sizes.values()))
+        if len(uniq) == 1:
+            per = (f"{uniq[0]} draws for each of {len(sizes)} parameter(s) ({names}; {total} in all)" if len(sizes) > 1
+                   else f"{uniq[0]} draws of {names}")
+        else:
+            per = "; ".join(f"{n} of <code>{_e(k)}</code>" for k, n in sizes.items()) + f" ({total} in all)"
+        txt = (f"Random controls ({where}): each draw zeroes one random scalar of the same parameter as a candidate; "
+               f"{per}. Each candidate's p-value is taken against its own parameter's draws only.")
+    rec = _param(res, "n_random")
+    if _finite(rec) and any(n != int(rec) for n in sizes.values()) and None not in sizes:
+        txt += (f" The run records n_random = {int(rec)} per parameter; the counts above are the draws collapse.tsv "
+                f"holds with a finite {_e(metric)}, which the p-values were taken against.")
+    elif _finite(rec) and None in sizes:
+        txt += f" The run records n_random = {int(rec)}."
+    return txt
 
 
 def _caveats(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: float) -> str:
@@ -650,15 +833,26 @@ def _caveats(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: flo
     if not _param(res, "donor_key"):
         items.append("No donor key was recorded: if intervals resample cells rather than donors, they are too "
                      "narrow for claims about donors.")
-    n = verdicts[0].n_random if verdicts else 0
-    if n:
-        pmin = 1.0 / (n + 1)
-        txt = (f"With {n} random draws the smallest empirical p-value is 1/{n + 1} = {pmin:.2g}")
-        txt += (f": at α = {alpha:g} no candidate can pass on an empirical p; run more draws."
-                if pmin >= alpha else "; rankings among candidates at that floor are not resolved.")
+    ns = sorted({v.n_random for v in verdicts if v.n_random})
+    per = " per parameter" if any(v.pool for v in verdicts) else ""
+    if ns:
+        lo_n, hi_n = ns[0], ns[-1]
+        floor_hi, floor_lo = 1.0 / (lo_n + 1), 1.0 / (hi_n + 1)
+        if lo_n == hi_n:
+            txt = f"With {lo_n} random draws{per} the smallest empirical p-value is 1/{lo_n + 1} = {floor_hi:.2g}"
+        else:
+            txt = (f"With {lo_n} to {hi_n} random draws{per} the smallest empirical p-value is 1/{lo_n + 1} = "
+                   f"{floor_hi:.2g} to 1/{hi_n + 1} = {floor_lo:.2g}")
+        if floor_lo >= alpha:
+            txt += f": at α = {alpha:g} no candidate can pass on an empirical p; run more draws (n_random)."
+        elif floor_hi >= alpha:
+            txt += (f": at α = {alpha:g} a candidate whose parameter has the smaller pool cannot pass on an "
+                    "empirical p; run more draws (n_random).")
+        else:
+            txt += "; rankings among candidates at that floor are not resolved."
         items.append(txt)
     elif verdicts:
-        items.append("No random draws were run, so the main control is missing.")
+        items.append("No random draws of the candidates' parameters were found, so the main control is missing.")
     col = res.get(_keys.UNS_COLLAPSE)
     if isinstance(col, pd.DataFrame) and {"metric", "group", "condition"} <= set(col.columns):
         nm, ng = col["metric"].nunique(), col["group"].nunique()
@@ -752,6 +946,25 @@ def _param(res: dict, *names: str):
     return None
 
 
+def _step_param(res: dict, step: str, name: str):
+    """A parameter of one step (``params.<step>.<name>``, or run.json's ``<step>.<name>``), else None."""
+    run = res.get(_keys.UNS_RUN) or {}
+    params = run.get("params") if isinstance(run.get("params"), Mapping) else {}
+    for holder in (params.get(step), run.get(step)):
+        if isinstance(holder, Mapping) and name in holder:
+            return holder[name]
+    return None
+
+
+def _ci_label(res: dict) -> str:
+    """'95% CI' from the prune step's recorded alpha (its intervals are the alpha/2, 1 - alpha/2 quantiles),
+    plain 'CI' when the run does not record it."""
+    a = _step_param(res, "prune", "alpha")
+    if _finite(a) and 0 < float(a) < 1:
+        return f"{100 * (1 - float(a)):g}% CI"
+    return "CI"
+
+
 def _flatten_raw(d, prefix: str = "") -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = []
     for k, v in (d or {}).items():
@@ -774,12 +987,14 @@ def _label_key(res: dict, adata) -> str | None:
 
 
 def _figures(res: dict, adata, metric: str | None, top: str | None) -> str:
+    ci = _ci_label(res)
     jobs = [
         ("Spike map", "Largest |activation| per layer and site (log colour); each cell names the channel that "
          "carries it.", lambda: _pl.spike_map(res)),
         ("Candidate effects vs controls", "Δ of the primary metric when each candidate is zeroed, against the "
-         "random same-matrix draws (grey strip and band), the largest-other-weights control and activation "
-         "restores; whiskers are 95% CIs.", lambda: _pl.candidate_effects(res, metric=metric)),
+         "random draws (grey strip and band: every parameter's draws together; each p-value uses only the "
+         f"candidate's own parameter's draws), the largest-other-weights control and activation restores; whiskers "
+         f"are {ci}s.", lambda: _pl.candidate_effects(res, metric=metric)),
         ("Collapse by cell type", "Δ per cell type when the "
          + ("top candidate" if top is None else f"candidate <code>{_e(top)}</code>")
          + " is zeroed, disease and control cells side by side; the dashed line is all cells.",
@@ -818,7 +1033,7 @@ def _figures(res: dict, adata, metric: str | None, top: str | None) -> str:
     return "\n".join(out)
 
 
-def _collapse_pivot(col: pd.DataFrame, alpha: float) -> str:
+def _collapse_pivot(col: pd.DataFrame, alpha: float, ci: str) -> str:
     col = _pl._prepare_collapse(col)
     group = _keys.GROUP_ALL if (col["group"] == _keys.GROUP_ALL).any() else col["group"].iloc[0]
     sub = col[col["group"] == group]
@@ -850,15 +1065,25 @@ def _collapse_pivot(col: pd.DataFrame, alpha: float) -> str:
                 row[m] = s
         rows.append(row)
     rand = sub[sub["condition"].str.startswith("random:")]
+    per_param = False
     if len(rand):
-        row = {"condition": f"random (n={rand['condition'].nunique()})"}
+        n = rand["condition"].nunique()
+        lab = _pool_labels(rand)
+        name = f"random (n={n})"
+        if lab is not None:
+            per_param = True
+            per = rand.groupby(lab, sort=False)["condition"].nunique()
+            name = (f"random (n={n}: {len(per)} parameter(s) × {int(per.iloc[0])})" if per.nunique() == 1
+                    else f"random (n={n} over {len(per)} parameters: {', '.join(str(int(x)) for x in per)})")
+        row = {"condition": name}
         for m in metrics:
             d = rand.loc[rand["metric"] == m, "delta"].dropna()
             row[m] = (f"{_num(d.median(), signed=True)} [{_num(d.min())}, {_num(d.max())}]" if len(d) else "")
         rows.append(row)
     n_scale = sum(c.startswith("scale:") for c in conds)
-    cap = (f"Δ vs baseline on group <code>{_e(group)}</code> [95% CI]; * p &lt; {alpha:g} vs random draws; the "
-           f"baseline row holds absolute values; the random row: median [min, max]."
+    vs = "the random draws of the candidate's own parameter" if per_param else "random draws"
+    cap = (f"Δ vs baseline on group <code>{_e(group)}</code> [{ci}]; * p &lt; {alpha:g} vs {vs}; the "
+           f"baseline row holds absolute values; the random row: median [min, max] over all draws."
            + (f" {n_scale} scaling conditions are in the dose–response figure." if n_scale else "")
            + " Per-cell-type rows are in collapse.tsv.")
     return _html_table(pd.DataFrame(rows), max_rows=60, max_chars=40, caption=cap)
@@ -877,7 +1102,7 @@ def _tables(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: floa
             vmap = {v.candidate: v for v in verdicts}
             key = s["candidate"].astype(str)
             s[f"Δ {metric}"] = key.map(lambda c: vmap[c].delta if c in vmap else np.nan)
-            s["95% CI"] = key.map(lambda c: _ci(vmap[c].ci_low, vmap[c].ci_high) if c in vmap else "")
+            s[_ci_label(res)] = key.map(lambda c: _ci(vmap[c].ci_low, vmap[c].ci_high) if c in vmap else "")
             s["p"] = key.map(lambda c: vmap[c].p_value if c in vmap else np.nan)
             s["verdict"] = key.map(lambda c: vmap[c].status if c in vmap else "not ablated")
         out.append(_html_table(s, max_rows=n_top))
@@ -886,9 +1111,10 @@ def _tables(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: floa
     out.append("<h3>Collapse (summary pivot)</h3>")
     col = res.get(_keys.UNS_COLLAPSE)
     if isinstance(col, pd.DataFrame) and len(col):
-        out.append(_collapse_pivot(col, alpha))
+        out.append(_collapse_pivot(col, alpha, _ci_label(res)))
     else:
         out.append("<p class='skip'>Skipped: no collapse table (run ssw.tl.prune).</p>")
+    out.append(_contrasts_table(res, metric, n_top))
     out.append("<h3>Genes</h3>")
     g = res.get(_keys.UNS_GENES)
     if isinstance(g, pd.DataFrame) and len(g) and "candidate" in g.columns:
@@ -898,11 +1124,13 @@ def _tables(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: floa
             g = g.drop(columns="_r")
         order = {c: i for i, c in enumerate(_candidate_order(res, None) or list(dict.fromkeys(g["candidate"])))}
         g = g.assign(_o=g["candidate"].astype(str).map(order).fillna(len(order)))
-        g = g.sort_values("_o", kind="stable").groupby("candidate", sort=False).head(10).drop(columns="_o")
-        extra = [c for c in g.columns if c not in _keys.GENE_COLUMNS][:4]
-        g = g[[c for c in _keys.GENE_COLUMNS if c in g.columns] + extra]
-        out.append(_html_table(g, max_rows=max(n_top, 30),
-                               caption="Top 10 genes per candidate (evidence columns truncated to four)."))
+        per, n_extra = 10, 4
+        g = g.sort_values("_o", kind="stable").groupby("candidate", sort=False).head(per).drop(columns="_o")
+        extra = [c for c in g.columns if c not in _keys.GENE_COLUMNS]
+        g = g[[c for c in _keys.GENE_COLUMNS if c in g.columns] + extra[:n_extra]]
+        cap = (f"Top {per} genes per candidate"
+               + (f" (evidence columns: the first {n_extra} of {len(extra)})." if len(extra) > n_extra else "."))
+        out.append(_html_table(g, max_rows=max(n_top, 30), caption=cap))
     else:
         out.append("<p class='skip'>Skipped: no genes table (run ssw.tl.genes).</p>")
     out.append("<h3>Enrichment</h3>")
@@ -917,6 +1145,36 @@ def _tables(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: floa
     else:
         out.append("<p class='skip'>Skipped: no enrichment table (run ssw.tl.enrich).</p>")
     return "\n".join(out)
+
+
+def _contrasts_table(res: dict, metric: str | None, n_top: int) -> str:
+    head = "<h3>AD − control contrasts</h3>"
+    why = _no_contrast_reason(res)
+    if why is not None:
+        return head + f"<p class='skip'>Skipped: {why}.</p>"
+    con = res[UNS_CONTRASTS]
+    if metric is None or "metric" not in con.columns:
+        return head + "<p class='skip'>Skipped: no primary metric to select contrasts on.</p>"
+    sub = con[con["metric"].astype(str) == metric].copy()
+    if sub.empty:
+        have = ", ".join(dict.fromkeys(con["metric"].astype(str)))
+        return head + (f"<p class='skip'>Skipped: {FILE_CONTRASTS} has no rows on {_e(metric)} (it has "
+                       f"{_e(have)}).</p>")
+    case, ctrl = _contrast_names(sub)
+    if "difference" in sub.columns:
+        w = pd.to_numeric(sub["difference"], errors="coerce").abs()
+        cond = sub["condition"].astype(str) if "condition" in sub.columns else pd.Series("", index=sub.index)
+        kind = cond.map(lambda c: 0 if c.startswith("prune:") else 1 if c == _keys.COND_TOP_OUTLIERS else 2)
+        first = cond.map({c: i for i, c in enumerate(dict.fromkeys(cond))})
+        sub = sub.assign(_k=kind, _o=first, _w=w).sort_values(["_k", "_o", "_w"], ascending=[True, True, False],
+                                                              kind="stable")
+        sub = sub.drop(columns=["_k", "_o", "_w"])
+    cols = [c for c in ("condition", "group", f"delta_{case}", f"delta_{ctrl}", "difference", "ci_low", "ci_high",
+                        "n_case", "n_control", "bootstrap_unit") if c in sub.columns]
+    cap = (f"From {FILE_CONTRASTS}, on <code>{_e(metric)}</code>: per cell type, Δ in {_e(case)} cells minus Δ in "
+           f"{_e(ctrl)} cells (difference) with its {_contrast_ci(sub)} (ci_low, ci_high); {len(sub)} of the file's "
+           f"{len(con)} rows, largest |difference| first within each condition.")
+    return head + _html_table(sub[cols], max_rows=max(n_top, 30), caption=cap)
 
 
 def _summary(res: dict, source: str, verdicts: list[_Verdict], metric: str | None) -> str:
@@ -939,12 +1197,16 @@ def _summary(res: dict, source: str, verdicts: list[_Verdict], metric: str | Non
     sw = res.get(_keys.UNS_SUPERWEIGHTS)
     if isinstance(sw, pd.DataFrame):
         card("candidates", _e(len(sw)))
+    n_pr, per_lab = _step_param(res, "prune", "n_cells"), _param(res, "max_cells_per_label")
+    if _finite(n_pr):
+        card("cells pruned", f"{int(n_pr)}" + (f"<br><small>at most {int(per_lab)} per label</small>"
+                                               if _finite(per_lab) else ""))
     if verdicts:
         n_pass = sum(v.status == "passes" for v in verdicts)
         card("pass the controls", f"{n_pass} of {len(verdicts)}" + (f"<br><small>on {_e(metric)}</small>"
                                                                      if metric else ""))
-    present = [n for n in _TABLE_FILES if isinstance(res.get(n), pd.DataFrame)]
-    missing = [n for n in _TABLE_FILES if n not in present]
+    present = [n + ("" if len(res[n]) else " (no rows)") for n in _TABLE_FILES if isinstance(res.get(n), pd.DataFrame)]
+    missing = [n for n in _TABLE_FILES if not isinstance(res.get(n), pd.DataFrame)]
     txt = f"<p class='src'>Results from {_e(source)}. Tables present: {_e(', '.join(present) or 'none')}"
     txt += f"; absent: {_e(', '.join(missing))}.</p>" if missing else ".</p>"
     return "<div class='cards'>" + "".join(cards) + "</div>" + txt

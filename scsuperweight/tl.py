@@ -385,7 +385,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
 def prune(adata, model="demo", *, label_key: str, condition_key: str | None = None, donor_key: str | None = None,
           candidates: pd.DataFrame | None = None, gene_key: str | None = None, layer: str | None = None,
           max_cells_per_label: int | None = 200, mask_ratio: float | None = None, batch_size: int = 32,
-          max_seq_len: int | None = None, n_random: int = 10, max_candidates: int = 6, n_boot: int = 200,
+          max_seq_len: int | None = None, n_random: int = 40, max_candidates: int = 6, n_boot: int = 200,
           scale_factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), primary_metric: str | None = None,
           token_dictionary=None, gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None,
           key: str = K.UNS_KEY, copy: bool = False, progress: bool = True):

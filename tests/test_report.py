@@ -1,7 +1,8 @@
 """The HTML report: hypotheses written from planted results, escaping, self-containment, loading a run dir.
 
 `fake_results` builds small, consistent result tables with a known answer (one candidate with a huge effect,
-20 random draws near zero, one null candidate); test_pl.py draws its figures from the same tables.
+20 random draws near zero, one null candidate, AD − control contrasts per cell type); test_pl.py draws its figures
+from the same tables. `write_run_dir` lays them out as a run directory (the TSVs and run.json).
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ def fake_results(strong: bool = True, seed: int = 0) -> dict:
     for cond, d in (("AD", 1.3 if strong else 0.004), ("control", 0.9 if strong else 0.002)):
         rows.append(_c(_keys.cond_prune(STRONG), "gepc_mse", cond, 1.23 + d, d, d - 0.1, d + 0.1, 0.01))
     collapse = pd.DataFrame(rows)
+    # the prune step's own contrasts (AD - control per cell type, bootstrap interval): deliberately not the
+    # difference of the two groups' intervals above, so a report that approximated would show other numbers
+    contrasts = pd.DataFrame([
+        dict(condition=_keys.cond_prune(STRONG), metric="gepc_mse", group=lab, delta_AD=ad, delta_control=ctl,
+             difference=ad - ctl, ci_low=ad - ctl - below, ci_high=ad - ctl + above, contrast="AD - control",
+             n_case=40, n_control=38, bootstrap_unit="donors")
+        for (lab, (ad, ctl)), (below, above) in zip(per.items(), [(0.18, 0.17), (0.15, 0.16), (0.15, 0.15)],
+                                                    strict=True)
+    ])
 
     genes = pd.DataFrame([
         dict(candidate=STRONG, gene="APOE", score=3.2, rank=1, spike_corr=0.8),
@@ -109,7 +119,8 @@ def fake_results(strong: bool = True, seed: int = 0) -> dict:
         "model": {"path": "checkpoints/demo_scgpt", "hash": "sha256:" + "ab" * 32, "n_layers": 6, "d_model": 64},
         "data": {"path": "synthetic_ad.h5ad", "hash": "sha256:" + "cd" * 32, "n_cells": 600, "n_genes": 1200},
         "params": {"label_key": "cell_type", "condition_key": "condition", "primary_metric": "gepc_mse",
-                   "n_random": 20, "note": EVIL_LABEL},
+                   "n_random": 20, "max_cells_per_label": 80, "note": EVIL_LABEL,
+                   "prune": {"alpha": 0.05, "n_random": 20, "n_cells": 240, "min_group_cells": 5}},
         "seed": 0,
         "timings": {"scan": 1.2, "prune": 33.4},
     }
@@ -117,10 +128,27 @@ def fake_results(strong: bool = True, seed: int = 0) -> dict:
         _keys.UNS_SUPERWEIGHTS: sw,
         _keys.UNS_ACTIVATIONS: act,
         _keys.UNS_COLLAPSE: collapse,
+        "contrasts": contrasts,
         _keys.UNS_GENES: genes,
         _keys.UNS_ENRICHMENT: enrichment,
         _keys.UNS_RUN: run,
     }
+
+
+FILES = {_keys.UNS_SUPERWEIGHTS: _keys.FILE_SUPERWEIGHTS, _keys.UNS_ACTIVATIONS: _keys.FILE_ACTIVATIONS,
+         _keys.UNS_COLLAPSE: _keys.FILE_COLLAPSE, "contrasts": "contrasts.tsv", _keys.UNS_GENES: _keys.FILE_GENES,
+         _keys.UNS_ENRICHMENT: _keys.FILE_ENRICHMENT}
+
+
+def write_run_dir(res: dict, path):
+    """`res` as the prune/pipeline steps lay it out: one TSV per table, run.json; a table absent from `res` has
+    no file; an empty table gets the file pandas writes for an empty DataFrame (as the prune step does)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, fname in FILES.items():
+        if name in res:
+            res[name].to_csv(path / fname, sep="\t", index=False)
+    (path / _keys.FILE_RUN).write_text(json.dumps(res[_keys.UNS_RUN]))
+    return path
 
 
 def fake_adata(res: dict | None = None, n: int = 240, seed: int = 0):
@@ -179,7 +207,7 @@ def test_strong_candidate_passes_with_its_numbers(strong_page):
             "(Δ +1.11, 95% CI 0.9–1.3; p = 0.01 vs 20 random draws)") in li
     assert "the largest-other-weights control moves it by +0.02" in li
     # the rule is stated on the page
-    assert "p &lt; 0.05 against the random same-matrix draws" in hyp and "excludes 0" in hyp
+    assert "p &lt; 0.05 against the random draws of the same parameter" in hyp and "excludes 0" in hyp
 
 
 def test_null_candidate_fails_and_says_why(strong_page):
@@ -195,12 +223,15 @@ def test_follow_ups_read_off_the_tables(strong_page):
     cells = _item(hyp, "Cell types that move most")
     # Microglia collapse most (mean Δ (2.5 + 1.2) / 2 = 1.85), then Astrocytes (0.75)
     assert cells.index("Microglia (Δ +1.85, 95% CI 1.77–1.93)") < cells.index("Astrocytes (Δ +0.75")
-    assert "AD cells lose more than control cells in 3 of 3 cell types." in hyp
-    gap = _item(hyp, "The largest gap is in Microglia")
-    # difference 2.5 - 1.2 = 1.3; CI from the two ±0.1 intervals: 1.3 ± 1.96·√2·0.1/1.96 = 1.3 ± 0.141
-    assert "difference +1.3 (≈95% CI 1.16–1.44" in gap and "AD cells lose more" in gap
-    allc = _item(hyp, "Over all cells")
-    assert "AD Δ +1.3 vs control Δ +0.9" in allc
+    # AD vs control: read off the contrasts table, never approximated from the per-group intervals
+    con = _item(hyp, "AD − control contrasts from contrasts.tsv")
+    assert ("AD cells lose more than control cells in 3 of 3 cell types by the point estimate; the interval "
+            "excludes 0 in 1 of 3: Microglia +1.3 (bootstrap CI 1.12–1.47)") in con
+    assert "resampling donors" in con
+    gap = _item(hyp, "The largest contrast is in Microglia")
+    assert ("AD Δ +2.5 vs control Δ +1.2, difference +1.3 (bootstrap CI 1.12–1.47; 40 AD and 38 control cells); "
+            "AD cells lose more.") in gap
+    assert "≈" not in hyp and "assuming independence" not in hyp
     assert "takes Δ from +1.11 to +0.2 (95% CI 0.1–0.3): 82% of the effect recovered" in hyp
     assert "U-shaped, lowest at ×1" in hyp and "2.34 at ×0, 1.8 at ×3, baseline 1.23 at ×1" in hyp
     assert "APOE (3.2)" in hyp and "CLU (2.1)" in hyp
@@ -323,3 +354,140 @@ def test_chromium_renders_the_page_without_console_errors(tmp_path):
     assert not console, console
     assert shot.is_file() and shot.stat().st_size > 50_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AD vs control from contrasts.tsv; every count and level from the data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _contrast_items(hyp: str) -> str:
+    return " ".join(li for li in re.findall(r"<li>(.*?)</li>", hyp, flags=re.S)
+                    if "contrast" in li or "AD Δ" in li)
+
+
+def test_contrast_is_read_from_contrasts_tsv_not_approximated(tmp_path):
+    res = fake_results()
+    # a contrast the collapse groups contradict: their per-condition rows give +1.3 (≈ 1.16–1.44) for Microglia
+    res["contrasts"] = pd.DataFrame([dict(
+        condition=_keys.cond_prune(STRONG), metric="gepc_mse", group="Microglia", delta_AD=0.1, delta_control=0.223,
+        difference=-0.123, ci_low=-0.2, ci_high=-0.05, contrast="AD - control", n_case=31, n_control=29,
+        bootstrap_unit="donors")])
+    page = report(write_run_dir(res, tmp_path / "run"), tmp_path / "r.html").read_text(encoding="utf-8")
+    hyp = _section(page, "hypotheses")
+    gap = _item(hyp, "The largest contrast is in Microglia")
+    assert ("AD Δ +0.1 vs control Δ +0.223, difference -0.123 (bootstrap CI -0.2 to -0.05; 31 AD and 29 control "
+            "cells); control cells lose more.") in gap
+    con = _item(hyp, "AD − control contrasts from contrasts.tsv")
+    assert ("AD cells lose more than control cells in 0 of 1 cell types by the point estimate; the interval excludes 0 "
+            "in 1 of 1: Microglia -0.123 (bootstrap CI -0.2 to -0.05)") in con
+    items = _contrast_items(hyp)
+    assert "1.3" not in items and "1.16" not in items and "≈" not in hyp and "independence" not in hyp
+    tables = _section(page, "tables")
+    assert "<h3>AD − control contrasts</h3>" in tables
+    row = re.search(r"<tr><td>prune:[^<]*</td><td>Microglia</td>(.*?)</tr>", tables.split("AD − control")[1]).group(1)
+    assert re.findall(r"<td class='num'>([^<]*)</td>", row)[:5] == ["0.1", "0.223", "-0.123", "-0.2", "-0.05"]
+
+
+def test_no_contrasts_says_so_and_why(tmp_path):
+    # absent: no contrasts.tsv in the run directory
+    res = fake_results()
+    del res["contrasts"]
+    page = report(write_run_dir(res, tmp_path / "a"), tmp_path / "a.html").read_text(encoding="utf-8")
+    hyp = _section(page, "hypotheses")
+    assert ("No AD-vs-control contrast: there is no contrasts table (contrasts.tsv, written by the prune step, is "
+            "absent from this run), and the report does not approximate one from the per-condition rows of "
+            "collapse.tsv.") in hyp
+    assert "The largest contrast" not in hyp and "≈" not in hyp and "difference" not in _contrast_items(hyp)
+    assert "Skipped: there is no contrasts table" in _section(page, "tables")
+    assert "absent: contrasts" in _section(page, "summary")
+    # present but empty (what the prune step writes without a condition column), no condition key recorded
+    res = fake_results()
+    res["contrasts"] = pd.DataFrame()
+    res[_keys.UNS_RUN]["params"]["condition_key"] = None
+    run_dir = write_run_dir(res, tmp_path / "b")
+    assert load_results(run_dir)["contrasts"].empty
+    page = report(run_dir, tmp_path / "b.html").read_text(encoding="utf-8")
+    hyp = _section(page, "hypotheses")
+    assert ("No AD-vs-control contrast: contrasts.tsv has no rows: no condition column was given to the prune step "
+            "(condition_key is not set in the run's parameters), so there are no disease and control cells to "
+            "contrast.") in hyp
+    assert "contrasts (no rows)" in _section(page, "summary")
+    # empty although a condition key was given: the reason names the key and the recorded minimum group size
+    res[_keys.UNS_RUN]["params"]["condition_key"] = "condition"
+    hyp = _section(report(res, tmp_path / "c.html").read_text(encoding="utf-8"), "hypotheses")
+    assert ("although condition_key <code>condition</code> was given, the prune step contrasts only when that column "
+            "has exactly two values and a cell type has at least 5 cells in each of them.") in hyp
+
+
+def _pooled(res: dict, per_param: int) -> dict:
+    """`res` with its random draws replaced by `per_param` draws of each candidate's parameter (control_for)."""
+    sw = res[_keys.UNS_SUPERWEIGHTS]
+    params = dict(zip(sw["candidate"], sw["param"], strict=True))
+    col = res[_keys.UNS_COLLAPSE]
+    col = col[~col["condition"].str.startswith("random:")].assign(control_for="")
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in range(2 * per_param):
+        pname = params[STRONG] if k < per_param else params[NULL]
+        d = float(rng.normal(0, 0.01))
+        rows.append({**_c(_keys.cond_random(k), "gepc_mse", "all", 1.23 + d, d), "control_for": pname})
+        rows.append({**_c(_keys.cond_random(k), "knn_accuracy", "all", 0.91 - abs(d), -abs(d)), "control_for": pname})
+    res[_keys.UNS_COLLAPSE] = pd.concat([col, pd.DataFrame(rows)], ignore_index=True)
+    return res
+
+
+def test_random_draw_counts_come_from_each_parameters_pool(tmp_path):
+    res = _pooled(fake_results(), per_param=7)
+    sw = res[_keys.UNS_SUPERWEIGHTS]
+    p_strong, p_null = sw["param"].tolist()
+    col = res[_keys.UNS_COLLAPSE]
+    col.loc[col["condition"] == _keys.cond_prune(STRONG), "p_value"] = np.nan  # computed here, from its own pool
+    res[_keys.UNS_RUN]["params"]["n_random"] = 7
+    res[_keys.UNS_RUN]["params"]["prune"]["n_random"] = 7
+    page = report(write_run_dir(res, tmp_path / "run"), tmp_path / "r.html").read_text(encoding="utf-8")
+    hyp = _section(page, "hypotheses")
+    # no draw reaches |Δ| = 1.11: p = 1 / (7 + 1), which no longer passes at 0.05
+    li = _item(hyp, f"<code>{STRONG}</code>")
+    assert f"p = 0.12 vs 7 random draws of <code>{p_strong}</code>, computed here from the draws" in li
+    assert "badge fail" in li and "p = 0.12 is not below 0.05" in li
+    assert f"p = 0.6 vs 7 random draws of <code>{p_null}</code>" in _item(hyp, f"<code>{NULL}</code>")
+    assert (f"7 draws for each of 2 parameter(s) (<code>{p_strong}</code>, <code>{p_null}</code>; 14 in all). Each "
+            "candidate's p-value is taken against its own parameter's draws only.") in hyp
+    assert ("With 7 random draws per parameter the smallest empirical p-value is 1/8 = 0.12: at α = 0.05 no "
+            "candidate can pass on an empirical p") in _section(page, "caveats")
+    assert "random (n=14: 2 parameter(s) × 7)" in _section(page, "tables")
+    for wrong in ("14 random draws", "20 random draws", "30 random draws", "10 random draws", "1/15", "1/21"):
+        assert wrong not in page
+    # the recorded option disagrees with the table: the table's count is stated, the disagreement said
+    res[_keys.UNS_RUN]["params"]["n_random"] = 10
+    hyp = _section(report(res, tmp_path / "r2.html").read_text(encoding="utf-8"), "hypotheses")
+    assert "vs 7 random draws of" in hyp and "vs 10 random draws" not in hyp
+    assert "The run records n_random = 10 per parameter; the counts above are the draws collapse.tsv holds" in hyp
+
+
+def test_interval_level_comes_from_the_recorded_alpha(tmp_path):
+    res = fake_results()
+    res[_keys.UNS_RUN]["params"]["prune"]["alpha"] = 0.1
+    page = report(res, tmp_path / "a.html").read_text(encoding="utf-8")
+    assert "(Δ +1.11, 90% CI 0.9–1.3;" in page and "a 90% CI of Δ that excludes 0" in page and "95%" not in page
+    del res[_keys.UNS_RUN]["params"]["prune"]["alpha"]
+    page = report(res, tmp_path / "b.html").read_text(encoding="utf-8")
+    assert "(Δ +1.11, CI 0.9–1.3;" in page and "95%" not in page
+    assert "the interval's level is not recorded in the run's parameters" in page
+
+
+def test_report_from_anndata_reads_step_params_and_contrasts_from_uns(tmp_path):
+    res = _pooled(fake_results(), per_param=4)
+    run = res[_keys.UNS_RUN]
+    del run["params"]["prune"], run["params"]["n_random"], run["params"]["max_cells_per_label"]
+    a = fake_adata(res)
+    # as tl stores them: each step's params as JSON text, the pipeline's run record as JSON text
+    a.uns[_keys.UNS_KEY][_keys.UNS_PARAMS] = {"prune": json.dumps({"alpha": 0.2, "n_random": 4, "n_cells": 123,
+                                                                    "max_cells_per_label": 41})}
+    a.uns[_keys.UNS_KEY][_keys.UNS_RUN] = json.dumps(run)
+    page = report(a, tmp_path / "a.html").read_text(encoding="utf-8")
+    hyp = _section(page, "hypotheses")
+    assert "80% CI" in hyp and "vs 4 random draws of <code>" in hyp
+    assert "123<br><small>at most 41 per label</small>" in _section(page, "summary")
+    assert "difference +1.3 (bootstrap CI 1.12–1.47; 40 AD and 38 control cells)" in hyp

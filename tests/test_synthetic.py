@@ -1,7 +1,6 @@
 """synthetic_ad: droplet-like counts, and the planted programs are really there (measured here, not by the
 generator)."""
 
-import time
 
 import anndata as ad
 import numpy as np
@@ -201,12 +200,3 @@ def test_bad_arguments_are_refused():
         synthetic_ad(median_umis=0)
 
 
-def test_fast():
-    best = min(_timed(synthetic_ad) for _ in range(2))
-    assert best < 2.0
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start

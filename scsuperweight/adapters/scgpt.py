@@ -97,8 +97,12 @@ class ScGPTAdapter(Adapter):
         return {"batch": b, "gene_embs": gene_embs, "inputs": inputs, "final": h}
 
     @torch.no_grad()
-    def run_from(self, cache: dict, layer: int) -> dict[str, torch.Tensor]:
-        """Outputs of the model when blocks `layer`.. are recomputed from the cached input of `layer`."""
+    def run_from(self, cache: dict, layer: int, *, decoders: bool = True) -> dict[str, torch.Tensor]:
+        """Outputs of the model when blocks `layer`.. are recomputed from the cached input of `layer`.
+
+        With ``decoders=False`` only ``cell_emb`` is returned (the expression decoders are skipped: what an
+        embedding-only evaluation needs).
+        """
         b = cache["batch"]
         if layer < 0:
             gene_embs, h = self.model.embed_inputs(b.src, b.values)
@@ -108,4 +112,6 @@ class ScGPTAdapter(Adapter):
             h = cache["inputs"][layer] if layer < self.n_layers else cache["final"]
         for blk in self.model.transformer_encoder.layers[layer:]:
             h = blk(h, src_key_padding_mask=b.padding_mask)
+        if not decoders:
+            return {"cell_emb": h[:, 0, :]}
         return self.model.heads(h, gene_embs)
