@@ -677,10 +677,11 @@ def _contrasts(conds, results, base_pc, labels, conditions, units, opts) -> pd.D
                 if (ua is None) != (ub is None):
                     ua = ub = None
                 lo, hi = M.bootstrap_diff_ci(d[a], d[b], units_a=ua, units_b=ub, n_boot=opts.n_boot,
-                                             seed=opts.seed)
+                                             alpha=opts.alpha, seed=opts.seed)
                 rows.append({"condition": cond.name, "metric": metric, "group": lab,
                              f"delta_{case}": float(d[a].mean()), f"delta_{ctrl}": float(d[b].mean()),
                              "difference": float(d[a].mean() - d[b].mean()), "ci_low": lo, "ci_high": hi,
                              "contrast": f"{case} - {ctrl}", "n_case": int(a.sum()), "n_control": int(b.sum()),
-                             "bootstrap_unit": "cells" if ua is None else "donors"})
+                             "bootstrap_unit": "cells" if ua is None else "donors",
+                             "ci_level": 1.0 - opts.alpha})
     return pd.DataFrame(rows)
