@@ -37,8 +37,7 @@ _SHIFT = 18
 _BIN_LO = (127 - 34) << 5  # the first regular bin starts at 2**-34 (5.8e-11)
 _BIN_HI = (127 + 27) << 5  # the last one ends at 2**27 (1.3e8)
 _HIST_BINS = _BIN_HI - _BIN_LO + 2  # + an underflow bin (0 < |x| < 2**-34) first and an overflow bin (inf, NaN) last
-_HIST_SAMPLE = 1 << 13  # values per activation tensor that feed the histogram (a strided subsample)
-_STACK_ELEMS = 8 << 20  # |x| values (32 MiB of float32) held per width before the reductions run
+_HIST_SAMPLE = 1 << 13  # values per activation tensor that feed the histogram (whole rows, every step-th)
 
 
 def _bin_edges() -> np.ndarray:
