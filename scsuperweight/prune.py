@@ -109,6 +109,22 @@ class Condition:
     factor: float = float("nan")
 
 
+def _capture_channel(model, module: str, channel: int, run) -> torch.Tensor:
+    """`channel` of the output of `module` during `run()` (a forward of `model`), detached; the hook is removed."""
+    captured = {}
+
+    def hook(m, a, out):
+        x = out[0] if isinstance(out, tuple) else out
+        captured["x"] = x[..., channel].detach().clone()
+
+    h = model.get_submodule(module).register_forward_hook(hook)
+    try:
+        run()
+    finally:
+        h.remove()
+    return captured["x"]
+
+
 class ScGPTEvaluator:
     """Runs conditions over fixed batches, reusing every block input computed once without edits."""
 
@@ -136,20 +152,11 @@ class ScGPTEvaluator:
     def _baseline_channel(self, cache: dict, site: str, channel: int) -> torch.Tensor:
         key = (id(cache), site, channel)
         if key not in self._site_values:
-            captured = {}
-            mod = self.model.get_submodule(self.adapter.sites[site].module)
-
-            def hook(m, a, out):
-                x = out[0] if isinstance(out, tuple) else out
-                captured["x"] = x[..., channel].detach().clone()
-
-            h = mod.register_forward_hook(hook)
-            try:
+            def run():
                 with no_fastpath(self.model):
                     self.adapter.run_from(cache, self.adapter.sites[site].layer, decoders=False)
-            finally:
-                h.remove()
-            self._site_values[key] = captured["x"]
+
+            self._site_values[key] = _capture_channel(self.model, self.adapter.sites[site].module, channel, run)
         return self._site_values[key]
 
     @torch.no_grad()
@@ -220,21 +227,10 @@ class HFEvaluator:
         """(B, L) activation of `site`, `channel` on batch `i` without edits (computed once, then reused)."""
         key = (which, i, site, channel)
         if key not in self._site_values:
-            captured = {}
-            mod = self.model.get_submodule(self.adapter.sites[site].module)
-
-            def hook(m, a, out):
-                x = out[0] if isinstance(out, tuple) else out
-                captured["x"] = x[..., channel].detach().clone()
-
             kw = self.adapter.forward_kwargs(batch)
             kw.pop("labels", None)
-            h = mod.register_forward_hook(hook)
-            try:
-                self.model.base_model(**kw)
-            finally:
-                h.remove()
-            self._site_values[key] = captured["x"]
+            self._site_values[key] = _capture_channel(self.model, self.adapter.sites[site].module, channel,
+                                                      lambda: self.model.base_model(**kw))
         return self._site_values[key]
 
     def _patches(self, which: str, i: int, batch, restore) -> list[ActivationPatch]:
