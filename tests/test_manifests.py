@@ -84,8 +84,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.truncate_after is not None:
             chunk = chunk[: self.truncate_after]
             self.close_connection = True
-        self.wfile.write(chunk)
+        # recorded before writing: the client can finish reading (and the test look) before write() returns here
         record["sent"] = len(chunk)
+        self.wfile.write(chunk)
 
     def log_message(self, *args):  # keep test output clean
         pass
