@@ -170,8 +170,15 @@ def _brute_force(xs, batches, d):
     return max_abs, cell, pos, np.array(top), torch.cat(vals), total
 
 
-def test_every_reduction_matches_brute_force_on_every_site(model_and_batches):
-    """All channels of all sites (shared tensors included) against a recomputation from the full activations."""
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_every_reduction_matches_brute_force_on_every_site(model_and_batches, monkeypatch, path):
+    """All channels of all sites (shared tensors included) against a recomputation from the full activations, with
+    the C pass and with the torch path."""
+    from scsuperweight.instrument import trace as T
+
+    if path == "native" and T._native is None:
+        pytest.skip("the C extension scsuperweight.instrument._reduce is not built here")
+    monkeypatch.setattr(T, "NATIVE", path == "native")
     m, batches = model_and_batches
     groups = np.arange(20) % 3  # a group code per cell
     with torch.no_grad(), Trace(m, "all", keep="all", groups=groups) as tr:
@@ -200,7 +207,60 @@ def test_every_reduction_matches_brute_force_on_every_site(model_and_batches):
         assert st.median_abs(nonzero=True) == pytest.approx(float(nz.median()), rel=0.025), name
 
 
-def test_sampled_histogram_and_sums_on_large_batches():
+def _edge_case_activations():
+    """Activations that stress the reductions: ties, zeros, NaN, inf, an all-padding cell, odd widths, strides."""
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for B, L, d in [(5, 7, 37), (3, 300, 8), (1, 1, 1), (16, 33, 64)]:
+        x = torch.randn(B, L, d, generator=gen)
+        x[:, :, 0] = 0.0  # a channel that is only ever 0
+        if d > 2:
+            x[:, :, 2] = torch.round(x[:, :, 2])  # ties within and across cells
+        pad = torch.zeros(B, L, dtype=torch.bool)
+        pad[-1, L // 2:] = True
+        if B > 2:
+            pad[1] = True  # a cell that is all padding
+        cases.append((f"plain {B}x{L}x{d}", x, pad))
+        cases.append((f"no padding {B}x{L}x{d}", x.clone(), None))
+        strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # (B, L, d) view of (L, B, d) memory
+        cases.append((f"strided {B}x{L}x{d}", strided, pad))
+    x = torch.randn(4, 9, 12, generator=gen)
+    x[0, 3, 1], x[2, 5, 1], x[1, 2, 4], x[3, 1, 6] = float("nan"), float("nan"), float("inf"), -float("inf")
+    x[1, 0, 7] = 1e-40  # a denormal: counted with the zeros
+    x[2, 0, 8] = 1e-12  # the underflow bin
+    cases.append(("nan/inf/denormal", x, torch.zeros(4, 9, dtype=torch.bool)))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_edge_case_activations())))
+def test_native_pass_equals_torch_path(case):
+    """The C pass gives the torch path's answers on edge cases (NaN first and largest, ties to the first)."""
+    from scsuperweight.adapters import BatchContext
+    from scsuperweight.instrument import trace as T
+
+    if T._native is None:
+        pytest.skip("the C extension scsuperweight.instrument._reduce is not built here")
+    name, x, pad = _edge_case_activations()[case]
+    B, L, d = x.shape
+    ctx = BatchContext(None, pad, np.arange(B))
+    g = T._geometry(ctx, B, L, d, x.device)
+    native, ref = (T._Stack(B, L, d, ctx, g, x.device, capacity=1) for _ in range(2))
+    T._reduce_native(x, g, native, native.slot())
+    T._reduce_tensor(x.abs().contiguous(), g, ref, ref.slot())  # the scratch buffer is contiguous
+    for key, t in ref.blocks.items():
+        got = native.blocks[key][0]
+        if key == "sums":
+            assert torch.allclose(got, t[0], rtol=1e-5, equal_nan=True), (name, key)
+        else:
+            assert torch.equal(got, t[0]) or torch.allclose(got.double(), t[0].double(), equal_nan=True, rtol=0,
+                                                             atol=0), (name, key, got, t[0])
+    if "nan" in name:
+        assert torch.isnan(native.blocks["m"][0, 1]) and int(native.blocks["b"][0, 1]) == 0
+        assert int(native.blocks["pos"][0, 1]) == 3 and float(native.blocks["m"][0, 4]) == float("inf")
+
+
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_sampled_histogram_and_sums_on_large_batches(path):
     """Batches larger than the sample: the median within a bin width, the per-channel mean within a few percent."""
     from scsuperweight.adapters import BatchContext
     from scsuperweight.instrument import trace as T
@@ -215,9 +275,14 @@ def test_sampled_histogram_and_sums_on_large_batches():
     ctx = BatchContext(None, pad, np.arange(64))
     g = T._geometry(ctx, 64, 300, d, x.device)
     assert g["step"] > 1 and math.gcd(g["step"], 300) == 1
-    stack = T._Stack(64, 300, d, ctx, g)
+    stack = T._Stack(64, 300, d, ctx, g, x.device, capacity=1)
     a = x.abs()
-    T._reduce_tensor(a.clone(), g, stack)
+    if path == "native":
+        if T._native is None:
+            pytest.skip("the C extension scsuperweight.instrument._reduce is not built here")
+        T._reduce_native(x, g, stack, stack.slot())
+    else:
+        T._reduce_tensor(a.clone(), g, stack, stack.slot())
     stack.entries.append(["s"])
     r = T._reduce_stack(stack)
     valid = a[~pad]  # (n_valid, d)
@@ -274,3 +339,19 @@ def test_a_module_called_twice_per_batch_counts_both_calls():
     assert st.calls == 2 and st.n_cells == 6
     expect = torch.maximum(first.abs().amax((0, 1)), second.abs().amax((0, 1))).double()
     assert torch.equal(st.max_abs, expect)
+
+
+def test_a_tensor_seen_by_several_sites_is_reduced_once(model_and_batches, monkeypatch):
+    """A norm's output is the next linear's input and the block's output: one reduction serves all its sites."""
+    from scsuperweight.instrument import trace as T
+
+    m, batches = model_and_batches
+    calls = []
+    for fn in ("_reduce_native", "_reduce_tensor"):
+        orig = getattr(T, fn)
+        monkeypatch.setattr(T, fn, lambda *a, _orig=orig: (calls.append(1), _orig(*a))[1])
+    with torch.no_grad(), Trace(m, "all", keep="all") as tr:
+        tr.run(batches[0])
+    distinct = {t.data_ptr() for ts in tr.full.values() for t in ts}  # kept CPU tensors share the activations
+    assert len(tr.full) > len(distinct)  # the model has shared tensors
+    assert len(calls) == len(distinct)

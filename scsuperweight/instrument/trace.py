@@ -19,9 +19,9 @@ and it raises if a hook it placed never fired. Everything is undone on exit, als
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,14 @@ from torch import nn
 
 from ..adapters import Adapter, BatchContext, Site, get_adapter
 from ..errors import HookError
+
+try:  # the optional one-pass C reduction (built with the package where a C compiler is present)
+    from . import _reduce as _native
+except ImportError:  # pragma: no cover - exercised where the extension was not built
+    _native = None
+
+# Whether float32 CPU activations go through the C pass (set SCSUPERWEIGHT_NATIVE=0 to force the torch path).
+NATIVE = os.environ.get("SCSUPERWEIGHT_NATIVE", "1") != "0"
 
 # The |x| histogram bins float32 bit patterns: for x >= 0 the bits read as an int32 grow with x, so `bits >> 18`
 # (8 exponent bits, 5 mantissa bits) is a log-scale bin 2**(1/32) wide (2.2%), found with one shift and no log.
@@ -75,25 +83,53 @@ def _geometry(ctx: BatchContext, B: int, L: int, d: int, device) -> dict:
     g["channels"] = torch.arange(d, device=device)
     g["pad_rows"] = pad_rows if pad_rows is not None and len(pad_rows) else None
     g["sample"] = None if g["pad_rows"] is None else valid_rows[::step]
+    g["sample_rows"] = (torch.arange(0, g["n_valid"], step, device=device) if g["sample"] is None
+                        else g["sample"].contiguous())  # the same rows as flat indices, for the native pass
+    g["pad_mask"] = None if g["pad_rows"] is None else mask.to(device=device, dtype=torch.bool).contiguous()
     n_sampled = len(range(0, g["n_valid"], step))
     g["weight"] = g["n_valid"] / max(n_sampled, 1)  # valid rows per sampled row
     return g
 
 
-@dataclass
 class _Stack:
-    """What the hooks kept of the activations of one batch and width, waiting to be folded in together."""
+    """What the hooks kept of the activations of one batch and width, one row per distinct activation, in blocks
+    allocated once per batch (the hooks write into them; the fold reads them at the end of the batch)."""
 
-    B: int
-    L: int
-    d: int
-    ctx: BatchContext
-    g: dict  # the batch geometry (padding rows, valid rows, histogram sample)
-    entries: list = field(default_factory=list)  # per tensor: the site names that saw it
-    cellmax: list = field(default_factory=list)  # per tensor: (B, d) each cell's max |x| per channel
-    sums: list = field(default_factory=list)  # per tensor: (d,) sum of |x|
-    samples: list = field(default_factory=list)  # per tensor: the histogram sample's bins (int32)
-    maxima: list = field(default_factory=list)  # per tensor: (d,) batch max, (d,) its cell row, (d,) its position
+    def __init__(self, B: int, L: int, d: int, ctx: BatchContext, g: dict, device, capacity: int):
+        self.B, self.L, self.d, self.ctx, self.g, self.device = B, L, d, ctx, g, device
+        self.entries: list[list[str]] = []  # per activation: the site names that saw it
+        self.blocks: dict[str, torch.Tensor] = {}
+        self._allocate(max(capacity, 1))
+
+    _LAYOUT = (  # name, shape after the row, dtype
+        ("m", "d", torch.float32),  # the batch max |x| per channel
+        ("b", "d", torch.long),  # the first cell (batch row) holding it
+        ("pos", "d", torch.long),  # the first position in that cell holding it
+        ("top", "B", torch.long),  # each cell's largest channel (the first, on ties)
+        ("sums", "d", torch.float64),  # the sum of |x| over the sampled rows
+        ("hist", "H", torch.long),  # the histogram of the sampled |x| (zeros excluded)
+        ("n_zero", "", torch.long),  # the sampled zeros
+    )
+
+    def _allocate(self, capacity: int) -> None:
+        sizes = {"d": (self.d,), "B": (self.B,), "H": (_HIST_BINS,), "": ()}
+        old, n = self.blocks, len(self.entries)
+        self.blocks = {name: torch.empty((capacity, *sizes[k]), dtype=dt, device=self.device)
+                       for name, k, dt in self._LAYOUT}
+        for name, t in old.items():
+            self.blocks[name][:n] = t[:n]
+        self.capacity = capacity
+        # the address of row 0 and the bytes per row of every block, for the C pass
+        self._ptrs = [(t.data_ptr(), t.stride(0) * t.element_size()) for t in self.blocks.values()]
+
+    def slot(self) -> int:
+        """The row for the next activation (the blocks double when full)."""
+        if len(self.entries) == self.capacity:
+            self._allocate(2 * self.capacity)
+        return len(self.entries)
+
+    def row_ptrs(self, i: int) -> list[int]:
+        return [p + i * step for p, step in self._ptrs]
 
 
 class _Store:
@@ -209,26 +245,51 @@ class SiteStats:
         return {g: float(c[channel]) / max(self.group_cells[g], 1) for g, c in self.group_top.items()}
 
 
-def _reduce_tensor(a: torch.Tensor, g: dict, stack: _Stack) -> None:
-    """The passes over every value of one activation's |x| (`a`, (B, L, d), a scratch buffer still in cache).
+def _reduce_tensor(a: torch.Tensor, g: dict, stack: _Stack, i: int) -> None:
+    """The passes over every value of one activation's |x| (`a`, (B, L, d), a scratch buffer still in cache), into
+    row `i` of the stack's blocks: the torch path, for activations the C pass does not take (GPU, other dtypes).
 
-    Zeroes the padding rows, then keeps each cell's max per channel (each cell's top channel follows from it), the
-    batch max per channel with the first cell row holding it and the first position in that row (the order of a max
-    over all (row, position) pairs), the sum per channel and the histogram bins of a strided sample. Keeping |x| per
-    tensor to reduce a whole batch at once instead would read it back from memory (measured 2x slower per value).
+    Zeroes the padding rows, then keeps the batch max per channel with the first cell row holding it and the first
+    position in that row (the order of a max over all (row, position) pairs), each cell's largest channel, the sum
+    per channel and the histogram of a strided sample of rows.
     """
     B, L, d = a.shape
+    blk = stack.blocks
     flat = a.view(B * L, d)
     if g["pad_rows"] is not None:
         flat.index_fill_(0, g["pad_rows"], 0.0)
-    cellmax = a.amax(1)
+    cellmax = a.amax(1)  # (B, d)
     m, b = cellmax.max(0)  # the first maximal row
-    pos = a[b, :, g["channels"]].argmax(1)  # (d, L) -> the first maximal position
-    stack.cellmax.append(cellmax)
-    stack.maxima.append((m, b, pos))
+    blk["m"][i], blk["b"][i] = m, b
+    blk["pos"][i] = a[b, :, g["channels"]].argmax(1)  # (d, L) -> the first maximal position
+    blk["top"][i] = cellmax.argmax(1)
     rows = flat[::g["step"]] if g["sample"] is None else flat.index_select(0, g["sample"])  # (k, d)
-    stack.sums.append(rows.sum(0))
-    stack.samples.append(rows.view(torch.int32) >> _SHIFT)  # |x| >= 0: the bit patterns grow with the value
+    torch.sum(rows, 0, dtype=torch.float64, out=blk["sums"][i])
+    bits = rows.view(torch.int32) >> _SHIFT  # |x| >= 0: the bit patterns grow with the value
+    n_zero = (bits == 0).sum()  # 0 (and denormals below 2**-131)
+    idx = (bits - (_BIN_LO - 1)).clamp_(0, _HIST_BINS - 1)
+    hist = torch.bincount(idx.view(-1), minlength=_HIST_BINS)
+    hist[0] -= n_zero  # zeros fell into the underflow bin: they are counted apart
+    blk["hist"][i], blk["n_zero"][i] = hist, n_zero
+
+
+def _reduce_native(x: torch.Tensor, g: dict, stack: _Stack, i: int) -> None:
+    """`_reduce_tensor`'s results for a float32 CPU activation with contiguous channels, in one pass over x.
+
+    `_reduce.reduce_f32` (C) reads each value once, skipping the padding rows, and writes only the small results
+    (into row `i` of the stack's blocks), instead of writing |x| and reading it back four times. The tests require
+    both paths to give the same answers.
+    """
+    B, L, d = x.shape
+    pad = g["pad_mask"]
+    rows = g["sample_rows"]
+    _native.reduce_f32(x.data_ptr(), B, L, d, x.stride(0), x.stride(1), 0 if pad is None else pad.data_ptr(),
+                       rows.data_ptr(), rows.numel(), _SHIFT, _BIN_LO, _HIST_BINS, *stack.row_ptrs(i))
+
+
+def _native_ok(x: torch.Tensor) -> bool:
+    return NATIVE and _native is not None and x.dtype == torch.float32 and x.device.type == "cpu" and \
+        x.stride(-1) == 1 and x.dim() == 3
 
 
 def _reduce_stack(stack: _Stack) -> dict:
@@ -238,20 +299,13 @@ def _reduce_stack(stack: _Stack) -> dict:
     the histogram and the count of zeros (both weighted by the sampling step).
     """
     S, d, weight = len(stack.entries), stack.d, stack.g["weight"]
-    cellmax = torch.stack(stack.cellmax)  # (S, B, d)
-    top = cellmax.argmax(2)  # (S, B) each cell's largest channel
-    bits = torch.stack(stack.samples).view(S, -1)  # (S, k * d) int32
-    n_zero = (bits == 0).sum(1)  # 0 (and denormals below 2**-131)
-    idx = (bits - (_BIN_LO - 1)).clamp_(0, _HIST_BINS - 1)
-    idx += torch.arange(0, S * _HIST_BINS, _HIST_BINS, dtype=idx.dtype, device=idx.device)[:, None]
-    hist = torch.bincount(idx.view(-1), minlength=S * _HIST_BINS).view(S, _HIST_BINS)
-    hist[:, 0] -= n_zero  # zeros fell into the underflow bin: they are counted apart
+    blk = {name: t[:S] for name, t in stack.blocks.items()}
+    top = blk["top"]  # (S, B) each cell's largest channel
     counts = torch.bincount((top + torch.arange(0, S * d, d, device=top.device)[:, None]).view(-1),
                             minlength=S * d).view(S, d)
-    m, b, pos = (torch.stack(t).cpu() for t in zip(*stack.maxima))
-    return {"sum_abs": torch.stack(stack.sums).double().cpu() * weight, "top": top.cpu(), "top_count": counts.cpu(),
-            "hist": hist.double().cpu() * weight, "n_zero": n_zero.double().cpu() * weight, "m": m.double(),
-            "arg_b": b, "arg_pos": pos}
+    return {"sum_abs": blk["sums"].cpu() * weight, "top": top.cpu(), "top_count": counts.cpu(),
+            "hist": blk["hist"].double().cpu() * weight, "n_zero": blk["n_zero"].double().cpu() * weight,
+            "m": blk["m"].double().cpu(), "arg_b": blk["b"].cpu().clone(), "arg_pos": blk["pos"].cpu().clone()}
 
 
 def _version(t) -> int | None:
@@ -341,7 +395,10 @@ class Trace:
         self._geom: dict = {}
         self._memo: tuple = ()
         self._stacks: dict = {}  # (width, device) -> _Stack waiting to be folded in
-        self._scratch: dict = {}  # device -> flat float32 buffer for |x|, reused by every hook
+        self._scratch: dict = {}  # device -> flat float32 buffer for |x|, reused by every hook (torch path)
+        self._capacity: dict = {}  # (width, device) -> activations per batch so far (the stacks' block size)
+        self._info: tuple = ()  # (ctx, shape, per-batch info shared by the widths)
+        self._rows_memo: dict = {}  # (store, the stack's site names) -> store rows
         self._pending_sites: set[str] = set()
 
     # -- context management --------------------------------------------------------------------------------
@@ -383,6 +440,7 @@ class Trace:
 
     def _restore(self) -> None:
         self._geom_owner, self._geom, self._memo, self._stacks, self._scratch = (), {}, (), {}, {}
+        self._info, self._rows_memo = (), {}
         self._pending_sites.clear()
         for h in self._handles:
             h.remove()
@@ -446,14 +504,15 @@ class Trace:
 
     def _push(self, x: torch.Tensor, name: str) -> None:
         """Reduce |x| of one hooked tensor into the batch's stack (once per tensor, however many sites see it)."""
+        seen = x  # the object the module passed on: the next hook sees the same one (`detach` makes a new one)
         x = x.detach()
         if x.dim() == 2:  # (L, d) unbatched
             x = x[None]
         ctx = self._ctx
         version = _version(x)
         memo = self._memo
-        if memo and memo[0] is x and version is not None and memo[1] == version and memo[2] is ctx:
-            # the tensor the previous hook saw, unmodified: its |x| is still in the scratch buffer
+        if memo and memo[0] is seen and version is not None and memo[1] == version and memo[2] is ctx:
+            # the tensor the previous hook saw, unmodified: its reductions are already in the stack
             memo[3].append(name)
             self._pending_sites.add(name)
             return
@@ -464,21 +523,26 @@ class Trace:
             self.flush()
             stack = None
         if stack is None:
-            stack = self._stacks[key] = _Stack(B, L, d, ctx, self._geometry_for(ctx, B, L, d, x.device))
-        n = B * L * d
-        buf = self._scratch.get(x.device)
-        if buf is None or buf.numel() < n:
-            buf = self._scratch[x.device] = torch.empty(n, dtype=torch.float32, device=x.device)
-        a = buf[:n].view(B, L, d)
-        if x.dtype == torch.float32:
-            torch.abs(x, out=a)
+            stack = self._stacks[key] = _Stack(B, L, d, ctx, self._geometry_for(ctx, B, L, d, x.device), x.device,
+                                               self._capacity.get(key, 32))
+        i = stack.slot()
+        if _native_ok(x):
+            _reduce_native(x, stack.g, stack, i)
         else:
-            a.copy_(x.abs())
-        _reduce_tensor(a, stack.g, stack)
+            n = B * L * d
+            buf = self._scratch.get(x.device)
+            if buf is None or buf.numel() < n:
+                buf = self._scratch[x.device] = torch.empty(n, dtype=torch.float32, device=x.device)
+            a = buf[:n].view(B, L, d)
+            if x.dtype == torch.float32:
+                torch.abs(x, out=a)
+            else:
+                a.copy_(x.abs())
+            _reduce_tensor(a, stack.g, stack, i)
         entry = [name]
         stack.entries.append(entry)
         self._pending_sites.add(name)
-        self._memo = (x, version, ctx, entry) if version is not None else ()
+        self._memo = (seen, version, ctx, entry) if version is not None else ()
 
     def _geometry_for(self, ctx: BatchContext, B: int, L: int, d: int, device) -> dict:
         mask = ctx.padding_mask
@@ -495,31 +559,56 @@ class Trace:
         """Fold the batch's reductions into the running statistics (done after each `run` and on access)."""
         stacks, self._stacks, self._memo = self._stacks, {}, ()
         self._pending_sites.clear()
-        for stack in stacks.values():
+        for key, stack in stacks.items():
             if stack.entries:
+                self._capacity[key] = max(self._capacity.get(key, 0), len(stack.entries))
                 self._fold(stack)
 
+    def _batch_info(self, ctx: BatchContext, B: int, L: int) -> dict:
+        """Per batch, shared by its widths: the global cell indices, the token ids and the cells' groups."""
+        memo = self._info
+        if memo and memo[0] is ctx and memo[1] == (B, L):
+            return memo[2]
+        info = {"cells": torch.as_tensor(np.asarray(ctx.cells), dtype=torch.long) if ctx.cells is not None
+                else torch.arange(B),
+                "tokens": ctx.token_ids.cpu().long() if ctx.token_ids is not None and
+                tuple(ctx.token_ids.shape) == (B, L) else None}
+        if self.groups is not None and ctx.cells is not None:
+            codes, inv = np.unique(self.groups[np.asarray(ctx.cells)], return_inverse=True)
+            info["groups"] = (codes.tolist(), torch.from_numpy(inv.astype(np.int64)),
+                              np.bincount(inv, minlength=len(codes)).tolist())
+        self._info = (ctx, (B, L), info)
+        return info
+
+    def _rows_for(self, store: _Store, entries: list[list[str]]):
+        """The store rows of a stack's sites (a slice when they are consecutive, as in every batch after the
+        first) and, when tensors were seen by several sites, which reduction row feeds each site."""
+        key = (id(store), tuple(tuple(e) for e in entries))
+        hit = self._rows_memo.get(key)
+        if hit is None:
+            rows = [store.rows[n] for e in entries for n in e]
+            ent = [i for i, e in enumerate(entries) for _ in e]
+            consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+            hit = self._rows_memo[key] = (slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows),
+                                          None if len(ent) == len(entries) else torch.tensor(ent), len(rows))
+        return hit
+
     def _fold(self, stack: _Stack) -> None:
-        S, B, L, d, g, ctx = len(stack.entries), stack.B, stack.L, stack.d, stack.g, stack.ctx
+        B, L, d, g = stack.B, stack.L, stack.d, stack.g
         store = self._stores[d]
-        cells = torch.as_tensor(np.asarray(ctx.cells), dtype=torch.long) if ctx.cells is not None \
-            else torch.arange(B)
-        tokens = ctx.token_ids.cpu().long() if ctx.token_ids is not None and \
-            tuple(ctx.token_ids.shape) == (B, L) else None
+        info = self._batch_info(stack.ctx, B, L)
         r = _reduce_stack(stack)
-        names = [n for e in stack.entries for n in e]
-        rows = torch.tensor([store.rows[n] for n in names])
-        if len(names) != S:  # tensors seen by several sites: one reduction row each
-            ent = torch.tensor([i for i, e in enumerate(stack.entries) for _ in e])
+        rows, ent, n = self._rows_for(store, stack.entries)
+        if ent is not None:  # tensors seen by several sites: one reduction row each
             r = {k: v[ent] for k, v in r.items()}
         m, b, pos = r["m"], r["arg_b"], r["arg_pos"]
         cur = store.max_abs[rows]
         better = m > cur
         store.max_abs[rows] = torch.where(better, m, cur)
-        store.arg_cell[rows] = torch.where(better, cells[b], store.arg_cell[rows])
+        store.arg_cell[rows] = torch.where(better, info["cells"][b], store.arg_cell[rows])
         store.arg_pos[rows] = torch.where(better, pos, store.arg_pos[rows])
-        if tokens is not None:
-            store.arg_token[rows] = torch.where(better, tokens[b, pos], store.arg_token[rows])
+        if info["tokens"] is not None:
+            store.arg_token[rows] = torch.where(better, info["tokens"][b, pos], store.arg_token[rows])
         store.sum_abs[rows] += r["sum_abs"]
         store.top_count[rows] += r["top_count"]
         store.hist[rows] += r["hist"]
@@ -527,16 +616,15 @@ class Trace:
         store.n_positions[rows] += g["n_valid"]
         store.n_cells[rows] += B
         store.calls[rows] += 1
-        if self.groups is not None and ctx.cells is not None:
-            codes, inv = np.unique(self.groups[np.asarray(ctx.cells)], return_inverse=True)
-            K, n = len(codes), len(names)
-            key = (torch.from_numpy(inv.astype(np.int64))[None, :] * n + torch.arange(n)[:, None]) * d + r["top"]
+        if "groups" in info:
+            codes, inv, sizes = info["groups"]
+            K = len(codes)
+            key = (inv[None, :] * n + torch.arange(n)[:, None]) * d + r["top"]
             per = torch.bincount(key.reshape(-1), minlength=K * n * d).view(K, n, d)
-            sizes = np.bincount(inv, minlength=K)
-            for k, code in enumerate(codes.tolist()):
+            for k, code in enumerate(codes):
                 top_k, cells_k = store.group(int(code))
                 top_k[rows] += per[k]
-                cells_k[rows] += int(sizes[k])
+                cells_k[rows] += sizes[k]
 
     # -- results -------------------------------------------------------------------------------------------
     @property
