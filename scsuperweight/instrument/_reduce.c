@@ -43,12 +43,17 @@ static inline int beats(float v, float cur) { return (v > cur) | ((v != v) & (cu
 CLONES static void cell_max(const float *restrict x, Py_ssize_t B, Py_ssize_t L, Py_ssize_t d, Py_ssize_t sB,
                             Py_ssize_t sL, const uint8_t *restrict pad, float *restrict cellmax, int *nan) {
     int seen = 0;
-    for (Py_ssize_t b = 0; b < B; b++) {
-        float *restrict cm = cellmax + b * d;
-        memset(cm, 0, (size_t)d * sizeof(float));
-        for (Py_ssize_t l = 0; l < L; l++) {
+    memset(cellmax, 0, (size_t)B * (size_t)d * sizeof(float));
+    /* walk the rows in memory order: cells outer for a (B, L, d) layout, positions outer for a transposed one
+     * (an attention output viewed batch-first); either way every cell's row of maxima stays in L1 */
+    const int cells_outer = sB >= sL;
+    const Py_ssize_t n_outer = cells_outer ? B : L, n_inner = cells_outer ? L : B;
+    for (Py_ssize_t o = 0; o < n_outer; o++) {
+        for (Py_ssize_t i = 0; i < n_inner; i++) {
+            const Py_ssize_t b = cells_outer ? o : i, l = cells_outer ? i : o;
             if (pad != NULL && pad[b * L + l]) continue;
             const float *restrict row = x + b * sB + l * sL;
+            float *restrict cm = cellmax + b * d;
             int row_nan = 0;
             for (Py_ssize_t c = 0; c < d; c++) {
                 const float v = fabsf(row[c]);

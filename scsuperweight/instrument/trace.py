@@ -58,7 +58,18 @@ def _bin_edges() -> np.ndarray:
 _EDGES = _bin_edges()
 
 
-def _geometry(ctx: BatchContext, B: int, L: int, d: int, device) -> dict:
+def _padding(ctx: BatchContext, B: int, L: int, device) -> dict:
+    """The padding of one batch, shared by all widths: padding rows, valid rows, their count, the mask."""
+    mask = ctx.padding_mask
+    if mask is not None and tuple(mask.shape) == (B, L):
+        pad = mask.reshape(-1).to(device=device, dtype=torch.bool)
+        pad_rows = pad.nonzero()[:, 0]
+        if len(pad_rows):
+            return {"pad_rows": pad_rows, "valid_rows": (~pad).nonzero()[:, 0], "pad_mask": pad.view(B, L)}
+    return {"pad_rows": None, "valid_rows": None, "pad_mask": None}
+
+
+def _geometry(ctx: BatchContext, B: int, L: int, d: int, device, padding: dict | None = None) -> dict:
     """Padding rows, the valid-row count and the sampled rows for one batch shape and width.
 
     The sample is every `step`-th valid (cell, position) row, all its channels: about `_HIST_SAMPLE` values whatever
@@ -67,25 +78,16 @@ def _geometry(ctx: BatchContext, B: int, L: int, d: int, device) -> dict:
     the sampled positions cycle through every position over the cells rather than always hitting the same ones
     (position 0 is `<cls>`).
     """
-    g: dict = {}
-    mask = ctx.padding_mask
-    if mask is not None and tuple(mask.shape) == (B, L):
-        pad = mask.reshape(-1).to(device)
-        pad_rows = pad.nonzero()[:, 0]
-        valid_rows = (~pad).nonzero()[:, 0]
-        g["n_valid"] = int(valid_rows.numel())
-    else:
-        pad_rows, valid_rows, g["n_valid"] = None, None, B * L
+    g = dict(padding if padding is not None else _padding(ctx, B, L, device))
+    g["n_valid"] = B * L if g["valid_rows"] is None else int(g["valid_rows"].numel())
     step = max(1, g["n_valid"] // max(1, _HIST_SAMPLE // d))
     while step > 1 and math.gcd(step, L) != 1:
         step += 1
     g["step"] = step
     g["channels"] = torch.arange(d, device=device)
-    g["pad_rows"] = pad_rows if pad_rows is not None and len(pad_rows) else None
-    g["sample"] = None if g["pad_rows"] is None else valid_rows[::step]
+    g["sample"] = None if g["pad_rows"] is None else g["valid_rows"][::step]
     g["sample_rows"] = (torch.arange(0, g["n_valid"], step, device=device) if g["sample"] is None
                         else g["sample"].contiguous())  # the same rows as flat indices, for the native pass
-    g["pad_mask"] = None if g["pad_rows"] is None else mask.to(device=device, dtype=torch.bool).contiguous()
     n_sampled = len(range(0, g["n_valid"], step))
     g["weight"] = g["n_valid"] / max(n_sampled, 1)  # valid rows per sampled row
     return g
@@ -133,43 +135,45 @@ class _Stack:
 
 
 class _Store:
-    """The running reductions of every site of one width, one row per site (so a batch updates all in a few ops)."""
+    """The running reductions of every site of one width, one row per site (so a batch updates all in a few ops).
+
+    NumPy arrays: the fold makes a few dozen operations on small arrays per batch, where torch's per-operation
+    overhead would cost several times more; `SiteStats` hands them out as tensors sharing the memory.
+    """
+
+    _FIELDS = {  # name: (shape after the row, dtype, initial value)
+        "max_abs": ("d", np.float64, 0), "sum_abs": ("d", np.float64, 0), "arg_cell": ("d", np.int64, -1),
+        "arg_pos": ("d", np.int64, -1), "arg_token": ("d", np.int64, -1), "top_count": ("d", np.int64, 0),
+        "hist": ("H", np.float64, 0), "n_zero": ("", np.float64, 0), "n_positions": ("", np.int64, 0),
+        "n_cells": ("", np.int64, 0), "calls": ("", np.int64, 0),
+    }
 
     def __init__(self, d: int):
         self.d = d
         self.rows: dict[str, int] = {}
-        z = torch.zeros((0, d), dtype=torch.float64)
-        i = torch.zeros((0, d), dtype=torch.long)
-        self.max_abs, self.sum_abs = z.clone(), z.clone()
-        self.arg_cell, self.arg_pos, self.arg_token, self.top_count = i.clone(), i.clone(), i.clone(), i.clone()
-        self.hist = torch.zeros((0, _HIST_BINS), dtype=torch.float64)
-        self.n_zero = torch.zeros(0, dtype=torch.float64)
-        self.n_positions = torch.zeros(0, dtype=torch.long)
-        self.n_cells = torch.zeros(0, dtype=torch.long)
-        self.calls = torch.zeros(0, dtype=torch.long)
-        self.group_top: dict[int, torch.Tensor] = {}  # group code -> (rows, d) top-channel counts
-        self.group_cells: dict[int, torch.Tensor] = {}  # group code -> (rows,) cells
+        shapes = {"d": (d,), "H": (_HIST_BINS,), "": ()}
+        for name, (k, dt, _) in self._FIELDS.items():
+            setattr(self, name, np.zeros((0, *shapes[k]), dtype=dt))
+        self.group_top: dict[int, np.ndarray] = {}  # group code -> (rows, d) top-channel counts
+        self.group_cells: dict[int, np.ndarray] = {}  # group code -> (rows,) cells
 
     def add(self, name: str) -> int:
         row = self.rows[name] = len(self.rows)
 
-        def grow(t: torch.Tensor, fill=0) -> torch.Tensor:
-            return torch.cat([t, torch.full((1, *t.shape[1:]), fill, dtype=t.dtype)])
+        def grow(a: np.ndarray, fill=0) -> np.ndarray:
+            return np.concatenate([a, np.full((1, *a.shape[1:]), fill, dtype=a.dtype)])
 
-        self.max_abs, self.sum_abs = grow(self.max_abs), grow(self.sum_abs)
-        self.arg_cell, self.arg_pos, self.arg_token = grow(self.arg_cell, -1), grow(self.arg_pos, -1), \
-            grow(self.arg_token, -1)
-        self.top_count, self.hist, self.n_zero = grow(self.top_count), grow(self.hist), grow(self.n_zero)
-        self.n_positions, self.n_cells, self.calls = grow(self.n_positions), grow(self.n_cells), grow(self.calls)
+        for field, (_, _, fill) in self._FIELDS.items():
+            setattr(self, field, grow(getattr(self, field), fill))
         for code in self.group_top:
             self.group_top[code], self.group_cells[code] = grow(self.group_top[code]), grow(self.group_cells[code])
         return row
 
-    def group(self, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def group(self, code: int) -> tuple[np.ndarray, np.ndarray]:
         if code not in self.group_top:
             n = len(self.rows)
-            self.group_top[code] = torch.zeros((n, self.d), dtype=torch.long)
-            self.group_cells[code] = torch.zeros(n, dtype=torch.long)
+            self.group_top[code] = np.zeros((n, self.d), dtype=np.int64)
+            self.group_cells[code] = np.zeros(n, dtype=np.int64)
         return self.group_top[code], self.group_cells[code]
 
 
@@ -188,13 +192,13 @@ class SiteStats:
         self.site, self._store, self._row = site, store, row
 
     d = property(lambda self: self._store.d)
-    max_abs = property(lambda self: self._store.max_abs[self._row])
-    arg_cell = property(lambda self: self._store.arg_cell[self._row])
-    arg_pos = property(lambda self: self._store.arg_pos[self._row])
-    arg_token = property(lambda self: self._store.arg_token[self._row])
-    sum_abs = property(lambda self: self._store.sum_abs[self._row])
-    top_count = property(lambda self: self._store.top_count[self._row])
-    hist = property(lambda self: self._store.hist[self._row])
+    max_abs = property(lambda self: torch.from_numpy(self._store.max_abs[self._row]))
+    arg_cell = property(lambda self: torch.from_numpy(self._store.arg_cell[self._row]))
+    arg_pos = property(lambda self: torch.from_numpy(self._store.arg_pos[self._row]))
+    arg_token = property(lambda self: torch.from_numpy(self._store.arg_token[self._row]))
+    sum_abs = property(lambda self: torch.from_numpy(self._store.sum_abs[self._row]))
+    top_count = property(lambda self: torch.from_numpy(self._store.top_count[self._row]))
+    hist = property(lambda self: torch.from_numpy(self._store.hist[self._row]))
     n_zero = property(lambda self: float(self._store.n_zero[self._row]))
     n_positions = property(lambda self: int(self._store.n_positions[self._row]))
     n_cells = property(lambda self: int(self._store.n_cells[self._row]))
@@ -206,20 +210,19 @@ class SiteStats:
 
     @property
     def group_top(self) -> dict[int, torch.Tensor]:
-        return {c: self._store.group_top[c][self._row] for c in self.group_cells}
+        return {c: torch.from_numpy(self._store.group_top[c][self._row]) for c in self.group_cells}
 
     def median_abs(self, nonzero: bool = False) -> float:
         """Histogram estimate of the median |x| (over non-zero values when `nonzero`): the bin's geometric centre."""
-        hist = self.hist
+        hist = self._store.hist[self._row]
         zeros = 0.0 if nonzero else self.n_zero
-        total = hist.sum().item() + zeros
+        total = float(hist.sum()) + zeros
         if total == 0:
             return float("nan")
         half = total / 2
         if zeros >= half:
             return 0.0
-        cum = torch.cumsum(hist, 0) + zeros
-        k = int(torch.searchsorted(cum, torch.tensor(half, dtype=torch.float64)))
+        k = int(np.searchsorted(np.cumsum(hist) + zeros, half))
         if k == 0:  # the underflow bin: below 2**-34
             return float(_EDGES[1] / 2)
         if k >= _HIST_BINS - 1:  # the overflow bin
@@ -228,18 +231,18 @@ class SiteStats:
 
     def typical(self) -> float:
         """Robust typical magnitude: the median |x|, or the non-zero median when over a quarter are exactly 0."""
-        total = self.hist.sum().item() + self.n_zero
+        total = float(self._store.hist[self._row].sum()) + self.n_zero
         if total and self.n_zero / total > 0.25:  # ReLU-like sites: the zeros say nothing about magnitude
             return self.median_abs(nonzero=True)
         med = self.median_abs()
         return med if med > 0 else self.median_abs(nonzero=True)
 
     def top_channel(self) -> int:
-        return int(self.max_abs.argmax())
+        return int(self._store.max_abs[self._row].argmax())
 
     def stability(self, channel: int) -> float:
         """Fraction of cells whose largest channel at this site is `channel`."""
-        return float(self.top_count[channel]) / max(self.n_cells, 1)
+        return float(self._store.top_count[self._row, channel]) / max(self.n_cells, 1)
 
     def group_stability(self, channel: int) -> dict[int, float]:
         return {g: float(c[channel]) / max(self.group_cells[g], 1) for g, c in self.group_top.items()}
@@ -295,17 +298,17 @@ def _native_ok(x: torch.Tensor) -> bool:
 def _reduce_stack(stack: _Stack) -> dict:
     """The rest of the reductions of the S activations of one batch, in a few operations for all of them.
 
-    Returns small CPU tensors, one row per activation: the sum of |x|, each cell's top channel and their counts,
-    the histogram and the count of zeros (both weighted by the sampling step).
+    Returns small NumPy arrays, one row per activation: the batch max with its cell row and position, the sum of
+    |x|, each cell's top channel and their counts, the histogram and the count of zeros (both weighted by the
+    sampling step).
     """
     S, d, weight = len(stack.entries), stack.d, stack.g["weight"]
-    blk = {name: t[:S] for name, t in stack.blocks.items()}
+    blk = {name: t[:S].cpu().numpy() for name, t in stack.blocks.items()}
     top = blk["top"]  # (S, B) each cell's largest channel
-    counts = torch.bincount((top + torch.arange(0, S * d, d, device=top.device)[:, None]).view(-1),
-                            minlength=S * d).view(S, d)
-    return {"sum_abs": blk["sums"].cpu() * weight, "top": top.cpu(), "top_count": counts.cpu(),
-            "hist": blk["hist"].double().cpu() * weight, "n_zero": blk["n_zero"].double().cpu() * weight,
-            "m": blk["m"].double().cpu(), "arg_b": blk["b"].cpu().clone(), "arg_pos": blk["pos"].cpu().clone()}
+    counts = np.bincount((top + np.arange(0, S * d, d)[:, None]).ravel(), minlength=S * d).reshape(S, d)
+    return {"sum_abs": blk["sums"] * weight, "top": top, "top_count": counts, "hist": blk["hist"] * weight,
+            "n_zero": blk["n_zero"] * weight, "m": blk["m"].astype(np.float64), "arg_b": blk["b"],
+            "arg_pos": blk["pos"]}
 
 
 def _version(t) -> int | None:
@@ -409,9 +412,12 @@ class Trace:
             if self.adapter.token_module:
                 tm = self.model.get_submodule(self.adapter.token_module)
                 self._handles.append(tm.register_forward_pre_hook(self._on_tokens))
-            for site in self.sites:
-                mod = self.model.get_submodule(site.module)
-                self._handles.append(mod.register_forward_hook(self._make_hook(site)))
+            by_module: dict[str, list[Site]] = {}  # one hook per module serves all its sites, inputs first
+            for site in sorted(self.sites, key=lambda s: s.io != "in"):
+                by_module.setdefault(site.module, []).append(site)
+            for module, sites in by_module.items():
+                mod = self.model.get_submodule(module)
+                self._handles.append(mod.register_forward_hook(self._make_hook(sites)))
         except BaseException:
             self._restore()
             raise
@@ -481,26 +487,30 @@ class Trace:
         if self.keep:
             self.contexts.append(ctx)
 
-    def _make_hook(self, site: Site):
+    def _make_hook(self, sites: list[Site]):
         def hook(module, args, output):
-            x = args[0] if site.io == "in" else (output[0] if isinstance(output, tuple) else output)
-            if not isinstance(x, torch.Tensor) or x.is_nested:
-                return
-            if site.name in self._pending_sites:  # the module ran twice in this batch: fold the first call in
-                self.flush()
-            st = self._stats.get(site.name)
-            if st is None:
-                d = x.shape[-1]
-                store = self._stores.setdefault(d, _Store(d))
-                st = self._stats[site.name] = SiteStats(site, store, store.add(site.name))
-            if self.reductions:
-                self._push(x, site.name)
-            else:
-                st._store.calls[st._row] += 1
-            if site.name in self.keep:
-                self.full[site.name].append(x.detach().cpu())
+            out = output[0] if isinstance(output, tuple) else output
+            for site in sites:
+                self._see(site, (args[0] if args else None) if site.io == "in" else out)
 
         return hook
+
+    def _see(self, site: Site, x) -> None:
+        if not isinstance(x, torch.Tensor) or x.is_nested:
+            return
+        if site.name in self._pending_sites:  # the module ran twice in this batch: fold the first call in
+            self.flush()
+        st = self._stats.get(site.name)
+        if st is None:
+            d = x.shape[-1]
+            store = self._stores.setdefault(d, _Store(d))
+            st = self._stats[site.name] = SiteStats(site, store, store.add(site.name))
+        if self.reductions:
+            self._push(x, site.name)
+        else:
+            st._store.calls[st._row] += 1
+        if site.name in self.keep:
+            self.full[site.name].append(x.detach().cpu())
 
     def _push(self, x: torch.Tensor, name: str) -> None:
         """Reduce |x| of one hooked tensor into the batch's stack (once per tensor, however many sites see it)."""
@@ -552,7 +562,10 @@ class Trace:
         key = (B, L, d, device)
         g = self._geom.get(key)
         if g is None:
-            g = self._geom[key] = _geometry(ctx, B, L, d, device)
+            padding = self._geom.get((B, L, device))
+            if padding is None:
+                padding = self._geom[(B, L, device)] = _padding(ctx, B, L, device)
+            g = self._geom[key] = _geometry(ctx, B, L, d, device, padding)
         return g
 
     def flush(self) -> None:
@@ -569,14 +582,12 @@ class Trace:
         memo = self._info
         if memo and memo[0] is ctx and memo[1] == (B, L):
             return memo[2]
-        info = {"cells": torch.as_tensor(np.asarray(ctx.cells), dtype=torch.long) if ctx.cells is not None
-                else torch.arange(B),
-                "tokens": ctx.token_ids.cpu().long() if ctx.token_ids is not None and
+        info = {"cells": np.asarray(ctx.cells, dtype=np.int64) if ctx.cells is not None else np.arange(B),
+                "tokens": ctx.token_ids.cpu().long().numpy() if ctx.token_ids is not None and
                 tuple(ctx.token_ids.shape) == (B, L) else None}
         if self.groups is not None and ctx.cells is not None:
             codes, inv = np.unique(self.groups[np.asarray(ctx.cells)], return_inverse=True)
-            info["groups"] = (codes.tolist(), torch.from_numpy(inv.astype(np.int64)),
-                              np.bincount(inv, minlength=len(codes)).tolist())
+            info["groups"] = (codes.tolist(), inv.astype(np.int64).ravel(), np.bincount(inv, minlength=len(codes)))
         self._info = (ctx, (B, L), info)
         return info
 
@@ -589,8 +600,8 @@ class Trace:
             rows = [store.rows[n] for e in entries for n in e]
             ent = [i for i, e in enumerate(entries) for _ in e]
             consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-            hit = self._rows_memo[key] = (slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows),
-                                          None if len(ent) == len(entries) else torch.tensor(ent), len(rows))
+            hit = self._rows_memo[key] = (slice(rows[0], rows[0] + len(rows)) if consecutive else np.array(rows),
+                                          None if len(ent) == len(entries) else np.array(ent), len(rows))
         return hit
 
     def _fold(self, stack: _Stack) -> None:
@@ -604,11 +615,11 @@ class Trace:
         m, b, pos = r["m"], r["arg_b"], r["arg_pos"]
         cur = store.max_abs[rows]
         better = m > cur
-        store.max_abs[rows] = torch.where(better, m, cur)
-        store.arg_cell[rows] = torch.where(better, info["cells"][b], store.arg_cell[rows])
-        store.arg_pos[rows] = torch.where(better, pos, store.arg_pos[rows])
+        store.max_abs[rows] = np.where(better, m, cur)
+        store.arg_cell[rows] = np.where(better, info["cells"][b], store.arg_cell[rows])
+        store.arg_pos[rows] = np.where(better, pos, store.arg_pos[rows])
         if info["tokens"] is not None:
-            store.arg_token[rows] = torch.where(better, info["tokens"][b, pos], store.arg_token[rows])
+            store.arg_token[rows] = np.where(better, info["tokens"][b, pos], store.arg_token[rows])
         store.sum_abs[rows] += r["sum_abs"]
         store.top_count[rows] += r["top_count"]
         store.hist[rows] += r["hist"]
@@ -619,8 +630,8 @@ class Trace:
         if "groups" in info:
             codes, inv, sizes = info["groups"]
             K = len(codes)
-            key = (inv[None, :] * n + torch.arange(n)[:, None]) * d + r["top"]
-            per = torch.bincount(key.reshape(-1), minlength=K * n * d).view(K, n, d)
+            key = (inv[None, :] * n + np.arange(n)[:, None]) * d + r["top"]
+            per = np.bincount(key.ravel(), minlength=K * n * d).reshape(K, n, d)
             for k, code in enumerate(codes):
                 top_k, cells_k = store.group(int(code))
                 top_k[rows] += per[k]
@@ -636,16 +647,18 @@ class Trace:
 
     def summary(self, site: str) -> dict:
         st = self.stats[site]
+        store, row = st._store, st._row
         c = st.top_channel()
         typical = st.typical()
-        tok = int(st.arg_token[c])
+        tok = int(store.arg_token[row, c])
+        max_abs, n_positions = float(store.max_abs[row, c]), int(store.n_positions[row])
         return {
             "layer": st.site.layer, "site": st.site.kind, "site_name": site,
-            "max_abs": float(st.max_abs[c]), "median_abs": typical,
-            "ratio": float(st.max_abs[c]) / typical if typical > 0 else float("inf"),
+            "max_abs": max_abs, "median_abs": typical,
+            "ratio": max_abs / typical if typical > 0 else float("inf"),
             "channel": c, "token": self.adapter.token_name(tok) if tok >= 0 else "",
-            "cell": int(st.arg_cell[c]), "position": int(st.arg_pos[c]), "stability": st.stability(c),
-            "mean_abs_channel": float(st.sum_abs[c]) / max(st.n_positions, 1), "n_cells": st.n_cells,
+            "cell": int(store.arg_cell[row, c]), "position": int(store.arg_pos[row, c]), "stability": st.stability(c),
+            "mean_abs_channel": float(store.sum_abs[row, c]) / max(n_positions, 1), "n_cells": st.n_cells,
         }
 
     def to_frame(self) -> pd.DataFrame:
