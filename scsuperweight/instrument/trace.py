@@ -6,11 +6,14 @@ rows, exact when a batch has fewer rows than the sample) and a log-scale histogr
 magnitude (the median) is read. Memory is O(sites x channels), whatever the number of cells. Full tensors are kept
 only for the sites named in `keep`.
 
-Speed: each hook makes the passes over every value of its activation while it is still in cache (|x| into a reused
-buffer, the per-cell max over positions, the batch max's cell and position) and keeps small per-tensor results;
-at the end of the batch (`Trace.run`, or on access) all of them are folded into the running statistics in a few
-operations per width, rather than a dozen small operations per site. A tensor seen by several sites (a norm's
-output is the next linear's input) is reduced once. `benchmarks/bench_trace.py` measures the overhead.
+Speed: each hook reduces its activation while it is still in cache and writes a few small results into blocks
+allocated once per batch. For float32 CPU activations the C extension `_reduce` does it in one pass over the
+values (the per-cell max over positions, the batch max's cell and position, each cell's top channel, the sampled
+rows' sum and histogram). Otherwise a torch path writes |x| into a reused buffer and makes the same reductions in
+a few passes; both give the same answers. At the end of the batch (`Trace.run`, or on access) the blocks are
+folded into the running statistics (NumPy arrays) in a few operations per width, not a dozen per site. A tensor
+seen by several sites (a norm's output is the next linear's input) is reduced once, and one hook per module serves
+all its sites. `benchmarks/bench_trace.py` measures the overhead.
 
 While active it switches off torch's fused encoder fast path and nested tensors (both bypass submodule hooks),
 and it raises if a hook it placed never fired. Everything is undone on exit, also on exceptions.
@@ -390,10 +393,10 @@ class Trace:
         self._next_cell = 0
         self._saved: dict = {}
         self._active = False
-        # Per batch, |x| of every hooked tensor is copied into a stack per width and reduced at the end of the batch
-        # (or when the stack is full) in a few operations for all of them: per-tensor reductions would spend their
-        # time in per-operation overhead on the small tensors of narrow models. A tensor seen by two sites (a norm's
-        # output is the next linear's input, a block's output is its last norm's) is stacked once.
+        # Per batch, each hooked tensor is reduced in its hook into one row of a stack per width (small results);
+        # at the end of the batch the stacks are folded into the running statistics in a few operations per width.
+        # A tensor seen by two sites (a norm's output is the next linear's input, a block's output is its last
+        # norm's) is reduced once.
         self._geom_owner: tuple = ()
         self._geom: dict = {}
         self._memo: tuple = ()
