@@ -355,3 +355,17 @@ def test_a_tensor_seen_by_several_sites_is_reduced_once(model_and_batches, monke
     distinct = {t.data_ptr() for ts in tr.full.values() for t in ts}  # kept CPU tensors share the activations
     assert len(tr.full) > len(distinct)  # the model has shared tensors
     assert len(calls) == len(distinct)
+
+
+def test_the_c_extension_is_built_where_a_compiler_is():
+    """Where a C compiler exists the install builds the one-pass reduction; a silent fallback would cost ~3x."""
+    import shutil
+    import sysconfig
+
+    from scsuperweight.instrument import trace as T
+
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}) here: the torch path is used, and tested above")
+    assert T._native is not None, ("scsuperweight.instrument._reduce is not built although a C compiler is present; "
+                                   "reinstall with `pip install -e .` (setup.py builds it)")

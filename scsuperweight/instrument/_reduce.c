@@ -28,6 +28,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define restrict __restrict /* MSVC's C mode spells it this way */
+#endif
+
 /* Built for baseline x86-64 (SSE2) the max pass runs at about half the speed it reaches with AVX2: on x86-64 with
  * GCC or Clang the pass is compiled for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has. */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
