@@ -23,6 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
 from scsuperweight import _keys
 from scsuperweight._log import logger
@@ -323,10 +324,12 @@ def _baseline_value(col: pd.DataFrame, metric: str, group: str = _keys.GROUP_ALL
     return float(others.iloc[0]) if len(others) else float("nan")
 
 
-def _short(s, n: int = 40) -> str:
-    """A data string as a matplotlib label: truncated, and '$' escaped so a name never starts mathtext."""
+def _short(s, n: int = 40, keep_end: bool = False) -> str:
+    """A data string as a matplotlib label: truncated (its start kept, or its end with `keep_end`: the part that
+    tells parameter names apart), and '$' escaped so a name never starts mathtext."""
     s = str(s)
-    s = s if len(s) <= n else s[: n - 1] + "…"
+    if len(s) > n:
+        s = "…" + s[len(s) - n + 1:] if keep_end else s[: n - 1] + "…"
     return s.replace("$", r"\$")
 
 
@@ -520,8 +523,10 @@ def candidate_effects(
 ):
     """Each candidate's effect (Δ metric vs baseline) against the random-control band.
 
-    The random same-matrix draws are shown as a strip and as a shaded band (``band`` percentiles); candidates,
-    the largest-other-weights control (``top_outliers``) and activation restores as points with CI whiskers.
+    Candidates, the largest-other-weights control (``top_outliers``) and activation restores are points with CI
+    whiskers. Each candidate is tested against random scalars of its own parameter: behind each row a shaded bar
+    spans the ``band`` percentiles of those draws, and each parameter's draws are shown as a strip of their own
+    (results without a ``null_pool`` column, from older runs, get one pooled strip and band).
 
     Parameters
     ----------
@@ -554,26 +559,44 @@ def candidate_effects(
     cands["_w"] = _worse(cands["delta"], metric)
     cands = cands.sort_values("_w", ascending=False, kind="stable")
     order = [c[len("prune:"):] for c in cands["condition"]]
-    rand = sub[sub["condition"].str.startswith("random:")]["delta"].dropna().to_numpy(dtype=float)
+    rand_rows = sub[sub["condition"].str.startswith("random:")]
     top = sub[sub["condition"] == _keys.COND_TOP_OUTLIERS]
     rest = sub[sub["condition"].str.startswith("restore:")]
     rest = rest.assign(_c=rest["condition"].str[len("restore:"):])
     rest = rest.assign(_o=rest["_c"].map({c: i for i, c in enumerate(order)}).fillna(len(order)))
     rest = rest.sort_values("_o", kind="stable")
+    # the random draws per null pool (the parameter a candidate is tested against), in the candidates' order
+    per_pool = "null_pool" in sub.columns
+    pool_of = (lambda r: str(r["null_pool"])) if per_pool else (lambda r: "")
+    rand_pool = rand_rows["null_pool"].astype(str) if per_pool else pd.Series("", index=rand_rows.index)
+    pools: dict[str, np.ndarray] = {}
+    for _, r in cands.iterrows():
+        pools.setdefault(pool_of(r), np.array([]))
+    for name in dict.fromkeys(rand_pool):
+        pools.setdefault(name, np.array([]))
+    for name in pools:
+        pools[name] = rand_rows.loc[rand_pool == name, "delta"].dropna().to_numpy(dtype=float)
+    pools = {name: v for name, v in pools.items() if v.size}
 
     rows: list[tuple[str, pd.Series | None, str]] = []
     rows += [(f"zero {_short(c, 34)}", r, _C_CAND) for c, (_, r) in zip(order, cands.iterrows())]
     rows += [("top outliers (control)", r, _C_TOP) for _, r in top.iterrows()]
     rows += [(f"restore {_short(r['_c'], 31)}", r, _C_RESTORE) for _, r in rest.iterrows()]
-    n_rows = len(rows) + (1 if rand.size else 0)
+    n_rows = len(rows) + len(pools)
     fig, ax, own = _new_axes(ax, (7.0, 1.6 + 0.36 * n_rows))
-    if rand.size:
-        lo, hi = np.percentile(rand, band)
-        ax.axvspan(lo, hi, color=_C_RANDOM, alpha=0.22, lw=0,
-                   label=f"random controls, {band[0]:g}–{band[1]:g}th pct (n={rand.size})")
-        y_r = n_rows - 1
-        jitter = np.random.default_rng(0).uniform(-0.18, 0.18, rand.size)
-        ax.scatter(rand, y_r + jitter, s=10, color=_C_RANDOM, alpha=0.8, lw=0, zorder=2)
+    band_label = (f"random scalars of the same parameter, {band[0]:g}–{band[1]:g}th pct" if per_pool else
+                  f"random controls, all parameters, {band[0]:g}–{band[1]:g}th pct")
+    for y, (_, r, c) in enumerate(rows):  # each candidate's own null band behind its row
+        null = pools.get(pool_of(r)) if c != _C_TOP else None
+        if null is not None and null.size:
+            lo, hi = np.percentile(null, band)
+            ax.add_patch(Rectangle((lo, y - 0.4), hi - lo, 0.8, color=_C_RANDOM, alpha=0.22, lw=0, zorder=0,
+                                   label=band_label))
+            band_label = "_nolegend_"
+    rng = np.random.default_rng(0)
+    for k, v in enumerate(pools.values()):
+        y_r = len(rows) + k
+        ax.scatter(v, y_r + rng.uniform(-0.18, 0.18, v.size), s=10, color=_C_RANDOM, alpha=0.8, lw=0, zorder=2)
     ax.axvline(0, color="#444444", lw=0.8, zorder=1)
     seen = set()
     for y, (_, r, c) in enumerate(rows):
@@ -591,7 +614,8 @@ def candidate_effects(
         if np.isfinite(p):
             ax.annotate(f"p={p:.2g}", xy=(1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
                         textcoords="offset points", va="center", fontsize=7, color="#555555")
-    labels = [lab for lab, _, _ in rows] + ([f"random draws (n={rand.size})"] if rand.size else [])
+    labels = [lab for lab, _, _ in rows] + [f"random: {_short(name, 26, keep_end=True)} (n={v.size})" if name else
+                                             f"random draws, all parameters (n={v.size})" for name, v in pools.items()]
     ax.set_yticks(range(n_rows), labels)
     ax.set_ylim(n_rows - 0.5, -0.5)
     ax.set_xlabel(f"Δ {_short(metric_label(metric), 80)} vs baseline")

@@ -2,7 +2,8 @@
 
 Conditions (names as in `collapse.tsv`): ``baseline``; ``prune:<cand>`` (the candidate zeroed); ``random:<k>``
 (one random scalar of the same parameter as a candidate zeroed: the null; draws are grouped per parameter and the
-column ``control_for`` names the parameter); ``top_outliers`` (the k largest other weights of every edited
+column ``control_for`` names the parameter; ``null_pool`` names, on every row, the parameter whose draws are that
+row's null); ``top_outliers`` (the k largest other weights of every edited
 parameter zeroed, the paper's "largest non-super weights" control); ``restore:<cand>`` (candidate zeroed but its
 activation put back at the token that carried the spike); ``scale:<cand>:<f>`` (the candidate multiplied by f).
 
@@ -601,26 +602,29 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     return PruneResult(collapse, contrasts, embeddings, cond_table, params)
 
 
+def _null_pool(cond: Condition) -> str:
+    """The parameter whose random draws are a condition's null: its own for a random draw, the edited parameter's
+    for a candidate's conditions, "" for the baseline and for top_outliers (several parameters: all draws)."""
+    if cond.control_for:
+        return cond.control_for
+    if cond.edits and cond.name != K.COND_TOP_OUTLIERS:
+        return cond.edits[0].param
+    return ""
+
+
 def _row(cond: Condition, metric, group, value, delta, lo, hi, unit) -> dict:
     return {"condition": cond.name, "metric": metric, "group": group, "value": value,
             "delta": 0.0 if cond.name == K.COND_BASELINE else delta, "ci_low": lo, "ci_high": hi,
             "p_value": np.nan, "ci_of": "value" if cond.name == K.COND_BASELINE else "delta",
             "bootstrap_unit": unit, "candidate": cond.candidate, "control_for": cond.control_for,
-            "factor": cond.factor}
+            "null_pool": _null_pool(cond), "factor": cond.factor}
 
 
 def _add_p_values(df: pd.DataFrame, conds: list[Condition]) -> pd.DataFrame:
     """p of each non-random condition's delta against the random draws of its parameter (two-sided)."""
     if df.empty:
         return df
-    pools: dict[str, list[str]] = {}
-    for c in conds:
-        if c.control_for:
-            pools.setdefault(c.control_for, []).append(c.name)
-    param_of = {}
-    for c in conds:
-        if c.edits and not c.control_for:
-            param_of[c.name] = c.edits[0].param if c.name != K.COND_TOP_OUTLIERS else None
+    param_of = {c.name: _null_pool(c) or None for c in conds if c.edits and not c.control_for}
     rand = df[df["control_for"] != ""]
     null = {key: g["delta"].to_numpy() for key, g in rand.groupby(["control_for", "metric", "group"])}
     null_all = {key: g["delta"].to_numpy() for key, g in rand.groupby(["metric", "group"])}

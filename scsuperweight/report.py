@@ -991,10 +991,11 @@ def _figures(res: dict, adata, metric: str | None, top: str | None) -> str:
     jobs = [
         ("Spike map", "Largest |activation| per layer and site (log colour); each cell names the channel that "
          "carries it.", lambda: _pl.spike_map(res)),
-        ("Candidate effects vs controls", "Δ of the primary metric when each candidate is zeroed, against the "
-         "random draws (grey strip and band: every parameter's draws together; each p-value uses only the "
-         f"candidate's own parameter's draws), the largest-other-weights control and activation restores; whiskers "
-         f"are {ci}s.", lambda: _pl.candidate_effects(res, metric=metric)),
+        ("Candidate effects vs controls", "Δ of the primary metric when each candidate is zeroed, against "
+         "random scalars of the same parameter (the grey bar behind each row spans the 2.5–97.5th percentiles of "
+         "that candidate's own parameter's draws, the null its p-value uses; the grey strips below are each "
+         f"parameter's draws), the largest-other-weights control and activation restores; whiskers are {ci}s.",
+         lambda: _pl.candidate_effects(res, metric=metric)),
         ("Collapse by cell type", "Δ per cell type when the "
          + ("top candidate" if top is None else f"candidate <code>{_e(top)}</code>")
          + " is zeroed, disease and control cells side by side; the dashed line is all cells.",

@@ -104,12 +104,38 @@ def test_candidate_effects_orders_by_effect_and_draws_the_random_band(res):
     ticks = _yticks(ax)
     assert ticks[0] == f"zero {STRONG}" and ticks[1] == f"zero {NULL}"
     assert "top outliers (control)" in ticks and f"restore {STRONG}" in ticks
-    assert ticks[-1] == "random draws (n=20)"
+    assert ticks[-1] == "random draws, all parameters (n=20)"  # draws not labelled by parameter: one pool
     assert "p=0.01" in _texts(ax)
     # the shaded band spans the random deltas only (tiny), far from the strong candidate at +1.11
     band = [p for p in ax.patches if p.get_label().startswith("random controls")][0]
     xs = np.array([band.get_x(), band.get_x() + band.get_width()])
     assert xs[0] < 0 < xs[1] and np.abs(xs).max() < 0.05
+
+
+def test_candidate_effects_draws_each_candidate_against_its_own_parameters_draws():
+    """Two candidates in parameters with very different nulls: each row's band is its own pool's percentiles."""
+    rng = np.random.default_rng(1)
+    pools = {"enc.0.norm2.weight": rng.normal(2.0, 0.5, 40), "enc.0.linear2.weight": rng.normal(0.0, 0.01, 40)}
+    rows = [dict(condition="baseline", delta=0.0, null_pool="")]
+    rows += [dict(condition="prune:A", delta=3.0, null_pool="enc.0.norm2.weight"),
+             dict(condition="prune:B", delta=0.5, null_pool="enc.0.linear2.weight")]
+    k = 0
+    for pname, draws in pools.items():
+        for v in draws:
+            rows.append(dict(condition=f"random:{k}", delta=float(v), null_pool=pname, control_for=pname))
+            k += 1
+    col = pd.DataFrame(rows).assign(metric="gepc_mse", group="all", value=lambda d: 10 + d["delta"], ci_low=np.nan,
+                                    ci_high=np.nan, p_value=np.nan)
+    col["control_for"] = col["control_for"].fillna("")
+    ax = pl.candidate_effects(col, ax=plt.subplots()[1])
+    ticks = _yticks(ax)
+    assert ticks[:2] == ["zero A", "zero B"]
+    assert ticks[2:] == ["random: enc.0.norm2.weight (n=40)", "random: enc.0.linear2.weight (n=40)"]
+    bars = sorted((p for p in ax.patches if p.get_height() == pytest.approx(0.8)), key=lambda p: p.get_y())
+    assert len(bars) == 2
+    for bar, pname in zip(bars, ["enc.0.norm2.weight", "enc.0.linear2.weight"]):  # rows 0 (A) and 1 (B)
+        lo, hi = np.percentile(pools[pname], (2.5, 97.5))
+        assert bar.get_x() == pytest.approx(lo) and bar.get_x() + bar.get_width() == pytest.approx(hi)
 
 
 def test_collapse_by_celltype_puts_the_most_collapsed_first(res):

@@ -50,6 +50,12 @@ def test_contract_columns_and_conditions(setup):
     assert {"gep_mse", "gepc_mse", "gep_pearson", "knn_accuracy", "leiden_ari", "leiden_nmi", "silhouette",
             "knn_preservation", "knc_preservation", "cpd", "mean_cosine", "effective_rank"} <= set(c["metric"])
     assert (c.loc[c["condition"] != K.COND_BASELINE, "bootstrap_unit"] == "donors").all()
+    # every row names the parameter whose random draws are its null: a candidate's own, a draw's own
+    pool = dict(zip(c["condition"], c["null_pool"]))
+    assert pool[K.cond_prune(top)] == pool[K.cond_restore(top)] == "transformer_encoder.layers.2.linear2.weight"
+    assert pool[K.COND_BASELINE] == pool[K.COND_TOP_OUTLIERS] == ""
+    rand = c[c["condition"].str.startswith("random:")]
+    assert (rand["null_pool"] == rand["control_for"]).all() and (rand["control_for"] != "").all()
 
 
 def test_candidate_far_outside_random_band(setup):
