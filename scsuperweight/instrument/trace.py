@@ -415,12 +415,18 @@ class Trace:
             if self.adapter.token_module:
                 tm = self.model.get_submodule(self.adapter.token_module)
                 self._handles.append(tm.register_forward_pre_hook(self._on_tokens))
-            by_module: dict[str, list[Site]] = {}  # one hook per module serves all its sites, inputs first
-            for site in sorted(self.sites, key=lambda s: s.io != "in"):
-                by_module.setdefault(site.module, []).append(site)
-            for module, sites in by_module.items():
+            # One hook per module and direction serves all its sites. Inputs are reduced in a pre-hook, before the
+            # module runs: the tensor was just written and is still in cache (after the module has written its
+            # own output it is not), and an in-place module cannot have changed it yet.
+            by_module: dict[tuple[str, bool], list[Site]] = {}
+            for site in self.sites:
+                by_module.setdefault((site.module, site.io == "in"), []).append(site)
+            for (module, inputs), sites in by_module.items():
                 mod = self.model.get_submodule(module)
-                self._handles.append(mod.register_forward_hook(self._make_hook(sites)))
+                if inputs:
+                    self._handles.append(mod.register_forward_pre_hook(self._make_pre_hook(sites)))
+                else:
+                    self._handles.append(mod.register_forward_hook(self._make_hook(sites)))
         except BaseException:
             self._restore()
             raise
@@ -494,9 +500,17 @@ class Trace:
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
             for site in sites:
-                self._see(site, (args[0] if args else None) if site.io == "in" else out)
+                self._see(site, out)
 
         return hook
+
+    def _make_pre_hook(self, sites: list[Site]):
+        def pre_hook(module, args):
+            x = args[0] if args else None
+            for site in sites:
+                self._see(site, x)
+
+        return pre_hook
 
     def _see(self, site: Site, x) -> None:
         if not isinstance(x, torch.Tensor) or x.is_nested:
