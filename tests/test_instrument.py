@@ -369,3 +369,32 @@ def test_the_c_extension_is_built_where_a_compiler_is():
         pytest.skip(f"no C compiler ({cc}) here: the torch path is used, and tested above")
     assert T._native is not None, ("scsuperweight.instrument._reduce is not built although a C compiler is present; "
                                    "reinstall with `pip install -e .` (setup.py builds it)")
+
+
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_stack_blocks_grow_without_losing_rows(path):
+    """More activations in a batch than the blocks were sized for: they double, and earlier rows survive."""
+    from scsuperweight.adapters import BatchContext
+    from scsuperweight.instrument import trace as T
+
+    if path == "native" and T._native is None:
+        pytest.skip("the C extension scsuperweight.instrument._reduce is not built here")
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3, 10, 8, generator=gen) * (i + 1) for i in range(5)]
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[2, 6:] = True
+    ctx = BatchContext(None, pad, np.arange(3))
+    g = T._geometry(ctx, 3, 10, 8, torch.device("cpu"))
+    small, big = T._Stack(3, 10, 8, ctx, g, "cpu", capacity=1), T._Stack(3, 10, 8, ctx, g, "cpu", capacity=8)
+    for stack in (small, big):
+        for i, x in enumerate(xs):
+            if path == "native":
+                T._reduce_native(x, g, stack, stack.slot())
+            else:
+                T._reduce_tensor(x.abs(), g, stack, stack.slot())
+            stack.entries.append([f"s{i}"])
+    assert small.capacity == 8 and big.capacity == 8
+    a, b = T._reduce_stack(small), T._reduce_stack(big)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert np.allclose(a["m"][:, 0], [float(x[:, :, 0].abs()[~pad].max()) for x in xs])

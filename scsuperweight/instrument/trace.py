@@ -106,7 +106,7 @@ class _Stack:
         self.blocks: dict[str, torch.Tensor] = {}
         self._allocate(max(capacity, 1))
 
-    _LAYOUT = (  # name, shape after the row, dtype
+    _LAYOUT = (  # name, shape after the row, dtype; in the order of reduce_f32's output arguments
         ("m", "d", torch.float32),  # the batch max |x| per channel
         ("b", "d", torch.long),  # the first cell (batch row) holding it
         ("pos", "d", torch.long),  # the first position in that cell holding it
