@@ -588,7 +588,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                     rows.append(_row(cond, metric, gname, float(value), float(value - bset.get(metric, np.nan)), lo, hi,
                                      unit))
     collapse = pd.DataFrame(rows)
-    collapse = _add_p_values(collapse, conds)
+    collapse = _add_p_values(collapse)
     contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts) \
         if conditions is not None and labels is not None else pd.DataFrame()
     cond_table = pd.DataFrame([{"condition": c.name, "candidate": c.candidate, "control_for": c.control_for,
@@ -620,11 +620,11 @@ def _row(cond: Condition, metric, group, value, delta, lo, hi, unit) -> dict:
             "null_pool": _null_pool(cond), "factor": cond.factor}
 
 
-def _add_p_values(df: pd.DataFrame, conds: list[Condition]) -> pd.DataFrame:
-    """p of each non-random condition's delta against the random draws of its parameter (two-sided)."""
+def _add_p_values(df: pd.DataFrame) -> pd.DataFrame:
+    """p of each non-random condition's delta against the random draws of its ``null_pool`` parameter (all draws
+    when it has none: top_outliers edits several parameters), two-sided."""
     if df.empty:
         return df
-    param_of = {c.name: _null_pool(c) or None for c in conds if c.edits and not c.control_for}
     rand = df[df["control_for"] != ""]
     null = {key: g["delta"].to_numpy() for key, g in rand.groupby(["control_for", "metric", "group"])}
     null_all = {key: g["delta"].to_numpy() for key, g in rand.groupby(["metric", "group"])}
@@ -633,8 +633,7 @@ def _add_p_values(df: pd.DataFrame, conds: list[Condition]) -> pd.DataFrame:
         if r.condition == K.COND_BASELINE or r.control_for:
             p.append(np.nan)
             continue
-        pname = param_of.get(r.condition)
-        pool = null.get((pname, r.metric, r.group)) if pname else null_all.get((r.metric, r.group))
+        pool = null.get((r.null_pool, r.metric, r.group)) if r.null_pool else null_all.get((r.metric, r.group))
         if pool is None or len(pool) == 0 or np.isnan(r.delta):
             p.append(np.nan)
         else:

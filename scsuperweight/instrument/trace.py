@@ -62,7 +62,8 @@ _EDGES = _bin_edges()
 
 
 def _padding(ctx: BatchContext, B: int, L: int, device) -> dict:
-    """The padding of one batch, shared by all widths: padding rows, valid rows, their count, the mask."""
+    """The padding of one batch, shared by all widths: padding rows, valid rows and the (B, L) mask (all None
+    when no row is padding)."""
     mask = ctx.padding_mask
     if mask is not None and tuple(mask.shape) == (B, L):
         pad = mask.reshape(-1).to(device=device, dtype=torch.bool)
@@ -91,8 +92,7 @@ def _geometry(ctx: BatchContext, B: int, L: int, d: int, device, padding: dict |
     g["sample"] = None if g["pad_rows"] is None else g["valid_rows"][::step]
     g["sample_rows"] = (torch.arange(0, g["n_valid"], step, device=device) if g["sample"] is None
                         else g["sample"].contiguous())  # the same rows as flat indices, for the native pass
-    n_sampled = len(range(0, g["n_valid"], step))
-    g["weight"] = g["n_valid"] / max(n_sampled, 1)  # valid rows per sampled row
+    g["weight"] = g["n_valid"] / max(g["sample_rows"].numel(), 1)  # valid rows per sampled row
     return g
 
 
