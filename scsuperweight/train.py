@@ -66,6 +66,7 @@ from ._log import logger
 from .data.batches import Batch, collate, mask_batch
 from .data.tokenize import TokenizedCells, tokenize_anndata
 from .errors import DataError
+from .models._torch import no_fastpath
 from .models.checkpoint import save_scgpt
 from .models.scgpt import ScGPTConfig, ScGPTModel
 
@@ -549,15 +550,12 @@ def ffn_activation_ratios(model: ScGPTModel, batches: list[Batch], genes_by_id: 
         return hook
 
     handles = [layer.linear2.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        with no_fastpath(), torch.no_grad():
             for b in batches:
                 current.update(pad=b.padding_mask, src=b.src)
                 model(b.src, b.values, b.padding_mask, MVC=False)
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
         for h in handles:
             h.remove()
     out = []

@@ -398,3 +398,27 @@ def test_stack_blocks_grow_without_losing_rows(path):
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     assert np.allclose(a["m"][:, 0], [float(x[:, :, 0].abs()[~pad].max()) for x in xs])
+
+
+def test_no_fastpath_restores_the_flags_it_found_even_on_error():
+    from scsuperweight.instrument import no_fastpath
+    from scsuperweight.models._torch import no_fastpath as low
+
+    assert no_fastpath is low  # one helper, re-exported
+    m = tiny_model(0)
+    enc = m.transformer_encoder
+    enc.use_nested_tensor = True
+    with pytest.raises(RuntimeError, match="boom"), no_fastpath(m):
+        assert not torch.backends.mha.get_fastpath_enabled() and not enc.use_nested_tensor
+        with no_fastpath():  # nested: leaves the outer switch off
+            pass
+        assert not torch.backends.mha.get_fastpath_enabled()
+        raise RuntimeError("boom")
+    assert torch.backends.mha.get_fastpath_enabled() and enc.use_nested_tensor
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with no_fastpath():
+            pass
+        assert not torch.backends.mha.get_fastpath_enabled()  # an off flag stays off
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter
 from ..errors import HookError
-from .trace import no_fastpath
+from ..models._torch import no_fastpath
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -33,6 +32,7 @@ from torch import nn
 
 from ..adapters import Adapter, BatchContext, Site, get_adapter
 from ..errors import HookError
+from ..models._torch import no_fastpath
 
 try:  # the optional one-pass C reduction (built with the package where a C compiler is present)
     from . import _reduce as _native
@@ -322,27 +322,6 @@ def _version(t) -> int | None:
         return t._version
     except RuntimeError:
         return None
-
-
-def _set_fastpath(enabled: bool) -> bool:
-    prev = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(enabled)
-    return prev
-
-
-@contextmanager
-def no_fastpath(model: nn.Module):
-    """Switch off torch's fused encoder fast path and nested tensors (both bypass submodule hooks); restore after."""
-    prev = _set_fastpath(False)
-    nested = [(m, m.use_nested_tensor) for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
-    for m, _ in nested:
-        m.use_nested_tensor = False
-    try:
-        yield
-    finally:
-        _set_fastpath(prev)
-        for m, flag in nested:
-            m.use_nested_tensor = flag
 
 
 class Trace:
