@@ -367,6 +367,48 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.in
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 
+def _check_loading_info(model: nn.Module, info: Mapping, path: Path, auto: str) -> None:
+    """Refuse a load that left weights random or dropped ones the model has a place for (transformers only warns).
+
+    A config naming 3 layers over weights holding 2 shows up as missing keys of layer 2; weights of an extra layer
+    as unexpected keys under the model's own modules. Unexpected keys of a head the chosen class does not build
+    (``cls.*`` of a masked-LM checkpoint read with ``AutoModel``) and a missing pooler (nothing here reads it) are
+    only logged.
+    """
+    base = model.base_model_prefix
+    own = {name for name, _ in model.named_children()} | {name for name, _ in model.base_model.named_children()}
+
+    def is_own(key: str) -> bool:
+        head = key.removeprefix(f"{base}.").split(".")[0] if base else key.split(".")[0]
+        return head in own or key.startswith(f"{base}.")
+
+    missing = sorted(info.get("missing_keys") or [])
+    ignored_missing = [k for k in missing if ".pooler." in f".{k}"]
+    missing = [k for k in missing if k not in ignored_missing]
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    ignored_unexpected = [k for k in unexpected if not is_own(k)]
+    unexpected = [k for k in unexpected if is_own(k)]
+    mismatched = [f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in sorted(info.get("mismatched_keys") or [],
+                                                                                  key=lambda t: t[0])]
+    errors = [str(e).splitlines()[0] for e in info.get("error_msgs") or []]
+    if ignored_missing or ignored_unexpected:
+        logger.info("%s: not loaded (unused here): %s; left at initialisation: %s", path,
+                    ignored_unexpected[:5], ignored_missing)
+    if missing or unexpected or mismatched or errors:
+
+        def some(keys: list[str]) -> str:
+            return f"{len(keys)} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+
+        cfg = model.config
+        layers = getattr(cfg, "num_hidden_layers", None)
+        msg = (f"checkpoint {path} does not match its config.json ({type(model).__name__} via {auto}"
+               f"{f', {layers} layers' if layers is not None else ''}): missing keys {some(missing)}, unexpected "
+               f"keys {some(unexpected)}, shape mismatches {some(mismatched)}"
+               f"{f', errors {errors[:3]}' if errors else ''}. Nothing was used; fix config.json (e.g. "
+               "num_hidden_layers, hidden_size, intermediate_size) or use the weights it was saved with.")
+        raise CheckpointError(msg)
+
+
 def load_transformers(path: str | Path, device: str | torch.device | None = None, *,
                       dtype: torch.dtype | None = torch.float32):
     """Load a local transformers directory offline, in eval mode, with its adapter attached.
@@ -416,11 +458,22 @@ def load_transformers(path: str | Path, device: str | torch.device | None = None
     if dtype is not None:
         major = int(transformers.__version__.split(".")[0])
         kwargs["dtype" if major >= 5 else "torch_dtype"] = dtype
+    # mismatched shapes are collected and reported below instead of raised half-way; transformers' own load table is
+    # silenced because the decision (refuse) is ours and is said in one line
+    kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        model = auto.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+        model, info = auto.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         msg = f"could not load {path} with {auto.__name__} (offline): {e}"
         raise CheckpointError(msg) from e
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    _check_loading_info(model, info, path, auto.__name__)
+    from ..models.checkpoint import check_finite  # local: keeps this hunk to the loader
+
+    check_finite(model.state_dict(), path)  # a NaN weight would embed every cell as NaN with exit 0
     model.eval()
     if device is not None:
         model.to(device)

@@ -80,6 +80,72 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# args.json fields this package reads, and the JSON type each must have; a wrong type is named with its value so
+# that `"nheads": "eight"` fails as one line about args.json rather than as int()'s "invalid literal".
+_ARG_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    **{k: ("an integer", (int,)) for k in ("nheads", "embsize", "d_hid", "nlayers", "n_bins", "max_seq_len",
+                                            "n_layers_cls")},
+    **{k: ("a number", (int, float)) for k in ("dropout", "pad_value", "mask_value")},
+    "pad_token": ("a string", (str,)),
+    **{k: ("true or false", (bool,)) for k in ("MVC", "explicit_zero_prob")},
+}
+# the smallest value that makes sense for each integer field
+_ARG_MIN = {"nheads": 1, "embsize": 1, "d_hid": 1, "nlayers": 1, "n_bins": 2, "max_seq_len": 2, "n_layers_cls": 1}
+
+
+def check_args(args: dict, where: str | Path = ARGS_FILE) -> None:
+    """Refuse args.json fields of the wrong JSON type or out of range, naming the field, the value and the type."""
+    for field, (expected, types) in _ARG_TYPES.items():
+        if field not in args:
+            continue
+        value = args[field]
+        # JSON true/false are Python bools, and bool is an int subclass: never accept one for a number
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if not ok and int in types and float not in types and isinstance(value, float) and value.is_integer():
+            ok = True  # 8.0 written by a float-minded tool is still 8
+        if not ok:
+            msg = (f"{where}: field {field!r} is {json.dumps(value)} ({type(value).__name__}); expected "
+                   f"{expected}. Fix the value in args.json (published scGPT models use e.g. \"nheads\": 8).")
+            raise _err(msg)
+        if field in _ARG_MIN and value < _ARG_MIN[field]:
+            msg = f"{where}: field {field!r} is {value}; it must be at least {_ARG_MIN[field]}. Fix args.json."
+            raise _err(msg)
+
+
+def check_vocab(vocab: dict[str, int], n_rows: int, where: str | Path = VOCAB_FILE) -> None:
+    """Vocab ids must be unique and index rows of the gene embedding; the offending genes are named."""
+    by_id: dict[int, list[str]] = {}
+    for gene, idx in vocab.items():
+        by_id.setdefault(idx, []).append(gene)
+    shared = {i: g for i, g in by_id.items() if len(g) > 1}
+    if shared:
+        examples = "; ".join(f"id {i}: {', '.join(map(repr, g[:4]))}" for i, g in sorted(shared.items())[:5])
+        msg = (f"{where} gives the same id to several genes ({len(shared)} ids shared, e.g. {examples}); each gene "
+               "needs its own embedding row. Use the vocab.json shipped with these weights.")
+        raise _err(msg)
+    outside = sorted((i, g[0]) for i, g in by_id.items() if not 0 <= i < n_rows)
+    if outside:
+        examples = ", ".join(f"{g!r}: {i}" for i, g in outside[:5])
+        msg = (f"{where} has {len(outside)} ids outside the gene embedding's rows 0..{n_rows - 1} (e.g. {examples}); "
+               "the vocab and weights come from different models. Use the vocab.json shipped with these weights.")
+        raise _err(msg)
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse a checkpoint with NaN or infinite weights: every cell would embed as NaN while the run succeeds."""
+    bad = []
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            n = int((~torch.isfinite(value)).sum())
+            if n:
+                bad.append(f"{key} ({n} of {value.numel()})")
+    if bad:
+        msg = (f"checkpoint {where} has non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+               f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. The file is corrupt or training diverged; "
+               "use an earlier or re-downloaded checkpoint.")
+        raise _err(msg)
+
+
 def config_from_state(state: dict[str, torch.Tensor], args: dict, vocab: dict[str, int]) -> ScGPTConfig:
     """Derive every size from the tensors; only `nheads` must come from args.json."""
     if "encoder.embedding.weight" not in state:
@@ -100,7 +166,18 @@ def config_from_state(state: dict[str, torch.Tensor], args: dict, vocab: dict[st
     if "nheads" not in args:
         raise _err("args.json has no 'nheads': the number of attention heads cannot be derived from the "
                    "weights. Add it (published scGPT models use \"nheads\": 8).")
+    check_args(args)
     nhead = int(args["nheads"])
+    # args.json sizes are redundant with the tensors; when they disagree the file lost blocks or rows (a checkpoint
+    # missing its last block would otherwise load as a shallower model without a word)
+    derived = {"nlayers": nlayers, "embsize": d_model, "d_hid": d_hid}
+    differ = [f"{k} {int(args[k])} in args.json vs {v} in the weights" for k, v in derived.items()
+              if k in args and int(args[k]) != v]
+    if differ:
+        msg = (f"args.json and the weights disagree: {'; '.join(differ)}. The weights file is incomplete or belongs to "
+               "another model; use the files shipped together.")
+        raise _err(msg)
+    check_vocab(vocab, ntoken)
     if len(vocab) != ntoken:
         raise _err(f"vocab.json has {len(vocab)} entries but the gene embedding has {ntoken} rows; the vocab "
                    "and weights come from different models. Use the vocab.json shipped with these weights.")
@@ -140,10 +217,12 @@ def load_scgpt(path: str | Path, device: str | torch.device | None = None) -> Sc
         raise _err(f"{path / ARGS_FILE} must hold a JSON object of training arguments.")
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise _err(f"{path / VOCAB_FILE} must map gene symbols to integer ids ({{\"GAPDH\": 17, ...}}).")
+    check_args(args, path / ARGS_FILE)  # cheap, so before the weights are read
     state = rename_official_keys(_read_state(path / WEIGHTS_FILE))
     if any(k.startswith("batch_encoder.") or k.startswith("dsbn.") for k in state):
         raise _err("this checkpoint was fine-tuned with batch labels (batch_encoder/dsbn keys); only the "
                    "pretrained foundation models (no batch conditioning) are supported.")
+    check_finite(state, path / WEIGHTS_FILE)
     config = config_from_state(state, args, vocab)
     model = ScGPTModel(config, vocab=vocab, args=args)
     expected = set(model.state_dict())
