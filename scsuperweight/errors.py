@@ -15,3 +15,11 @@ class DataError(SSWError, ValueError):
 
 class HookError(SSWError, RuntimeError):
     """Instrumentation did not behave as requested (unknown site, a hook that never fired)."""
+
+
+class OptionError(SSWError, ValueError):
+    """An option (a number, a device, a case/control level) holds a value the run cannot use."""
+
+
+class OutputError(SSWError, OSError):
+    """An output path cannot be written as asked (a file where a directory is needed, no permission, ...)."""
