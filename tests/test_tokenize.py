@@ -282,7 +282,7 @@ def test_empty_cells_and_allow_empty():
     X = adata.X.toarray()
     X[[2, 7]] = 0
     adata.X = sp.csr_matrix(X)
-    with pytest.raises(DataError, match=r"2 cells have no counts in any vocab gene \(e.g. c2, c7\)"):
+    with pytest.raises(DataError, match=r"2 of \d+ cells have no counts in any vocab gene \(e.g. c2, c7\)"):
         tokenize_anndata(adata, make_vocab())
     tok = tokenize_anndata(adata, make_vocab(), allow_empty=True)
     assert tok.lengths[2] == tok.lengths[7] == 1

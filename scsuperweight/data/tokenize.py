@@ -170,6 +170,13 @@ class TokenizedCells:
     pad_value: float
     cls_token_id: int
     genes: GeneMatch | None = None
+    # cells with no counted vocab gene (see `tokenize_anndata`'s `empty`): with "keep" they are here as `<cls>` alone
+    # and flagged, so their embeddings can be set to NaN; with "drop" they are gone and `source_index` says which
+    # input rows the remaining cells are
+    empty_mask: np.ndarray | None = None  # (n_cells,) bool, True for a kept empty cell
+    source_index: np.ndarray | None = None  # (n_cells,) positions of these cells in the tokenised AnnData
+    n_empty: int = 0  # empty cells found in the input, whatever the policy
+    empty_policy: str = "error"
 
     @property
     def n_cells(self) -> int:
@@ -184,7 +191,25 @@ class TokenizedCells:
         lengths = self.lengths[cells]
         take = ragged_take(self.indptr, cells)
         return TokenizedCells(np.concatenate([[0], np.cumsum(lengths)]), self.gene_ids[take], self.values[take],
-                              self.pad_token_id, self.pad_value, self.cls_token_id, self.genes)
+                              self.pad_token_id, self.pad_value, self.cls_token_id, self.genes,
+                              empty_mask=None if self.empty_mask is None else self.empty_mask[cells],
+                              source_index=None if self.source_index is None else self.source_index[cells],
+                              n_empty=self.n_empty, empty_policy=self.empty_policy)
+
+    def empty_summary(self) -> dict:
+        """What happened to cells without counts, as plain values for ``uns[...]["params"]`` and run.json."""
+        n_in = self.n_cells + (self.n_empty if self.empty_policy == "drop" else 0)
+        return {"empty": self.empty_policy, "n_empty": int(self.n_empty), "n_cells_in": int(n_in),
+                "n_cells_out": int(self.n_cells)}
+
+    def mask_embeddings(self, emb: np.ndarray) -> np.ndarray:
+        """`emb` (n_cells x d) with the rows of kept empty cells set to NaN: `<cls>` alone is no measurement."""
+        emb = np.asarray(emb)
+        if self.empty_mask is None or not self.empty_mask.any():
+            return emb
+        out = emb.astype(np.result_type(emb.dtype, np.float32))  # a copy, and a dtype that holds NaN
+        out[self.empty_mask] = np.nan
+        return out
 
 
 def tokenize_counts(X: sp.csr_matrix, token_ids: np.ndarray, *, cls_token_id: int, pad_token_id: int,
@@ -228,14 +253,30 @@ def tokenize_counts(X: sp.csr_matrix, token_ids: np.ndarray, *, cls_token_id: in
     return TokenizedCells(new_indptr, gene_ids, values, pad_token_id, float(pad_value), cls_token_id, genes)
 
 
+EMPTY_POLICIES = ("error", "drop", "keep")
+
+
 def tokenize_anndata(adata, vocab: dict[str, int], *, gene_key: str | None = None, layer: str | None = None,
                      n_bins: int = 51, max_seq_len: int = 1200, pad_value: float = -2.0,
                      pad_token: str = "<pad>", cls_token: str = "<cls>", include_zero_genes: bool = False,
-                     seed: int = 0, allow_empty: bool = False) -> TokenizedCells:
+                     seed: int = 0, empty: str = "error", allow_empty: bool | None = None) -> TokenizedCells:
     """Validate an AnnData of raw counts and tokenise it for an scGPT model with vocab `vocab`.
 
-    Cells without any counted vocab gene raise (or, with ``allow_empty=True``, keep only `<cls>`).
+    Parameters
+    ----------
+    empty
+        What to do with cells that have no counts in any vocab gene (common when a panel shares few genes with the
+        vocab): ``"error"`` refuses, naming how many; ``"drop"`` leaves them out (``source_index`` maps the rest
+        back to `adata`); ``"keep"`` keeps them as ``<cls>`` alone, flagged in ``empty_mask`` so their embeddings
+        can be set to NaN (`TokenizedCells.mask_embeddings`). The count is in ``n_empty`` either way.
+    allow_empty
+        Older spelling: True is ``empty="keep"``.
     """
+    if allow_empty:
+        empty = "keep"
+    if empty not in EMPTY_POLICIES:
+        msg = f"empty={empty!r} is not a policy for cells without counts; pass one of {EMPTY_POLICIES}."
+        raise DataError(msg)
     if adata.n_obs == 0 or adata.n_vars == 0:
         msg = f"the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
         raise DataError(msg)
@@ -245,12 +286,30 @@ def tokenize_anndata(adata, vocab: dict[str, int], *, gene_key: str | None = Non
             raise DataError(msg)
     genes = match_genes(adata, vocab, gene_key=gene_key)
     X = get_counts(adata, genes, layer=layer)
-    empty = np.flatnonzero(np.diff(X.indptr) == 0)
-    if len(empty) and not allow_empty:
-        names = ", ".join(map(str, adata.obs_names[empty[:5]]))
-        msg = (f"{len(empty)} cells have no counts in any vocab gene (e.g. {names}); filter them first "
-               "(sc.pp.filter_cells(adata, min_genes=1) on the matched genes) or pass allow_empty=True.")
-        raise DataError(msg)
-    return tokenize_counts(X, genes.token_ids, cls_token_id=vocab[cls_token], pad_token_id=vocab[pad_token],
-                           pad_value=pad_value, n_bins=n_bins, max_seq_len=max_seq_len,
-                           include_zero_genes=include_zero_genes, seed=seed, genes=genes)
+    is_empty = np.diff(X.indptr) == 0
+    n_empty = int(is_empty.sum())
+    source_index = None
+    if n_empty:
+        if empty == "error":
+            names = ", ".join(map(str, adata.obs_names[np.flatnonzero(is_empty)[:5]]))
+            msg = (f"{n_empty} of {adata.n_obs} cells have no counts in any vocab gene (e.g. {names}); pass "
+                   "empty='drop' to leave them out or empty='keep' to keep them with NaN embeddings and a mask "
+                   "(--empty drop|keep), or filter them first.")
+            raise DataError(msg)
+        if empty == "drop":
+            if n_empty == adata.n_obs:
+                msg = (f"all {adata.n_obs} cells have no counts in any vocab gene, so empty='drop' leaves nothing; "
+                       "check layer= (raw counts) and gene_key= (symbols the vocab knows).")
+                raise DataError(msg)
+            source_index = np.flatnonzero(~is_empty)
+            X = X[source_index]
+        logger.warning("%d of %d cells have no counts in any vocab gene; empty=%r: %s", n_empty, adata.n_obs, empty,
+                       "left out" if empty == "drop" else "kept with NaN embeddings")
+    tok = tokenize_counts(X, genes.token_ids, cls_token_id=vocab[cls_token], pad_token_id=vocab[pad_token],
+                          pad_value=pad_value, n_bins=n_bins, max_seq_len=max_seq_len,
+                          include_zero_genes=include_zero_genes, seed=seed, genes=genes)
+    tok.empty_mask = is_empty if empty == "keep" else np.zeros(tok.n_cells, dtype=bool)
+    tok.source_index = np.arange(adata.n_obs) if source_index is None else source_index
+    tok.n_empty = n_empty
+    tok.empty_policy = empty
+    return tok
