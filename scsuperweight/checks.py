@@ -117,6 +117,23 @@ def check_device(device, *, option: str = "--device") -> str:
     return str(dev)
 
 
+# ---------------------------------------------------------------- model argument
+
+def check_model(model, *, argument: str = "model") -> None:
+    """A loaded model, not None or a path string passed where the model object belongs."""
+    if model is None:
+        msg = (f"{argument} is None; pass a loaded model, e.g. {argument}=ssw.load_model('demo') or "
+               "ssw.load_model('path/to/scGPT_brain').")
+        raise OptionError(msg)
+    if isinstance(model, str | os.PathLike):
+        msg = (f"{argument} is the path {os.fspath(model)!r}, not a model; load it first: "
+               f"{argument}=ssw.load_model({os.fspath(model)!r}).")
+        raise OptionError(msg)
+    if not callable(getattr(model, "forward", None)) or not callable(getattr(model, "state_dict", None)):
+        msg = (f"{argument} is a {type(model).__name__}, not a torch model; pass what ssw.load_model(...) returns.")
+        raise OptionError(msg)
+
+
 # ---------------------------------------------------------------- obs keys
 
 def check_obs_key(adata, key: str, *, option: str = "--label-key", allow_missing: bool = False) -> pd.Series:

@@ -97,6 +97,19 @@ def test_device_strings():
             C.check_device(f"cuda:{torch.cuda.device_count()}")
 
 
+# ---------------------------------------------------------------- model argument
+
+def test_model_argument():
+    import torch
+
+    C.check_model(torch.nn.Linear(2, 2))
+    for bad, needle in ((None, "model is None; pass a loaded model"), ("demo", "not a model; load it first"),
+                        ({"a": 1}, "is a dict, not a torch model")):
+        with pytest.raises(OptionError) as e:
+            C.check_model(bad)
+        assert needle in one_line(e)
+
+
 # ---------------------------------------------------------------- obs keys
 
 def test_obs_key_missing_suggests_close(adata):
