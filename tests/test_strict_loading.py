@@ -161,3 +161,13 @@ def test_transformers_head_not_built_is_tolerated(bert, tmp_path):
     model = ssw.load_model(other)
     assert type(model).__name__ == "BertModel"
     assert torch.isfinite(model.embeddings.word_embeddings.weight).all()
+
+
+def test_transformers_legacy_position_ids_buffer_is_not_an_error(bert):
+    # older transformers saved `embeddings.position_ids` (Geneformer's published weights have it): not a weight
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(bert / "model.safetensors")
+    state["bert.embeddings.position_ids"] = torch.arange(32)[None]
+    save_file(state, bert / "model.safetensors", metadata={"format": "pt"})
+    assert ssw.load_model(bert).config.num_hidden_layers == 2
