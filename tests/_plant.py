@@ -7,8 +7,8 @@ import scipy.sparse as sp
 import torch
 
 from scsuperweight.data import iter_batches, tokenize_counts
-from scsuperweight.instrument import Trace
 from scsuperweight.models import ScGPTConfig, ScGPTModel
+from scsuperweight.standin import plant_superweight
 
 
 def tiny_model(seed: int = 0, *, n_genes: int = 120, d_model: int = 32, nlayers: int = 3, nhead: int = 4,
@@ -34,29 +34,8 @@ def tiny_batches(model: ScGPTModel, n_cells: int = 24, seed: int = 0, batch_size
     return list(iter_batches(tiny_tokens(model, n_cells, seed), batch_size))
 
 
-@torch.no_grad()
 def plant_cls_superweight(model: ScGPTModel, batches, layer: int, row: int, hidden: int, magnitude: float = 200.0
                           ) -> None:
     """Make hidden unit `hidden` of block `layer` fire only on `<cls>`, and W2[row, hidden] write a spike of about
-    `magnitude` into channel `row` of the FFN output there (a super weight and its super activation)."""
-    site = f"L{layer}.ffn_in"
-    with Trace(model, [site], keep=[site], reductions=False) as tr:
-        for b in batches:
-            tr.run(b)
-    xs, gene_rows = [], []
-    for x, b in zip(tr.full[site], batches):
-        xs.append(x[:, 0, :])  # <cls>
-        gene_rows.append(x[:, 1:, :][~b.padding_mask[:, 1:]])
-    cls_x, gene_x = torch.cat(xs).double(), torch.cat(gene_rows).double()
-    w = cls_x.mean(0) - gene_x.mean(0)
-    w = w / w.norm()
-    cls_proj, gene_proj = cls_x @ w, gene_x @ w
-    lo, hi = float(gene_proj.max()), float(cls_proj.min())
-    assert hi > lo, "cls inputs are not separable along the mean difference"
-    bias = -(lo + hi) / 2
-    scale = 1.0 / (hi - lo)
-    lin1, lin2 = model.transformer_encoder.layers[layer].linear1, model.transformer_encoder.layers[layer].linear2
-    lin1.weight[hidden] = (w * scale).float()
-    lin1.bias[hidden] = float(bias * scale)
-    act = float(((cls_x @ w + bias) * scale).mean())  # activation of the unit on <cls>, ~0.5
-    lin2.weight[row, hidden] = magnitude / act
+    `magnitude` into channel `row` of the FFN output there (`scsuperweight.standin.plant_superweight`)."""
+    plant_superweight(model, layer=layer, row=row, col=hidden, batches=batches, magnitude=magnitude)
