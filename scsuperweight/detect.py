@@ -290,15 +290,10 @@ def find_superweights(model, batches: Iterable | None = None, **options) -> pd.D
     return scan(model, batches, **options).candidates
 
 
-def weight_screen(model, *, top_k: int = 3, min_ratio: float = 10.0) -> pd.DataFrame:
-    """Weight-only first pass (no forward pass): outlier scalars of projections and outlier LN dimensions.
-
-    Score = |w| / median |w| of that parameter. Rows carry ``screen="weight_only"``; they are leads to test, never
-    a verdict (post-norm models and genomic LMs show weight outliers that do not matter causally).
-    """
-    adapter = get_adapter(model)
-    rows = []
-    seen = set()
+def screen_targets(adapter: Adapter) -> list[tuple[Site, str, str]]:
+    """(site, candidate kind, parameter) of every parameter a screen ranks, once each: the projections that write
+    a site (FFN down-projection, attention output) and the gain and bias of the norms whose output is a site."""
+    out, seen = [], set()
     for site in adapter.sites.values():
         targets = []
         if site.proj_param:
@@ -307,29 +302,41 @@ def weight_screen(model, *, top_k: int = 3, min_ratio: float = 10.0) -> pd.DataF
         if site.kind.endswith("_out") and (site.norm_weight or site.norm_bias):
             targets += [(K.KIND_LN_WEIGHT, site.norm_weight), (K.KIND_LN_BIAS, site.norm_bias)]
         for kind, pname in targets:
-            if not pname or pname in seen:
-                continue
-            seen.add(pname)
-            w = adapter.param(pname).detach().float().cpu()
-            a = w.abs()
+            if pname and pname not in seen:
+                seen.add(pname)
+                out.append((site, kind, pname))
+    return out
+
+
+def weight_screen(model, *, top_k: int = 3, min_ratio: float = 10.0) -> pd.DataFrame:
+    """Weight-only first pass (no forward pass): outlier scalars of projections and outlier LN dimensions.
+
+    Score = |w| / median |w| of that parameter. Rows carry ``screen="weight_only"``; they are leads to test, never
+    a verdict (post-norm models and genomic LMs show weight outliers that do not matter causally).
+    """
+    adapter = get_adapter(model)
+    rows = []
+    for site, kind, pname in screen_targets(adapter):
+        w = adapter.param(pname).detach().float().cpu()
+        a = w.abs()
+        med = float(a.median())
+        if kind == K.KIND_LN_WEIGHT:  # gains sit around 1: deviation from the typical gain is the outlier
+            a = (w - w.median()).abs()
             med = float(a.median())
-            if kind == K.KIND_LN_WEIGHT:  # gains sit around 1: deviation from the typical gain is the outlier
-                a = (w - w.median()).abs()
-                med = float(a.median())
-            if med == 0:
-                continue
-            flat = a.reshape(-1)
-            k = min(top_k, flat.numel())
-            vals, idx = flat.topk(k)
-            for v, i in zip(vals.tolist(), idx.tolist()):
-                ratio = v / med
-                coord = np.unravel_index(i, tuple(w.shape))
-                row, col = int(coord[0]), (int(coord[1]) if len(coord) > 1 else None)
-                rows.append({"candidate": adapter.candidate_id(pname, coord), "kind": kind, "layer": site.layer,
-                             "param": pname, "row": row, "col": col, "value": float(w.reshape(-1)[i]),
-                             "spike": np.nan, "spike_ratio": np.nan, "token": "", "stability": np.nan,
-                             "weight_ratio": ratio, "above_threshold": ratio >= min_ratio,
-                             "screen": "weight_only", "threshold_ratio": min_ratio})
+        if med == 0:
+            continue
+        flat = a.reshape(-1)
+        k = min(top_k, flat.numel())
+        vals, idx = flat.topk(k)
+        for v, i in zip(vals.tolist(), idx.tolist()):
+            ratio = v / med
+            coord = np.unravel_index(i, tuple(w.shape))
+            row, col = int(coord[0]), (int(coord[1]) if len(coord) > 1 else None)
+            rows.append({"candidate": adapter.candidate_id(pname, coord), "kind": kind, "layer": site.layer,
+                         "param": pname, "row": row, "col": col, "value": float(w.reshape(-1)[i]),
+                         "spike": np.nan, "spike_ratio": np.nan, "token": "", "stability": np.nan,
+                         "weight_ratio": ratio, "above_threshold": ratio >= min_ratio,
+                         "screen": "weight_only", "threshold_ratio": min_ratio})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
