@@ -1,0 +1,437 @@
+"""A plan before the work: what a run will compute, how many FLOPs that is, and how long it will take here.
+
+The forward FLOPs are counted from the architecture (matmuls only, 2 FLOPs per multiply-add; norms, softmax and
+activations are a few percent and left out). Per cell of L tokens, d = d_model, per encoder block:
+QKV and output projections 8·L·d², FFN 4·L·d·d_hid, attention scores and mixing 4·L²·d; the value encoder
+2·L·d² (+ 2·L·d); the expression decoder 4·L·d² (+ 2·L·d); the MVC decoder 4·L·d² (+ 2·L·d).
+At the published size (d=512, 12 blocks) and L=1,200 that is about 80 GFLOP per cell.
+
+A prune condition edits parameters and reruns only the blocks from the first edited one (prune caches every block
+input once), over the masked cells with the decoders and over the plain cells without them. A short calibration
+forward on the device gives its FLOP rate; FLOPs / rate is the estimated wall time.
+
+`choose_budget` turns a time budget into knob settings, cutting in an order that protects validity first (see its
+docstring), and says why in words.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import DataError
+
+# ------------------------------------------------------------------------------------------------------------
+# FLOPs from the architecture
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _arch(config) -> tuple[int, int, int, bool]:
+    """(d_model, d_hid, nlayers, mvc) from an `ScGPTConfig` or a mapping with those fields."""
+    get = config.get if isinstance(config, Mapping) else (lambda k, default=None: getattr(config, k, default))
+    return int(get("d_model")), int(get("d_hid")), int(get("nlayers")), bool(get("mvc", True))
+
+
+def block_flops(d: int, d_hid: int, n_tokens) -> np.ndarray | float:
+    """Forward FLOPs of one post-norm encoder block for one cell of `n_tokens` tokens (array-friendly)."""
+    L = np.asarray(n_tokens, dtype=float)
+    return 8 * L * d * d + 4 * L * d * d_hid + 4 * L * L * d
+
+
+def encoder_flops(d: int, n_tokens) -> np.ndarray | float:
+    """Gene embedding (a lookup: 0) and the continuous value encoder, Linear(1, d) and Linear(d, d)."""
+    L = np.asarray(n_tokens, dtype=float)
+    return 2 * L * d + 2 * L * d * d
+
+
+def decoder_flops(d: int, n_tokens, *, mvc: bool = True) -> np.ndarray | float:
+    """Expression decoder (Linear d-d, d-d, d-1) and, with `mvc`, the MVC decoder (gene2query, W, inner product)."""
+    L = np.asarray(n_tokens, dtype=float)
+    expr = 4 * L * d * d + 2 * L * d
+    return expr + (4 * L * d * d + 2 * L * d if mvc else 0.0)
+
+
+def forward_flops(config, n_tokens, *, first_layer: int = -1, decoders: bool = True) -> float:
+    """FLOPs of one forward of one cell from block `first_layer` on (-1: from the input encoders; nlayers: the
+    decoders only), summed over cells when `n_tokens` is an array of per-cell lengths."""
+    d, d_hid, nlayers, mvc = _arch(config)
+    blocks = nlayers - max(first_layer, 0)
+    total = blocks * block_flops(d, d_hid, n_tokens)
+    if first_layer < 0:
+        total = total + encoder_flops(d, n_tokens)
+    if decoders:
+        total = total + decoder_flops(d, n_tokens, mvc=mvc)
+    return float(np.sum(total))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# calibration
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One short timed forward on the device: its FLOPs, seconds and the rate they give."""
+
+    flop_rate: float  # FLOP/s
+    seconds: float
+    flops: float
+    n_cells: int
+    n_tokens: int
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def calibrate(model, *, n_tokens: int = 256, n_cells: int = 2, repeats: int = 2, seed: int = 0) -> Calibration:
+    """Time a real forward (encoders, blocks, both decoders) of `n_cells` synthetic cells of `n_tokens` tokens
+    after one warm-up; the fastest of `repeats` gives the FLOP rate. Weights are not touched."""
+    net = getattr(model, "model", model)
+    device = next(net.parameters()).device
+    rng = np.random.default_rng(seed)
+    genes = np.array([v for k, v in net.vocab.items() if not k.startswith("<")])
+    n = int(min(n_tokens - 1, len(genes)))
+    src = np.stack([np.concatenate([[net.vocab["<cls>"]], rng.choice(genes, n, replace=False)])
+                    for _ in range(n_cells)])
+    vals = rng.integers(1, net.config.n_bins, src.shape).astype(np.float32)
+    vals[:, 0] = net.config.pad_value
+    src_t, vals_t = torch.from_numpy(src).to(device), torch.from_numpy(vals).to(device)
+    was_training = net.training
+    net.eval()
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        net(src_t, vals_t, None)
+        if device.type == "cuda":  # the one host synchronisation, outside any per-condition loop
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    try:
+        once()
+        seconds = min(once() for _ in range(max(1, repeats)))
+    finally:
+        net.train(was_training)
+    flops = forward_flops(net.config, np.full(n_cells, n + 1))
+    return Calibration(flops / max(seconds, 1e-9), seconds, flops, n_cells, n + 1, str(device))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------------------------
+
+
+def condition_kind(name: str) -> str:
+    """``prune:L2.linear2.w[6,17]`` -> ``prune``; ``baseline`` -> ``baseline``."""
+    return str(name).split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will compute, its forward FLOPs and (with a FLOP rate) its estimated wall time."""
+
+    conditions_by_kind: dict  # kind -> number of conditions
+    blocks_by_kind: dict  # kind -> blocks rerun per condition (mean over the kind's conditions, per pass)
+    flops_by_stage: dict  # embed, scan, cache, conditions (and per kind under "conditions:<kind>")
+    n_cells: int
+    tokens_per_cell: float  # mean tokens per cell after max_seq_len
+    max_seq_len: int | None
+    scan_cells: int
+    scan_rounds: int
+    total_flops: float
+    flop_rate: float | None = None  # FLOP/s from a calibration forward
+    overhead_seconds: float = 0.0  # non-forward work (metrics, bootstrap), estimated
+    device: str = ""
+    notes: tuple = field(default_factory=tuple)
+
+    @property
+    def n_conditions(self) -> int:
+        return int(sum(self.conditions_by_kind.values()))
+
+    @property
+    def forward_seconds(self) -> float:
+        return float("nan") if not self.flop_rate else self.total_flops / self.flop_rate
+
+    @property
+    def est_seconds(self) -> float:
+        return self.forward_seconds + self.overhead_seconds
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(n_conditions=self.n_conditions, forward_seconds=self.forward_seconds,
+                 est_seconds=self.est_seconds, notes=list(self.notes))
+        return d
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per stage and per condition kind: count, blocks rerun, FLOPs, share and seconds."""
+        rows = []
+        for stage, flops in self.flops_by_stage.items():
+            kind = stage.split(":", 1)[1] if stage.startswith("conditions:") else ""
+            if stage == "conditions":
+                continue
+            rows.append({"stage": "conditions" if kind else stage, "kind": kind,
+                         "n": self.conditions_by_kind.get(kind, np.nan) if kind else np.nan,
+                         "blocks_per_condition": self.blocks_by_kind.get(kind, np.nan) if kind else np.nan,
+                         "flops": flops, "share": flops / self.total_flops if self.total_flops else np.nan,
+                         "seconds": flops / self.flop_rate if self.flop_rate else np.nan})
+        return pd.DataFrame(rows)
+
+
+def _lengths(tokens, max_seq_len: int | None) -> np.ndarray:
+    L = np.atleast_1d(np.asarray(tokens, dtype=float))
+    if L.size == 0 or (L < 1).any():
+        msg = f"tokens per cell must be >= 1 (got {tokens!r}); pass each cell's token count or one number."
+        raise DataError(msg)
+    return np.minimum(L, max_seq_len) if max_seq_len else L
+
+
+def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, tokens, max_seq_len: int | None = None,
+              scan_cells: int = 0, scan_rounds: int = 2, embed: bool = False, flop_rate: float | None = None,
+              overhead_seconds: float = 0.0, device: str = "", notes: Sequence[str] = ()) -> Plan:
+    """Plan a run.
+
+    Parameters
+    ----------
+    config
+        The model's `ScGPTConfig` (or a mapping with d_model, d_hid, nlayers, mvc).
+    conditions
+        ``(name_or_kind, first_layer)`` per prune condition, in any order: the kind is the name up to ``:``;
+        `first_layer` is the first block the condition's edits enter (-1 for the input encoders, nlayers for the
+        decoders; ``adapter.first_layer_of(param)``, the minimum over a condition's edits).
+    n_cells
+        Cells measured per condition (masked and plain passes over the same cells).
+    tokens
+        Tokens per cell (with `<cls>`): one number, or an array of per-cell counts (sampled cells, or a sample of
+        them); `max_seq_len` caps each.
+    scan_cells, scan_rounds
+        Cells and rounds of the activation scan (0: no scan in this run).
+    embed
+        Whether the run embeds every cell once more (the embed step).
+    flop_rate
+        FLOP/s on this device (`calibrate`); without it the plan has FLOPs but no time.
+    """
+    L = _lengths(tokens, max_seq_len)
+    d, d_hid, nlayers, mvc = _arch(config)
+    per_cell = lambda first, dec: forward_flops(config, L, first_layer=first, decoders=dec) / L.size  # noqa: E731
+    counts: Counter = Counter()
+    blocks: dict[str, list[int]] = {}
+    cond_flops: Counter = Counter()
+    for name, first in conditions:
+        kind = condition_kind(name)
+        first = int(first)
+        counts[kind] += 1
+        blocks.setdefault(kind, []).append(nlayers - max(min(first, nlayers), 0))
+        # masked pass with the decoders, plain pass for the cell embedding only
+        cond_flops[kind] += n_cells * (per_cell(first, True) + per_cell(first, False))
+    stages = {}
+    if embed:
+        stages["embed"] = n_cells * per_cell(-1, False)
+    if scan_cells:
+        stages["scan"] = scan_rounds * scan_cells * per_cell(-1, True)
+    if conditions:
+        stages["cache"] = 2 * n_cells * per_cell(-1, False)  # every block input, once, for both passes
+    stages["conditions"] = float(sum(cond_flops.values()))
+    stages.update({f"conditions:{k}": float(v) for k, v in cond_flops.items()})
+    total = sum(v for k, v in stages.items() if not k.startswith("conditions:"))
+    return Plan(dict(counts), {k: float(np.mean(v)) for k, v in blocks.items()}, stages, int(n_cells),
+                float(L.mean()), max_seq_len, int(scan_cells), int(scan_rounds), float(total), flop_rate,
+                float(overhead_seconds), device, tuple(notes))
+
+
+def _si(x: float, unit: str) -> str:
+    for div, p in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {p}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def format_duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "unknown (no calibration)"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the CLI prints it (a few aligned lines)."""
+    kinds = ", ".join(f"{k} {n}" for k, n in plan.conditions_by_kind.items())
+    lines = [f"plan: {plan.n_conditions} conditions ({kinds}) over {plan.n_cells} cells, "
+             f"{plan.tokens_per_cell:.0f} tokens per cell"
+             + (f" (max_seq_len {plan.max_seq_len})" if plan.max_seq_len else "")]
+    for _, r in plan.to_frame().iterrows():
+        what = f"{r['stage']}:{r['kind']}" if r["kind"] else r["stage"]
+        extra = f" x{int(r['n'])}, {r['blocks_per_condition']:.1f} blocks each" if r["kind"] else ""
+        secs = f", {format_duration(r['seconds'])}" if np.isfinite(r["seconds"]) else ""
+        lines.append(f"  {what:<22} {_si(r['flops'], 'FLOP'):>11}{extra}{secs}")
+    rate = f" at {_si(plan.flop_rate, 'FLOP/s')} measured on {plan.device or 'this device'}" if plan.flop_rate else ""
+    over = f" + {format_duration(plan.overhead_seconds)} metrics" if plan.overhead_seconds else ""
+    lines.append(f"  total {_si(plan.total_flops, 'FLOP')}{rate}: about {format_duration(plan.est_seconds)}{over}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# budgets
+# ------------------------------------------------------------------------------------------------------------
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
+
+
+def parse_budget(text: str | float | int) -> float:
+    """``"15m"``, ``"90s"``, ``"2h"``, ``"1h30m"`` or a number of seconds -> seconds (> 0)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = _PART.findall(s)
+        if s.replace(".", "", 1).isdigit():
+            seconds = float(s)
+        elif not parts or "".join(a + b for a, b in parts) != s or any(u not in _UNITS for _, u in parts):
+            msg = f"budget {text!r} is not a duration; write e.g. 90s, 15m, 2h or 1h30m."
+            raise DataError(msg)
+        else:
+            seconds = sum(float(a) * _UNITS[u] for a, u in parts)
+    if not (np.isfinite(seconds) and seconds > 0):
+        msg = f"budget {text!r} must be a positive duration; write e.g. 90s, 15m, 2h or 1h30m."
+        raise DataError(msg)
+    return seconds
+
+
+def min_draws(alpha: float) -> int:
+    """Fewest random draws whose smallest attainable p, 1 / (n + 1), is below `alpha`."""
+    n = max(1, math.floor(1 / alpha))
+    while 1 / (n + 1) >= alpha:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """Knob settings that fit a budget, the plan they give, and why each knob has its value."""
+
+    budget_seconds: float
+    cells_per_label: int
+    max_seq_len: int
+    n_random: int
+    n_boot: int
+    scan_cells: int
+    est_seconds: float
+    feasible: bool
+    reasons: tuple
+    plan: Plan | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["plan"] = None if self.plan is None else self.plan.to_dict()
+        d["reasons"] = list(self.reasons)
+        return d
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{k: v for k, v in self.to_dict().items() if k not in ("plan", "reasons")}])
+
+
+# the order in which knobs give way, each down to its floor; the first ones cost the least validity
+BUDGET_ORDER = ("scan_cells", "n_boot", "max_seq_len", "cells_per_label", "n_random")
+_WHY = {
+    "scan_cells": "the scan only proposes candidates and a super activation shows on every cell, so fewer scan "
+                  "cells find the same spikes",
+    "n_boot": "fewer bootstrap resamples make the interval ends noisier, not biased",
+    "max_seq_len": "fewer tokens per cell (scGPT's own random gene subsampling) change what the model sees: "
+                   "fidelity, not validity",
+    "cells_per_label": "fewer cells per cell type widen every interval and lower power",
+    "n_random": "fewer random draws raise the smallest attainable p, kept below alpha",
+}
+
+
+def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_counts: Mapping[str, int],
+                  tokens, fixed_conditions: Sequence[tuple[str, int]], null_layers: Sequence[int],
+                  alpha: float = 0.05, n_random: int = 40, n_boot: int = 200, max_seq_len: int = 1200,
+                  scan_cells: int = 1000, scan_rounds: int = 2, cells_per_label: int | None = None,
+                  min_cells_per_label: int = 20, min_seq_len: int = 256, min_boot: int = 100,
+                  min_scan_cells: int = 64, seconds_per_boot_cell: float = 2e-7,
+                  seconds_per_condition: float = 0.0) -> BudgetChoice:
+    """Pick cells per label, tokens per cell, random draws, bootstrap resamples and scan cells to fit a budget.
+
+    Knobs give way in `BUDGET_ORDER`: scan cells, bootstrap resamples, tokens per cell (max_seq_len), cells per
+    label, random draws; each is set to the largest value that fits with the knobs after it still at their
+    requested values, never below its floor. Two floors protect validity and are never crossed: `n_random` keeps
+    the smallest attainable p = 1 / (n_random + 1) below `alpha` (`min_draws`), and every cell type keeps at least
+    `min_cells_per_label` cells (or all it has). When even the floors do not fit, the floors are returned with
+    ``feasible=False`` and the time they need. The estimate is worst case for the draws (a strong candidate uses
+    every draw; sequential nulls only make a run shorter).
+
+    `fixed_conditions` are the ``(kind, first_layer)`` of every condition but the random draws; `null_layers`
+    the first layer of each parameter whose null is drawn (`n_random` draws each). `label_counts` are the cells
+    available per label, `tokens` each cell's token count (or one number). Non-forward work is modelled as
+    `seconds_per_boot_cell` per resample per cell per condition plus `seconds_per_condition`.
+    """
+    budget = float(budget_seconds)
+    if not budget > 0:
+        msg = f"`budget_seconds` must be > 0; got {budget_seconds!r}."
+        raise DataError(msg)
+    if not label_counts:
+        msg = "`label_counts` is empty: pass the number of cells available per label (e.g. obs[label].value_counts())."
+        raise DataError(msg)
+    counts = np.array([int(v) for v in label_counts.values()])
+    L_all = _lengths(tokens, None)
+    floor_draws = min_draws(alpha)
+    req = {"scan_cells": min(scan_cells, int(counts.sum())), "n_boot": n_boot, "max_seq_len": max_seq_len,
+           "cells_per_label": int(cells_per_label or counts.max()), "n_random": max(n_random, floor_draws)}
+    floors = {"scan_cells": min(min_scan_cells, req["scan_cells"]), "n_boot": min(min_boot, n_boot),
+              "max_seq_len": min(min_seq_len, max_seq_len),
+              "cells_per_label": min(min_cells_per_label, req["cells_per_label"]), "n_random": floor_draws}
+
+    def plan_of(k: dict) -> Plan:
+        n_cells = int(np.minimum(counts, k["cells_per_label"]).sum())
+        conds = list(fixed_conditions) + [("random", lay) for lay in null_layers for _ in range(k["n_random"])]
+        overhead = len(conds) * (seconds_per_condition + seconds_per_boot_cell * k["n_boot"] * n_cells)
+        return make_plan(config, conds, n_cells=n_cells, tokens=L_all, max_seq_len=k["max_seq_len"],
+                         scan_cells=min(k["scan_cells"], int(counts.sum())), scan_rounds=scan_rounds,
+                         flop_rate=flop_rate, overhead_seconds=overhead)
+
+    cost = lambda k: plan_of(k).est_seconds  # noqa: E731
+    knobs = dict(req)
+    reasons = []
+    if cost(knobs) <= budget:
+        reasons.append(f"everything as requested fits: about {format_duration(cost(knobs))} of "
+                       f"{format_duration(budget)}")
+    else:
+        for name in BUDGET_ORDER:
+            lo, hi = floors[name], knobs[name]
+            if cost({**knobs, name: lo}) > budget:
+                knobs[name] = lo
+                if lo < hi:
+                    reasons.append(f"{name} {hi} -> {lo} (its floor): {_WHY[name]}")
+                continue
+            while lo < hi:  # largest value that fits: cost grows with every knob
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if cost({**knobs, name: mid}) <= budget else (lo, mid - 1)
+            if lo < req[name]:
+                reasons.append(f"{name} {req[name]} -> {lo}: {_WHY[name]}")
+            knobs[name] = lo
+            break
+    est = cost(knobs)
+    feasible = est <= budget
+    if not feasible:
+        reasons.append(f"even at every floor the run needs about {format_duration(est)}, over the budget of "
+                       f"{format_duration(budget)}: raise the budget, or pass fewer cells or candidates")
+    reasons.append(f"validity floors kept: n_random >= {floor_draws} (smallest p 1/{floor_draws + 1} < "
+                   f"{alpha:g}), >= {min_cells_per_label} cells per label (or all a label has)")
+    plan = plan_of(knobs)
+    plan = replace(plan, notes=(*plan.notes, *reasons))
+    return BudgetChoice(budget, int(knobs["cells_per_label"]), int(knobs["max_seq_len"]), int(knobs["n_random"]),
+                        int(knobs["n_boot"]), int(knobs["scan_cells"]), float(est), bool(feasible), tuple(reasons),
+                        plan)
