@@ -1,0 +1,217 @@
+"""A resumable on-disk embedding store: an atlas embedded block by block into zarr, an .h5ad at the end.
+
+Hours of embedding must survive a crash. The store is a zarr group with one (n_cells, d) float32 array whose
+zarr chunks are exactly the store's blocks, so writing a block touches no other block's file. A block counts as
+finished only when its marker file exists, and the marker is written (atomically) after the block's data has
+been fsynced: a run killed at any instant leaves each block either finished or redone on resume. `finalize`
+writes ``obs`` + ``obsm`` to an .h5ad through a temporary file and a rename, so a reader never sees half a file.
+
+Blocks are positions in the store's cell order (``cells``, global indices of a `Source`), not file chunks: a
+block that straddles two files is read as two chunks and written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ._log import logger
+from .errors import DataError
+
+_META = "store.json"
+_DONE = "done"
+_ARRAY = "emb"
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under `path` (a block's zarr chunk files) and the folders holding them."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a fsynced temporary file and a rename (readers see old or new, never half)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _names_hash(names) -> str:
+    h = hashlib.sha256()
+    for n in names:
+        h.update(str(n).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class EmbeddingStore:
+    """Embeddings of `obs_names` (in that order) on disk, in blocks of `block_size` cells.
+
+    Parameters
+    ----------
+    path
+        The store folder (created).
+    obs_names
+        The cells, in store order; their hash guards against resuming onto other cells.
+    block_size
+        Cells per block: the unit of work, of writing and of what a crash can lose.
+    key
+        What else must match to resume (e.g. a hash of the model and tokenisation parameters).
+    """
+
+    def __init__(self, path, obs_names, *, block_size: int = 2048, key: str = ""):
+        import zarr
+
+        if block_size < 1:
+            msg = f"block_size must be >= 1, got {block_size}."
+            raise ValueError(msg)
+        self.path = Path(path)
+        self.obs_names = np.asarray(obs_names).astype(str)
+        self.n = len(self.obs_names)
+        self.block_size = int(block_size)
+        meta = {"n_obs": self.n, "block_size": self.block_size, "obs_names": _names_hash(self.obs_names),
+                "key": key}
+        meta_file = self.path / _META
+        if meta_file.exists():
+            old = json.loads(meta_file.read_text())
+            diff = [k for k in meta if old.get(k) != meta[k]]
+            if diff:
+                msg = (f"the embedding store {self.path} was made for other inputs (differs in {diff}); pass a new "
+                       "store path, or delete this one to start over.")
+                raise DataError(msg)
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(meta_file, json.dumps(meta).encode())
+        (self.path / _DONE).mkdir(exist_ok=True)
+        self._group = zarr.open_group(self.path / "zarr", mode="a")
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n // self.block_size)
+
+    def block(self, b: int) -> slice:
+        return slice(b * self.block_size, min((b + 1) * self.block_size, self.n))
+
+    def _marker(self, b: int) -> Path:
+        return self.path / _DONE / f"{b:08d}"
+
+    def is_done(self, b: int) -> bool:
+        return self._marker(b).exists()
+
+    def done_blocks(self) -> list[int]:
+        return sorted(int(p.name) for p in (self.path / _DONE).iterdir() if p.name.isdigit())
+
+    def pending(self, blocks=None) -> list[int]:
+        """The blocks among `blocks` (default all) not finished yet."""
+        done = set(self.done_blocks())
+        return [b for b in (range(self.n_blocks) if blocks is None else blocks) if b not in done]
+
+    def _array(self, d: int):
+        if _ARRAY in self._group:
+            arr = self._group[_ARRAY]
+            if arr.shape[1] != d:
+                msg = f"embedding width {d} differs from the store's {arr.shape[1]}: another model wrote {self.path}."
+                raise DataError(msg)
+            return arr
+        return self._group.create_array(_ARRAY, shape=(self.n, d), chunks=(self.block_size, d), dtype="float32",
+                                        fill_value=np.nan)
+
+    def write(self, b: int, emb: np.ndarray) -> None:
+        """Write block `b` and mark it finished once its data is on disk."""
+        sl = self.block(b)
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != sl.stop - sl.start:
+            msg = f"block {b} needs {sl.stop - sl.start} rows of embeddings, got shape {emb.shape}."
+            raise ValueError(msg)
+        arr = self._array(emb.shape[1])
+        arr[sl] = emb
+        _fsync_tree(self.path / "zarr" / _ARRAY / "c" / str(b))
+        atomic_write_bytes(self._marker(b), b"")
+
+    def read(self) -> np.ndarray:
+        """All embeddings (n, d); raises unless every block is finished."""
+        left = self.pending()
+        if left:
+            msg = f"{len(left)} of {self.n_blocks} blocks of {self.path} are not finished (e.g. block {left[0]})."
+            raise DataError(msg)
+        return np.asarray(self._group[_ARRAY][:])
+
+    def finalize(self, obs, out=None, *, key_added: str = "X_scGPT") -> Path:
+        """Write ``obs`` (rows in store order) and ``obsm[key_added]`` to an .h5ad, atomically.
+
+        Default path: ``<store>/embeddings.h5ad``."""
+        import anndata as ad
+
+        out = self.path / "embeddings.h5ad" if out is None else Path(out)
+        if list(map(str, obs.index)) != self.obs_names.tolist():
+            msg = "finalize(obs=...) needs the store's cells, in store order (obs.index == the store's obs_names)."
+            raise DataError(msg)
+        adata = ad.AnnData(obs=obs.copy(), obsm={key_added: self.read()})
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        adata.write_h5ad(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        logger.info("wrote %s (%d cells)", out, self.n)
+        return out
+
+
+def embed_to_store(source, embed_fn: Callable, store: EmbeddingStore, *, cells=None, blocks=None,
+                   on_block: Callable | None = None) -> int:
+    """Embed the store's blocks that are not finished yet; returns how many blocks this call computed.
+
+    `source` is a `scsuperweight.data.sources.Source`, `cells` the global indices in store order (default all, in
+    order; they must match the store's obs names), `embed_fn(chunk AnnData) -> (n, d) array`. `blocks` restricts the
+    work to some blocks (a rank's shard). `on_block(block, n_done, n_blocks)` is called after each finished block.
+    """
+    cells = np.arange(source.n_obs) if cells is None else np.asarray(cells, dtype=np.int64)
+    if len(cells) != store.n or not np.array_equal(np.asarray(source.obs_names[cells]).astype(str),
+                                                   store.obs_names):
+        msg = "the store's obs names differ from the source's cells: open the store with source.obs_names[cells]."
+        raise DataError(msg)
+    todo = store.pending(blocks)
+    skipped = (store.n_blocks if blocks is None else len(list(blocks))) - len(todo)
+    if skipped:
+        logger.info("resuming %s: %d block(s) already finished", store.path, skipped)
+    done = skipped
+    for b in todo:
+        want = cells[store.block(b)]
+        # iter_chunks reads in global order; the block's cells may be in any order: put rows back in place
+        parts, where = [], []
+        for got, chunk in source.iter_chunks(want, chunk_size=max(len(want), 1)):
+            parts.append(np.asarray(embed_fn(chunk), dtype=np.float32))
+            where.append(got)
+        got = np.concatenate(where)
+        emb = np.concatenate(parts)
+        order = np.argsort(got)
+        emb = emb[order[np.searchsorted(got[order], want)]]
+        store.write(b, emb)
+        done += 1
+        if on_block is not None:
+            on_block(b, done, store.n_blocks)
+    return len(todo)

@@ -1,0 +1,123 @@
+"""The embedding store survives SIGKILL: a resumed run redoes only unfinished blocks and ends bit-identical."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scsuperweight.data.sources import open_source
+from scsuperweight.embedstore import EmbeddingStore, embed_to_store
+from scsuperweight.errors import DataError
+
+# A deterministic stand-in for a model: log1p counts of a fixed gene list (each file's genes matched by name)
+# times a fixed matrix. The sleep makes a block long enough to be killed in the middle of.
+EMBED = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import scipy.sparse as sp
+    GENES = [f"G{i}" for i in range(40)]
+    W = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+
+    def embed_fn(chunk, pause=0.0):
+        X = sp.csr_matrix(chunk.X)
+        pos = {g: i for i, g in enumerate(chunk.var_names)}
+        dense = np.zeros((chunk.n_obs, 40), np.float32)
+        for j, g in enumerate(GENES):
+            if g in pos:
+                dense[:, j] = X[:, pos[g]].toarray().ravel()
+        time.sleep(pause)
+        return np.log1p(dense) @ W
+""")
+
+RUN = EMBED + textwrap.dedent("""
+    from scsuperweight.data.sources import open_source
+    from scsuperweight.embedstore import EmbeddingStore, embed_to_store
+    src = open_source(sys.argv[1])
+    store = EmbeddingStore(sys.argv[2], src.obs_names, block_size=6)
+    embed_to_store(src, lambda c: embed_fn(c, float(sys.argv[3])), store)
+""")
+
+
+@pytest.fixture
+def atlas(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "atlas"
+    folder.mkdir()
+    for d, n in enumerate([14, 9, 20]):
+        genes = rng.permutation([f"G{i}" for i in range(40)])[:35]  # each file its own genes and order
+        X = sp.random(n, 35, density=0.3, random_state=d, format="csr", dtype=np.float32)
+        X.data = np.ceil(X.data * 20)
+        ad.AnnData(X, obs=pd.DataFrame(index=[f"d{d}_{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=genes)).write_h5ad(folder / f"donor{d}.h5ad")
+    script = tmp_path / "run_embed.py"
+    script.write_text(RUN)
+    return folder, script
+
+
+def _namespace():
+    ns: dict = {}
+    exec(EMBED, ns)  # noqa: S102 - the same embed_fn as the subprocess, defined once
+    return ns["embed_fn"]
+
+
+def test_sigkill_resume_identical(atlas, tmp_path):
+    folder, script = atlas
+    embed_fn = _namespace()
+    src = open_source(folder)
+    clean = EmbeddingStore(tmp_path / "clean", src.obs_names, block_size=6)
+    assert embed_to_store(src, embed_fn, clean) == clean.n_blocks == 8
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), str(killed), "0.3"], env=os.environ.copy())
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        done = killed / "done"
+        if done.exists() and len(list(done.iterdir())) >= 3:
+            break
+        assert proc.poll() is None, "the embedding subprocess ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = EmbeddingStore(killed, src.obs_names, block_size=6)
+    finished = store.done_blocks()
+    assert 3 <= len(finished) < store.n_blocks  # killed part-way
+    assert finished == list(range(len(finished)))  # blocks finish in order
+    computed = embed_to_store(src, embed_fn, store)
+    assert computed == store.n_blocks - len(finished)  # only unfinished blocks are redone
+    np.testing.assert_array_equal(store.read(), clean.read())  # bit for bit
+    out = store.finalize(src.obs)
+    back = ad.read_h5ad(out)
+    assert list(back.obs_names) == list(src.obs_names)
+    np.testing.assert_array_equal(back.obsm["X_scGPT"], clean.read())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_sampled_cells_and_guards(atlas, tmp_path):
+    folder, _ = atlas
+    embed_fn = _namespace()
+    src = open_source(folder)
+    cells = np.array([30, 2, 17, 5, 40, 11])  # any order, across files
+    store = EmbeddingStore(tmp_path / "s", src.obs_names[cells], block_size=4)
+    embed_to_store(src, embed_fn, store, cells=cells)
+    full = EmbeddingStore(tmp_path / "f", src.obs_names, block_size=50)
+    embed_to_store(src, embed_fn, full)
+    # rows land in place (a matmul over another batch differs only in rounding)
+    np.testing.assert_allclose(store.read(), full.read()[cells], rtol=1e-5, atol=1e-5)
+    assert embed_to_store(src, embed_fn, store, cells=cells) == 0  # all finished: nothing recomputed
+    with pytest.raises(DataError, match="other inputs"):
+        EmbeddingStore(tmp_path / "s", src.obs_names[:3], block_size=4)
+    half = EmbeddingStore(tmp_path / "h", src.obs_names, block_size=10)
+    embed_to_store(src, embed_fn, half, blocks=[0, 2])
+    assert half.done_blocks() == [0, 2]
+    with pytest.raises(DataError, match="not finished"):
+        half.read()
