@@ -662,3 +662,39 @@ class Trace:
         stats = self.stats
         rows = [self.summary(s.name) for s in self.sites if s.name in stats and stats[s.name].calls]
         return pd.DataFrame(rows)
+
+    # -- several processes ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """The running reductions as plain arrays per site (picklable), to merge traces of several processes."""
+        out = {}
+        for name, st in self.stats.items():
+            store, row = st._store, st._row
+            rec = {field: np.array(getattr(store, field)[row]) for field in _Store._FIELDS}
+            rec["group_top"] = {c: t[row].copy() for c, t in store.group_top.items()}
+            rec["group_cells"] = {c: int(t[row]) for c, t in store.group_cells.items()}
+            out[name] = rec
+        return out
+
+    def merge_state(self, state: dict) -> None:
+        """Fold in another trace's `state` as if its batches had run after this trace's.
+
+        Maxima follow the one-process rule (a later batch wins only when strictly larger), so merging the shards of
+        one batch sequence in order gives the one-process maxima, argmaxes and counts exactly; the float sums
+        (``sum_abs``, ``hist``, ``n_zero``) are added per shard, which can differ from one process in the last bit.
+        """
+        self.flush()
+        for name, rec in state.items():
+            st = self._stats.get(name)
+            if st is None:
+                store = self._stores.setdefault(len(rec["max_abs"]), _Store(len(rec["max_abs"])))
+                st = self._stats[name] = SiteStats(self.adapter.sites[name], store, store.add(name))
+            store, row = st._store, st._row
+            better = rec["max_abs"] > store.max_abs[row]
+            for field in ("max_abs", "arg_cell", "arg_pos", "arg_token"):
+                getattr(store, field)[row] = np.where(better, rec[field], getattr(store, field)[row])
+            for field in ("sum_abs", "top_count", "hist", "n_zero", "n_positions", "n_cells", "calls"):
+                getattr(store, field)[row] += rec[field]
+            for code, top in rec["group_top"].items():
+                top_k, cells_k = store.group(int(code))
+                top_k[row] += top
+                cells_k[row] += rec["group_cells"][code]
