@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_write_bytes, fsync_dir
 from ._log import logger
 from .errors import DataError
 
@@ -37,27 +38,7 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary file and a rename (readers see old or new, never half)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        fsync_dir(Path(root))
 
 
 def _names_hash(names) -> str:
@@ -176,7 +157,7 @@ class EmbeddingStore:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         logger.info("wrote %s (%d cells)", out, self.n)
         return out
 
