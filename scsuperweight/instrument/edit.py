@@ -1,5 +1,5 @@
-"""`edit`: zero or scale chosen scalars (weights, LayerNorm gain/bias dimensions) and patch activations, then put
-everything back bit for bit.
+"""`edit`: zero, scale, set or shift chosen scalars (weights, LayerNorm gain/bias dimensions), swap whole
+tensors, and patch activations, then put everything back bit for bit.
 
 Edits are in place on `param.data` (torch.nn.utils.prune would rename parameters). The original values are
 copied before the first change and written back on exit, also on exceptions; the restoration is then checked
@@ -23,11 +23,23 @@ from ..models._torch import no_fastpath
 
 @dataclass(frozen=True)
 class ScalarEdit:
-    """Multiply one entry of a parameter by `factor` (0 = zero it)."""
+    """Change one entry of a parameter: ``value`` if given, else ``original * factor + add``.
+
+    ``factor=0`` zeroes it (the default); ``value`` sets it (a LayerNorm bias set to a mean); ``add`` shifts it (a
+    bias that absorbs a mean contribution). Several edits of one entry each start from the original value.
+    """
 
     param: str
     index: tuple[int, ...]
     factor: float = 0.0
+    value: float | None = None
+    add: float = 0.0
+
+    def apply(self, original: torch.Tensor) -> torch.Tensor:
+        if self.value is not None:
+            return torch.full_like(original, self.value)
+        new = original * self.factor
+        return new + self.add if self.add else new
 
 
 @dataclass
@@ -127,7 +139,7 @@ def edit(model: nn.Module | Adapter, targets: Iterable | None = None, *, factor:
                 p = params[e.param]
                 if key not in originals:
                     originals[key] = p.data[e.index].clone()
-                p.data[e.index] = originals[key] * e.factor
+                p.data[e.index] = e.apply(originals[key])
         if patches:
             switch = no_fastpath(net)  # patched modules must really be called
             switch.__enter__()
@@ -145,6 +157,49 @@ def edit(model: nn.Module | Adapter, targets: Iterable | None = None, *, factor:
             bad = [n for n, p in params.items() if _fingerprint(p) != prints[n]]
             if bad:  # pragma: no cover - would mean torch changed memory under us
                 msg = f"parameters {bad} were not restored bit for bit after the edit."
+                raise HookError(msg)
+
+
+@contextmanager
+def swapped(model: nn.Module | Adapter, tensors: dict[str, torch.Tensor], *, verify: bool = True):
+    """Temporarily replace whole parameters (``{name: new values}``, same shapes); restore them bit for bit.
+
+    For edits that touch every entry of a tensor (fake quantisation, a permuted copy) where per-scalar
+    `ScalarEdit`s would be wasteful. The originals are copied once; on exit (also on error) they are written back
+    and, with `verify`, every swapped parameter's bytes are checked against its fingerprint from before.
+
+    Examples
+    --------
+    >>> with swapped(model, {"transformer_encoder.layers.0.linear2.weight": w_quantised}):
+    ...     out = model(src, values, mask)
+    """
+    net = get_adapter(model).model
+    params: dict[str, nn.Parameter] = {}
+    for name, t in tensors.items():
+        try:
+            p = net.get_parameter(name)
+        except AttributeError:
+            msg = f"no parameter named {name!r} in this model; use names from model.named_parameters()."
+            raise HookError(msg) from None
+        if tuple(t.shape) != tuple(p.shape):
+            msg = f"replacement for {name} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}."
+            raise HookError(msg)
+        params[name] = p
+    prints = {name: _fingerprint(p) for name, p in params.items()} if verify else {}
+    originals = {name: p.data.clone() for name, p in params.items()}
+    try:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.data.copy_(tensors[name].to(p.device, p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.data.copy_(originals[name])
+        if verify:
+            bad = [n for n, p in params.items() if _fingerprint(p) != prints[n]]
+            if bad:  # pragma: no cover - would mean torch changed memory under us
+                msg = f"parameters {bad} were not restored bit for bit after the swap."
                 raise HookError(msg)
 
 
