@@ -1,0 +1,236 @@
+"""A calibrated null for the spike detector: how large do spikes get when the weights carry no learned structure?
+
+The detector's threshold (a spike 20x the site's typical magnitude) is hand-set. Here the same trace is run on K
+null copies of the checkpoint. ``method="permute"`` shuffles every parameter tensor's entries within the tensor
+(seeded): each tensor keeps its value distribution (its scale, its outliers) and loses every arrangement learned in
+training. That null keeps a lone huge scalar too, and a huge scalar placed at random still writes a spike, so it asks
+"is this spike larger than these weights make in any arrangement?", not "is there an outlier?".
+``method="gaussian"`` draws each tensor iid from a normal with its median and robust scale: an untrained model of
+the same shape and typical scale, with no outlier; it answers "how often would a model without learned structure or
+outliers pass the threshold?". Per site, the K largest spike ratios form the null distribution; an observed ratio
+gets the empirical p-value ``(1 + #{null >= observed}) / (K + 1)`` (so the smallest attainable p is 1/(K+1)),
+Benjamini-Hochberg q-values over sites, and ``pass_rate`` says how often a null copy passes the fixed threshold.
+
+By default the inputs are data-free (the adapter's synthetic batch, as `detect.scan(mode="data_free")`); given
+batches are used as they are. Observed ratios should come from the same inputs as the null: the unpermuted model
+traced the same way is stored as `DetectionNull.observed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from ._log import logger
+from .adapters import get_adapter
+from .detect import PRODUCING_KINDS
+from .enrich import _bh
+from .instrument import Trace, swapped
+
+NULL_COLUMNS = ["perm", "site", "layer", "kind", "max_abs", "median_abs", "ratio", "channel", "token"]
+
+
+@dataclass(frozen=True)
+class DetectionNull:
+    """Per permuted copy and site, the largest spike (``null``), and the unpermuted model traced alike
+    (``observed``); ``params`` records K, seed, inputs and which tensors were shuffled."""
+
+    null: pd.DataFrame
+    observed: pd.DataFrame
+    params: dict = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.null
+
+    @property
+    def k(self) -> int:
+        return int(self.params["k"])
+
+    def ratios(self, site: str) -> np.ndarray:
+        """The K null ratios of `site`."""
+        return self.null.loc[self.null["site"] == site, "ratio"].to_numpy(float)
+
+    def max_ratios(self) -> np.ndarray:
+        """Per permuted copy, the largest ratio over the producing sites (the null of "the top spike")."""
+        prod = self.null[self.null["kind"].isin(self.params.get("producing", PRODUCING_KINDS))]
+        return prod.groupby("perm")["ratio"].max().to_numpy(float)
+
+    def pass_rate(self, min_ratio: float = 20.0, min_abs: float = 0.0) -> float:
+        """Fraction of permuted copies where some producing site passes the detector's fixed thresholds."""
+        prod = self.null[self.null["kind"].isin(self.params.get("producing", PRODUCING_KINDS))]
+        ok = (prod["ratio"] >= min_ratio) & (prod["max_abs"] >= min_abs)
+        return float(ok.groupby(prod["perm"]).any().reindex(range(self.k), fill_value=False).mean())
+
+
+METHODS = ("permute", "gaussian")
+
+
+def null_tensors(model, seed: int, method: str = "permute", which: str = "all") -> dict[str, torch.Tensor]:
+    """Replacement values for every parameter (``which="all"``) or every matrix (``"matrices"``).
+
+    ``"permute"``: the tensor's own entries shuffled (seeded), so its value distribution, outliers included, is
+    kept and only their arrangement is lost. ``"gaussian"``: iid normal draws with the tensor's median and robust
+    scale (1.4826 x the median absolute deviation), an untrained model of the same shape and typical scale with no
+    outlier at all. Tensors of one entry are left alone.
+    """
+    if which not in ("all", "matrices"):
+        msg = f"which must be 'all' or 'matrices', got {which!r}."
+        raise ValueError(msg)
+    if method not in METHODS:
+        msg = f"method must be one of {METHODS}, got {method!r}."
+        raise ValueError(msg)
+    net = get_adapter(model).model
+    gen = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for name, p in net.named_parameters():
+        if p.numel() < 2 or (which == "matrices" and p.dim() < 2):
+            continue
+        flat = p.detach().reshape(-1).cpu()
+        if method == "permute":
+            new = flat[torch.randperm(flat.numel(), generator=gen)]
+        else:
+            x = flat.double()
+            loc = x.median()
+            scale = 1.4826 * (x - loc).abs().median()
+            new = (loc + scale * torch.randn(flat.numel(), generator=gen, dtype=torch.float64)).to(flat.dtype)
+        out[name] = new.reshape(p.shape).to(p.device)
+    return out
+
+
+def permuted_tensors(model, seed: int, which: str = "all") -> dict[str, torch.Tensor]:
+    """Every parameter (or matrix) with its entries shuffled within the tensor (`null_tensors`, "permute")."""
+    return null_tensors(model, seed, "permute", which)
+
+
+def _producing(adapter) -> list[str]:
+    """The sites the detector takes spikes from (down/out projections, every norm output with a gain or bias)."""
+    return [s.name for s in adapter.sites.values()
+            if s.kind in PRODUCING_KINDS or (s.kind.endswith("_out") and (s.norm_weight or s.norm_bias))]
+
+
+def _site_spikes(adapter, batches: list) -> pd.DataFrame:
+    with torch.no_grad(), Trace(adapter, _producing(adapter)) as tr:
+        for b in batches:
+            tr.run(b)
+    rows = []
+    for s in tr.sites:
+        if s.name not in tr.stats or not tr.stats[s.name].calls:
+            continue
+        d = tr.summary(s.name)
+        rows.append({"site": s.name, "layer": s.layer, "kind": s.kind, "max_abs": d["max_abs"],
+                     "median_abs": d["median_abs"], "ratio": d["ratio"], "channel": d["channel"],
+                     "token": d["token"]})
+    return pd.DataFrame(rows)
+
+
+def detection_null(model, batches: Sequence | None = None, *, k: int = 20, seed: int = 0, method: str = "permute",
+                   which: str = "all", n_tokens: int = 256, data_seed: int = 0, progress: bool = False
+                   ) -> DetectionNull:
+    """Trace `k` null copies of `model` (weights restored bit for bit after each) and the model itself.
+
+    Parameters
+    ----------
+    model
+        A model with an adapter.
+    batches
+        Inputs; default one synthetic batch of `n_tokens` tokens (data-free, as the detector's data-free mode).
+    k
+        Permuted copies; the smallest p-value is 1/(k+1).
+    seed
+        Copy i is drawn with seed ``seed + i``.
+    method
+        ``"permute"`` (each tensor's entries shuffled: tests the arrangement, keeps every outlier value, so a single
+        huge scalar still makes spikes in the null) or ``"gaussian"`` (no outlier: tests whether the checkpoint
+        spikes more than an untrained model of its shape and per-tensor scale). See `null_tensors`.
+    which
+        ``"all"`` parameters (default: LayerNorm gains and biases too, so a learned LN outlier dimension does not
+        survive into the null) or ``"matrices"`` only.
+
+    Examples
+    --------
+    >>> null = detection_null(model, k=20)
+    >>> permutation_pvalues(find_superweights(model, mode="data_free"), null)
+    """
+    if int(k) < 1:
+        msg = f"k must be >= 1 permuted copies (20 gives p down to 1/21), got {k!r}."
+        raise ValueError(msg)
+    adapter = get_adapter(model)
+    inputs = "data_free" if batches is None else "batches"
+    batches = [adapter.synthetic_batch(n_tokens=n_tokens, seed=data_seed)] if batches is None else list(batches)
+    observed = _site_spikes(adapter, batches)
+    frames = []
+    for i in tqdm(range(int(k)), desc="permuted copies", disable=not progress, leave=False):
+        with swapped(adapter, null_tensors(adapter, seed + i, method, which)):
+            f = _site_spikes(adapter, batches)
+        f.insert(0, "perm", i)
+        frames.append(f)
+    null = pd.concat(frames, ignore_index=True)[NULL_COLUMNS]
+    producing = sorted({adapter.sites[n].kind for n in _producing(adapter)})
+    params = {"k": int(k), "seed": int(seed), "method": method, "which": which, "inputs": inputs,
+              "n_tokens": n_tokens, "data_seed": data_seed, "producing": producing}
+    logger.info("detection null (%s): %d copies, largest null ratio %.3g", method, k, float(null["ratio"].max()))
+    return DetectionNull(null, observed, params)
+
+
+def empirical_p(observed: float, null: np.ndarray) -> float:
+    """(1 + #{null >= observed}) / (K + 1) (`metrics.empirical_p`, one-sided); an infinite ratio (a site whose
+    typical magnitude is 0) ties only with infinite null ratios; NaN without a null or an observation."""
+    null = np.asarray(null, float)
+    if not len(null) or observed is None or np.isnan(observed):
+        return float("nan")
+    if np.isinf(observed) or not np.isfinite(null).all():
+        return float((1 + np.sum(null >= observed)) / (len(null) + 1))
+    return M.empirical_p(float(observed), null, "greater")
+
+
+def bh_qvalues(p) -> np.ndarray:
+    """Benjamini-Hochberg q-values (NaNs kept, left out of the count)."""
+    p = np.asarray(p, float)
+    q = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    q[ok] = _bh(p[ok])
+    return q
+
+
+def site_pvalues(null: DetectionNull, observed: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per site: the observed ratio (default `null.observed`), its permutation p, BH q over all sites, the p of the
+    same ratio against the null of the largest ratio over producing sites (``p_max``, family-wise)."""
+    obs = null.observed if observed is None else observed
+    mx = null.max_ratios()
+    rows = []
+    for _, r in obs.iterrows():
+        rows.append({"site": r["site"], "ratio": float(r["ratio"]), "p": empirical_p(float(r["ratio"]),
+                                                                                       null.ratios(r["site"])),
+                     "p_max": empirical_p(float(r["ratio"]), mx)})
+    df = pd.DataFrame(rows)
+    df["q"] = bh_qvalues(df["p"].to_numpy()) if len(df) else []
+    return df
+
+
+def permutation_pvalues(superweights: pd.DataFrame, null: DetectionNull) -> pd.DataFrame:
+    """Per row of a superweights table: ``perm_p`` (its ``spike_ratio`` against the null of its ``site``),
+    ``perm_q`` (BH over sites: each site's largest observed ratio, from the table where it has rows, else from
+    `null.observed`) and ``perm_p_max`` (against the null of the largest ratio anywhere). Rows without a site or
+    ratio (the weight-only screen) get NaN. Same index as `superweights`."""
+    df = superweights
+    has = df["site"].notna() & df["spike_ratio"].notna() if {"site", "spike_ratio"} <= set(df.columns) \
+        else pd.Series(False, index=df.index)
+    obs = null.observed.set_index("site")["ratio"].to_dict()
+    for site, ratio in df[has].groupby("site")["spike_ratio"].max().items():
+        obs[site] = float(ratio)
+    per_site = site_pvalues(null, pd.DataFrame({"site": list(obs), "ratio": list(obs.values())}))
+    q = per_site.set_index("site")["q"]
+    mx = null.max_ratios()
+    out = pd.DataFrame(index=df.index, columns=["perm_p", "perm_q", "perm_p_max"], dtype=float)
+    for i in df.index[has]:
+        site, ratio = df.at[i, "site"], float(df.at[i, "spike_ratio"])
+        out.at[i, "perm_p"] = empirical_p(ratio, null.ratios(site))
+        out.at[i, "perm_q"] = float(q.get(site, np.nan))
+        out.at[i, "perm_p_max"] = empirical_p(ratio, mx)
+    return out
