@@ -355,32 +355,29 @@ def joint_ablation(model, cands: pd.DataFrame) -> Ablation:
     return Ablation(COND_JOINT, edits, "joint", ";".join(map(str, cands["candidate"])))
 
 
-def random_neurons(model, layer: int, n: int, *, exclude: Iterable[int] = (), seed: int = 0) -> list[Ablation]:
-    """`n` random FFN units of block `layer` (other than `exclude`), each ablated like `neuron_ablation`."""
+def _random_units(model, layer: int, n: int, exclude: Iterable[int], seed: int, what: str) -> list[Ablation]:
     adapter = get_adapter(model)
     down = _ffn_down(adapter, layer)
     if down is None:
         msg = f"block {layer} has no FFN down-projection site."
         raise DataError(msg)
-    pool = np.setdiff1d(np.arange(adapter.param(down).shape[1]), np.fromiter(exclude, int))
-    rng = np.random.default_rng([seed, layer, 1])
+    axis, build = (1, lambda i: _neuron_edits(adapter, layer, down, i)) if what == "neuron" else \
+        (0, lambda i: _channel_edits(adapter, layer, i))
+    pool = np.setdiff1d(np.arange(adapter.param(down).shape[axis]), np.fromiter(exclude, int))
+    rng = np.random.default_rng([seed, layer, axis])
     picks = rng.choice(pool, size=min(n, len(pool)), replace=False)
-    return [Ablation(f"random_neuron:L{layer}:{k}", _neuron_edits(adapter, layer, down, int(c)), "random_neuron",
-                     control_for=f"neuron:L{layer}") for k, c in enumerate(picks)]
+    return [Ablation(f"random_{what}:L{layer}:{k}", build(int(i)), f"random_{what}", control_for=f"{what}:L{layer}")
+            for k, i in enumerate(picks)]
+
+
+def random_neurons(model, layer: int, n: int, *, exclude: Iterable[int] = (), seed: int = 0) -> list[Ablation]:
+    """`n` random FFN units of block `layer` (other than `exclude`), each ablated like `neuron_ablation`."""
+    return _random_units(model, layer, n, exclude, seed, "neuron")
 
 
 def random_channels(model, layer: int, n: int, *, exclude: Iterable[int] = (), seed: int = 0) -> list[Ablation]:
     """`n` random residual channels of block `layer` (other than `exclude`), each ablated like `channel_ablation`."""
-    adapter = get_adapter(model)
-    down = _ffn_down(adapter, layer)
-    if down is None:
-        msg = f"block {layer} has no FFN down-projection site."
-        raise DataError(msg)
-    pool = np.setdiff1d(np.arange(adapter.param(down).shape[0]), np.fromiter(exclude, int))
-    rng = np.random.default_rng([seed, layer, 2])
-    picks = rng.choice(pool, size=min(n, len(pool)), replace=False)
-    return [Ablation(f"random_channel:L{layer}:{k}", _channel_edits(adapter, layer, int(r)), "random_channel",
-                     control_for=f"channel:L{layer}") for k, r in enumerate(picks)]
+    return _random_units(model, layer, n, exclude, seed, "channel")
 
 
 # ------------------------------------------------------------------------------------------------------------

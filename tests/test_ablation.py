@@ -37,33 +37,32 @@ def _cos(outs, base) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b).mean())
 
 
+def _planted_unit(seed: int, in_scale: float, bias: float, write) -> tuple:
+    """Unit UNIT of block LAYER with input weights `in_scale` x noise, bias `bias`, and `write(column)` setting what
+    it writes; with the model's outputs before any ablation."""
+    m = tiny_model(seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        blk = m.transformer_encoder.layers[LAYER]
+        blk.linear1.weight[UNIT] = in_scale * torch.randn(32, generator=g)
+        blk.linear1.bias[UNIT] = bias
+        write(blk.linear2.weight, g)
+    bs = tiny_batches(m, 12, seed, 6)
+    return m, bs, run_ablation(m, None, bs)
+
+
 @pytest.fixture(scope="module")
 def constant_unit():
     """A unit that fires at about 1 on every token (a tiny input weight, bias 1) and writes 50 into channel ROW:
     a large activation that is nearly constant, so its mean carries it."""
-    m = tiny_model(0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        blk = m.transformer_encoder.layers[LAYER]
-        blk.linear1.weight[UNIT] = 0.01 * torch.randn(32, generator=g)
-        blk.linear1.bias[UNIT] = 1.0
-        blk.linear2.weight[ROW, UNIT] = 50.0
-    bs = tiny_batches(m, 12, 0, 6)
-    return m, bs, run_ablation(m, None, bs)
+    return _planted_unit(0, 0.01, 1.0, lambda w, g: w.__setitem__((ROW, UNIT), 50.0))
 
 
 @pytest.fixture(scope="module")
 def wide_neuron():
     """A strongly active unit that writes +-3 into every channel: each single scalar is one of 32 equal writes."""
-    m = tiny_model(2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        blk = m.transformer_encoder.layers[LAYER]
-        blk.linear1.weight[UNIT] = 0.3 * torch.randn(32, generator=g)
-        blk.linear1.bias[UNIT] = 2.0
-        blk.linear2.weight[:, UNIT] = 3.0 * torch.sign(torch.randn(32, generator=g))
-    bs = tiny_batches(m, 12, 2, 6)
-    return m, bs, run_ablation(m, None, bs)
+    return _planted_unit(2, 0.3, 2.0, lambda w, g: w.__setitem__((slice(None), UNIT),
+                                                                  3.0 * torch.sign(torch.randn(32, generator=g))))
 
 
 def test_scalar_edit_set_and_add_restore_bit_for_bit():
