@@ -50,6 +50,8 @@ def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the recipe's)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt exactly")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="also keep a checkpoint every N steps under DIR/steps/step_NNNNNN (for `census`)")
     p.add_argument("--label-key", default=None, metavar="KEY",
                    help="obs column for the held-out kNN accuracy (default: the recipe's, when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -96,7 +98,7 @@ def run_pretrain(args) -> int:
     try:
         model = pretrain(adata, recipe=recipe, out_dir=args.out, steps=args.steps, seed=args.seed,
                          device=args.device, resume=args.resume, progress=not args.no_progress,
-                         label_key=args.label_key)
+                         label_key=args.label_key, save_every=args.save_every)
     except (SSWError, ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     last = model.training_log["eval"][-1] if model.training_log["eval"] else {}

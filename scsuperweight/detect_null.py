@@ -114,7 +114,10 @@ def _producing(adapter) -> list[str]:
             if s.kind in PRODUCING_KINDS or (s.kind.endswith("_out") and (s.norm_weight or s.norm_bias))]
 
 
-def _site_spikes(adapter, batches: list) -> pd.DataFrame:
+def site_spikes(model, batches: list) -> pd.DataFrame:
+    """Per detector site (down/out projections, norm outputs): the largest |activation| over `batches`, its
+    channel and token, the site's typical magnitude and their ratio (what the detector thresholds)."""
+    adapter = get_adapter(model)
     with torch.no_grad(), Trace(adapter, _producing(adapter)) as tr:
         for b in batches:
             tr.run(b)
@@ -163,11 +166,11 @@ def detection_null(model, batches: Sequence | None = None, *, k: int = 20, seed:
     adapter = get_adapter(model)
     inputs = "data_free" if batches is None else "batches"
     batches = [adapter.synthetic_batch(n_tokens=n_tokens, seed=data_seed)] if batches is None else list(batches)
-    observed = _site_spikes(adapter, batches)
+    observed = site_spikes(adapter, batches)
     frames = []
     for i in tqdm(range(int(k)), desc="permuted copies", disable=not progress, leave=False):
         with swapped(adapter, null_tensors(adapter, seed + i, method, which)):
-            f = _site_spikes(adapter, batches)
+            f = site_spikes(adapter, batches)
         f.insert(0, "perm", i)
         frames.append(f)
     null = pd.concat(frames, ignore_index=True)[NULL_COLUMNS]

@@ -670,7 +670,8 @@ def build_model(recipe: dict, vocab: dict[str, int], seed: int) -> ScGPTModel:
 
 def pretrain(adata, *, recipe: str | Path | dict = "demo", out_dir: str | Path, steps: int | None = None,
              seed: int | None = None, device: str | torch.device | None = None, resume: bool = False,
-             progress: bool = True, label_key: str | None = None, stop_after: int | None = None) -> ScGPTModel:
+             progress: bool = True, label_key: str | None = None, stop_after: int | None = None,
+             save_every: int | None = None) -> ScGPTModel:
     """Pretrain a small scGPT on `adata` (raw counts) with the scGPT objective; see the module docstring.
 
     Parameters
@@ -697,6 +698,9 @@ def pretrain(adata, *, recipe: str | Path | dict = "demo", out_dir: str | Path, 
         ``data.label_key`` when that column exists.
     stop_after
         Stop (with a resumable state) after this many steps, as if interrupted; the schedule still spans `steps`.
+    save_every
+        Also keep an official-format snapshot every this many steps (and of the initial weights) under
+        ``out_dir/steps/step_NNNNNN``, for a census of when spikes emerge (`scsuperweight.census`).
 
     Returns
     -------
@@ -784,6 +788,11 @@ def pretrain(adata, *, recipe: str | Path | dict = "demo", out_dir: str | Path, 
         save_state(step)
         _atomic_write_text(out / LOG_FILE, json.dumps(log, indent=1))
 
+    def snapshot(step: int) -> None:
+        if save_every and step % int(save_every) == 0:
+            model.args["trained_steps"] = step
+            save_scgpt(model, out / "steps" / f"step_{step:06d}")
+
     def run_eval(step: int) -> None:
         res = evaluate(model, data, rec, seed=seed, device=dev)
         res["step"] = step
@@ -796,6 +805,8 @@ def pretrain(adata, *, recipe: str | Path | dict = "demo", out_dir: str | Path, 
     end = steps if stop_after is None else min(steps, int(stop_after))
     if start == 0 and not log["eval"]:
         run_eval(0)
+    if start == 0:
+        snapshot(0)
     model.train()
     bar = tqdm(total=end, initial=start, desc="pretrain", disable=not progress, unit="step")
     # wall-clock seconds of training (evaluation included), cumulative over resumes
@@ -822,6 +833,7 @@ def pretrain(adata, *, recipe: str | Path | dict = "demo", out_dir: str | Path, 
             run_eval(done)
         if done % ck_every == 0 or done == end:
             checkpoint(done)
+        snapshot(done)
     bar.close()
     if start >= end:  # nothing to do (already trained that far): still leave the files in place
         checkpoint(start)
