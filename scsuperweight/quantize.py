@@ -26,6 +26,7 @@ from torch import nn
 from . import metrics as M
 from ._log import logger
 from .adapters import get_adapter
+from .errors import DataError
 from .instrument import swapped
 
 GRANULARITIES = ("tensor", "row", "block")
@@ -263,7 +264,7 @@ def quantize_sweep(model, plain_batches: Sequence, masked_batches: Sequence, can
     One row per setting, first ``full_precision``: the setting's fields, ``n_weights``, ``n_held_out``,
     ``weight_rel_error`` (relative Frobenius error over the quantised weights), ``cls_cosine`` (mean cosine of each
     cell's embedding to full precision), ``recon_metric`` / ``recon`` / ``recon_delta`` (the family's primary
-    reconstruction error, GEPC MSE for scGPT, and its change) and ``knn_accuracy``.
+    reconstruction error, GEPC MSE for scGPT, and its change) and ``knn_accuracy`` (leave-one-out, as prune's).
     """
     from tqdm.auto import tqdm
 
@@ -288,7 +289,12 @@ def quantize_sweep(model, plain_batches: Sequence, masked_batches: Sequence, can
             row["cls_cosine"] = float(cos.mean())
         else:
             row["cls_cosine"] = 1.0
-        row["knn_accuracy"] = float(M.knn_accuracy(emb[ok], lab[ok], k=k)) if lab is not None else np.nan
+        row["knn_accuracy"] = np.nan
+        if lab is not None:  # leave-one-out, as prune's per-cell knn_accuracy
+            try:
+                row["knn_accuracy"] = float(M.knn_label_correct(emb[ok], lab[ok], k=k).mean())
+            except DataError as exc:
+                logger.warning("quantize: no kNN accuracy (%s)", exc)
         return row
 
     base = _run(adapter, masked, plain, n_cells)
