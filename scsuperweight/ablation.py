@@ -418,8 +418,10 @@ def build_ablations(model, cands: pd.DataFrame, batches: Sequence, *, joint: pd.
                     kinds: Sequence[str] = ("mean", "mean_activation", "neuron", "channel", "matched")
                     ) -> list[Ablation]:
     """Every new condition for `cands` with its controls. A kind that does not apply to a candidate (a neuron of
-    a LayerNorm dimension, a mean without a bias to absorb it) is skipped. `joint`: the candidates that passed
-    (None: no joint condition). Random neurons/channels are drawn once per block that has a candidate."""
+    a LayerNorm dimension, a mean without a bias to absorb it) is skipped, and so is a neuron or channel ablation
+    identical to an earlier one (a scalar's LN companions share its channel: it is named after the first).
+    `joint`: the candidates that passed (None: no joint condition). Random neurons/channels are drawn once per
+    block that has a candidate."""
     adapter = get_adapter(model)
     build = {"mean": lambda r: mean_ablation(adapter, r, batches),
              "mean_activation": lambda r: mean_activation_ablation(adapter, r, batches),
@@ -428,6 +430,7 @@ def build_ablations(model, cands: pd.DataFrame, batches: Sequence, *, joint: pd.
     neuron_layers: dict[int, set[int]] = {}
     channel_layers: dict[int, set[int]] = {}
     taken = [(str(r["param"]), _index(r)) for _, r in cands.iterrows()]
+    seen: set = set()
     for _, r in cands.iterrows():
         for kind in kinds:
             if kind in build:
@@ -435,6 +438,10 @@ def build_ablations(model, cands: pd.DataFrame, batches: Sequence, *, joint: pd.
                     a = build[kind](r)
                 except DataError:
                     continue
+                same = (kind, frozenset((e.param, e.index) for e in a.edits))
+                if kind in ("neuron", "channel") and same in seen:
+                    continue  # e.g. the LN companions of a scalar share its channel: one condition, the first name
+                seen.add(same)
                 out.append(a)
                 idx, layer = _index(r), int(r["layer"])
                 if kind == "neuron":

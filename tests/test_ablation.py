@@ -181,8 +181,9 @@ def test_build_ablations_and_joint(wide_neuron):
     abl = build_ablations(m, cands, bs, joint=cands, n_random=3)
     names = [a.name for a in abl]
     assert {"mean:L1.linear2.w[5,10]", "mean_activation:L1.linear2.w[5,10]", "neuron:L1.linear2.w[5,10]",
-            "channel:L1.linear2.w[5,10]", "mean:L1.norm2.w[5]", "channel:L1.norm2.w[5]", "joint"} <= set(names)
+            "channel:L1.linear2.w[5,10]", "mean:L1.norm2.w[5]", "joint"} <= set(names)
     assert "neuron:L1.norm2.w[5]" not in names  # no FFN unit behind a LayerNorm dimension
+    assert "channel:L1.norm2.w[5]" not in names  # the same channel of the same block as the scalar's: one condition
     assert sum(n.startswith("random_neuron:L1:") for n in names) == 3
     assert sum(n.startswith("matched:L1.linear2.w[5,10]:") for n in names) == 3
     assert len(names) == len(set(names))
