@@ -28,6 +28,7 @@ from matplotlib.patches import Rectangle
 from scsuperweight import _keys
 from scsuperweight._log import logger
 from scsuperweight.errors import DataError
+from scsuperweight.metrics import registry as _registry
 
 __all__ = [
     "spike_map",
@@ -51,32 +52,6 @@ _STEP = {
     _keys.UNS_ENRICHMENT: "ssw.tl.enrich (CLI: scsuperweight enrich)",
 }
 
-# metric -> (readable name, higher is better?); None = direction unknown
-_METRICS: dict[str, tuple[str, bool | None]] = {
-    "gep_mse": ("expression-reconstruction MSE (GEP)", False),
-    "gep_pearson": ("expression-reconstruction Pearson r (GEP)", True),
-    "gepc_mse": ("masked-expression MSE (GEPC)", False),
-    "gepc_pearson": ("masked-expression Pearson r (GEPC)", True),
-    "knn_accuracy": ("kNN cell-type accuracy", True),
-    "leiden_ari": ("Leiden ARI vs cell types", True),
-    "leiden_nmi": ("Leiden NMI vs cell types", True),
-    "silhouette": ("cell-type silhouette", True),
-    "knn_preservation": ("kNN neighbourhood preservation", True),
-    "knc_preservation": ("k-nearest-class preservation", True),
-    "cpd": ("pairwise-distance correlation (CPD)", True),
-    # a collapsing embedding drives all cells towards one direction: mean cosine goes up
-    "mean_cosine": ("mean pairwise cosine of embeddings", False),
-    "effective_rank": ("effective rank of embeddings", True),
-    "cls_cosine_to_baseline": ("<cls> cosine to baseline embedding", True),
-    "mlm_loss": ("masked-token cross-entropy (MLM)", False),
-    "mlm_accuracy": ("masked-token top-1 accuracy (MLM)", True),
-}
-# the metric a figure or the report uses when none is named
-_METRIC_PREFERENCE = [
-    "gepc_mse", "gep_mse", "mlm_loss", "knn_accuracy", "leiden_ari", "silhouette", "cls_cosine_to_baseline",
-    "mean_cosine", "effective_rank",
-]
-
 _COLLAPSE_NUMERIC = ["value", "delta", "ci_low", "ci_high", "p_value"]
 
 _AD_RE = re.compile(r"(^|[^a-z])(ad|alzheimer\w*|case|disease\w*|dementia|patient)([^a-z]|$)")
@@ -85,20 +60,15 @@ _CONTROL_RE = re.compile(r"(control|ctrl|ctl|healthy|normal|^nci$|^hc$|^ct$|^nc$
 
 def metric_label(metric: str) -> str:
     """The readable name of a metric (the metric itself when unknown)."""
-    return _METRICS.get(metric, (metric, None))[0]
+    return _registry.label(metric)
 
 
 def _higher_is_better(metric: str) -> bool | None:
-    return _METRICS.get(metric, (metric, None))[1]
+    d = _registry.direction(metric)
+    return None if d is None else d > 0
 
 
-def _worse(delta, metric: str):
-    """How much worse a change makes the model (positive = worse); |delta| when the direction is unknown."""
-    hib = _higher_is_better(metric)
-    delta = np.asarray(delta, dtype=float)
-    if hib is None:
-        return np.abs(delta)
-    return -delta if hib else delta
+_worse = _registry.worse  # how much worse a change makes the model (positive = worse)
 
 
 def _is_adata(obj) -> bool:
@@ -199,9 +169,9 @@ def _resolve_metric(col: pd.DataFrame, metric: str | None) -> str:
             msg = f"metric={metric!r} is not in the collapse table; metrics present: {present}."
             raise DataError(msg)
         return metric
-    for m in _METRIC_PREFERENCE:
-        if m in present:
-            return m
+    preferred = _registry.default_metric(present)
+    if preferred is not None:
+        return preferred
     if not present:
         msg = "The collapse table has no metrics; run ssw.tl.prune first."
         raise DataError(msg)

@@ -35,39 +35,10 @@ from .data.batches import Batch
 from .errors import DataError
 from .evaluate import l2_normalise, reconstruction_from_outputs
 from .instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
-
-# per-cell reconstruction metrics each family's evaluator returns (the metric is whatever the evaluator gives)
-RECONSTRUCTION = {"scgpt": ("gep_mse", "gep_pearson", "gepc_mse", "gepc_pearson"),
-                  "bert": ("mlm_loss", "mlm_accuracy")}
-EMBEDDING_PER_CELL = ("knn_accuracy", "silhouette", "knn_preservation", "cls_cosine_to_baseline")
-PER_CELL = (*RECONSTRUCTION["scgpt"], *RECONSTRUCTION["bert"], *EMBEDDING_PER_CELL)
-SET_LEVEL = ("leiden_ari", "leiden_nmi", "knc_preservation", "cpd", "mean_cosine", "effective_rank")
-LABEL_METRICS = {"knn_accuracy", "silhouette", "leiden_ari", "leiden_nmi", "knc_preservation"}
-# the metric the report judges candidates on, per family
-PRIMARY_METRIC = {"scgpt": "gepc_mse", "bert": "mlm_loss"}
-METRIC_DOCS = {
-    "gep_mse": "masked-expression MSE of the per-position decoder (mlm_output) on masked genes; lower is better",
-    "gep_pearson": "Pearson r between predicted and true bins on masked genes (mlm_output); higher is better",
-    "gepc_mse": "masked MSE of the MVC decoder (mvc_output), predicting genes from the cell embedding alone",
-    "gepc_pearson": "Pearson r of the MVC decoder on masked genes",
-    "mlm_loss": "masked-LM cross-entropy (nats) of the masked gene tokens of a cell (transformers masked LMs such "
-                "as Geneformer); lower is better",
-    "mlm_accuracy": "top-1 accuracy of the masked-LM head on the masked gene tokens of a cell; higher is better",
-    "knn_accuracy": "leave-one-out kNN label accuracy of the cell embeddings (cross-validated by construction)",
-    "silhouette": "cosine silhouette of the labels in embedding space; higher = types better separated",
-    "knn_preservation": "Kobak-Berens KNN: fraction of each cell's k nearest baseline neighbours kept",
-    "cls_cosine_to_baseline": "cosine between a cell's embedding and its baseline embedding (scGPT: the <cls> "
-                              "output; transformers: the evaluator's embedding, the mean over genes by default)",
-    "leiden_ari": "ARI between Leiden clusters of the embeddings and the labels",
-    "leiden_nmi": "NMI between Leiden clusters of the embeddings and the labels",
-    "knc_preservation": "Kobak-Berens KNC: fraction of each class mean's nearest class means kept",
-    "cpd": "Kobak-Berens CPD: Spearman correlation of pairwise distances with the baseline",
-    "mean_cosine": "mean pairwise cosine of the embeddings; 1 = all cells collapsed onto one direction",
-    "effective_rank": "effective rank of the embeddings (Roy & Vetterli); low = collapsed",
-}
+from .metrics import registry as R
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneOptions:
     n_random: int = 40  # random draws per candidate parameter (the null): the smallest p is 1/41, below 0.05
     outlier_fraction: float = 1e-6  # the paper's top 1e-6 of each tensor ...
@@ -85,7 +56,7 @@ class PruneOptions:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneResult:
     collapse: pd.DataFrame
     contrasts: pd.DataFrame
@@ -100,7 +71,7 @@ class PruneResult:
 # ------------------------------------------------------------------------------------------------------------
 # running conditions
 # ------------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Condition:
     name: str
     edits: list[ScalarEdit]
@@ -506,6 +477,27 @@ def _set_boots(emb, base_emb, units, n_boot: int, seed: int, with_cpd: bool = Tr
     return out
 
 
+@dataclass(frozen=True)
+class _Group:
+    """One group of cells (all, a label, a condition, label|condition) and what its metrics reuse for every
+    condition: the bootstrap resamples and the baseline's set-level metrics and their bootstraps."""
+
+    mask: np.ndarray  # (n_cells,) bool: the group's cells
+    multi_label: bool  # several labels in the group: the label-structure set metrics apply
+    units: np.ndarray | None  # donor per cell of the group, None to resample cells
+    counts: np.ndarray  # (n_boot, n_group) cell counts of each bootstrap resample
+    labels: np.ndarray | None  # label per cell of the group
+    n_boot_set: int  # resamples for the set-level metrics (0: none for this group)
+    base_set: dict  # baseline set-level metric -> value
+    base_boots: dict  # baseline set-level metric -> (n_boot_set,) resampled values
+    cpd_ref: M.CPDReference  # the baseline's CPD reference on the group
+    cpd_refs: dict  # resample -> the baseline's CPDReference on it, filled on first use
+
+    @property
+    def unit(self) -> str:
+        return "cells" if self.units is None else "donors"
+
+
 def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd.DataFrame, *,
           labels: np.ndarray | None = None, conditions: np.ndarray | None = None,
           donors: np.ndarray | None = None, options: PruneOptions | None = None, n_cells: int | None = None,
@@ -539,7 +531,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
         base_pc = per_cell_metrics(base, None, labels, opts.k)
         base_emb = l2_normalise(np.nan_to_num(base["cls"]))
         # per group, once: bootstrap resample counts (shared by every metric and condition), baseline set metrics
-        gstate = {}
+        gstate: dict[str, _Group] = {}
         for gi, (gname, gmask, multi) in enumerate(groups):
             gunits = units[gmask] if units is not None and len(set(units[gmask])) > 1 else None
             counts = _resample_counts(gunits if gunits is not None else int(gmask.sum()), opts.n_boot, opts.seed + gi)
@@ -551,7 +543,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             bset = set_metrics(base_emb[gmask], base_emb[gmask], glabels, multi, opts.seed, cref)
             bboots = _set_boots(base_emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed, gname == K.GROUP_ALL,
                                 brefs)
-            gstate[gname] = (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots, cref, brefs)
+            gstate[gname] = _Group(gmask, multi, gunits, counts, glabels, boot_set, bset, bboots, cref, brefs)
         rows = []
         embeddings = {}
         for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False):
@@ -561,32 +553,31 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             emb = l2_normalise(np.nan_to_num(res["cls"]))
             if is_base or cond.name.startswith(("prune:", "restore:")) or cond.name == K.COND_TOP_OUTLIERS:
                 embeddings[cond.name] = emb.astype(np.float32)
-            for gname, (gmask, multi, gunits, counts, glabels, boot_set, bset, bboots, cref, brefs) in \
-                    gstate.items():
-                unit = "cells" if gunits is None else "donors"
+            for gname, g in gstate.items():
                 for metric, vals in pc.items():
-                    if metric in ("knn_accuracy", "silhouette") and labels is None:
+                    if labels is None and R.needs_labels(metric):
                         continue
-                    v, b = vals[gmask], base_pc[metric][gmask]
+                    v, b = vals[g.mask], base_pc[metric][g.mask]
                     ok = ~np.isnan(v) & ~np.isnan(b)
                     if ok.sum() < 2:
                         continue
                     target = v if is_base else v - b
-                    lo, hi = _boot_mean_ci(target, counts, opts.alpha)
+                    lo, hi = _boot_mean_ci(target, g.counts, opts.alpha)
                     rows.append(_row(cond, metric, gname, float(np.mean(v[ok])), float(np.mean(v[ok] - b[ok])), lo, hi,
-                                     unit))
-                sm = bset if is_base else set_metrics(emb[gmask], base_emb[gmask], glabels, multi, opts.seed, cref)
-                boots = bboots if is_base else _set_boots(emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed,
-                                                          gname == K.GROUP_ALL, brefs)
+                                     g.unit))
+                sm = g.base_set if is_base else set_metrics(emb[g.mask], base_emb[g.mask], g.labels, g.multi_label,
+                                                            opts.seed, g.cpd_ref)
+                boots = g.base_boots if is_base else _set_boots(emb[g.mask], base_emb[g.mask], g.units, g.n_boot_set,
+                                                                opts.seed, gname == K.GROUP_ALL, g.cpd_refs)
                 for metric, value in sm.items():
                     lo = hi = np.nan
                     if metric in boots:
-                        d = boots[metric] if is_base else boots[metric] - bboots[metric]
+                        d = boots[metric] if is_base else boots[metric] - g.base_boots[metric]
                         d = d[~np.isnan(d)]
                         if len(d) >= 5:
                             lo, hi = np.quantile(d, [opts.alpha / 2, 1 - opts.alpha / 2])
-                    rows.append(_row(cond, metric, gname, float(value), float(value - bset.get(metric, np.nan)), lo, hi,
-                                     unit))
+                    rows.append(_row(cond, metric, gname, float(value), float(value - g.base_set.get(metric, np.nan)),
+                                     lo, hi, g.unit))
     collapse = pd.DataFrame(rows)
     collapse = _add_p_values(collapse)
     contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts) \

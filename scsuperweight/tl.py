@@ -415,7 +415,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     >>> ssw.tl.prune(adata, "demo", label_key="cell_type", condition_key="condition", donor_key="donor")
     >>> ssw.get.collapse(adata).query("group == 'all' and metric == 'gepc_mse'")
     """
-    from .prune import PRIMARY_METRIC, PruneOptions
+    from .metrics import registry as metric_registry
+    from .prune import PruneOptions
     from .prune import prune as _prune
 
     adata = adata.copy() if copy else adata
@@ -449,10 +450,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                  donors=None if donors is None else donors[cells], options=opts, n_cells=len(cells),
                  progress=progress)
     metrics = set(res.collapse["metric"]) if len(res.collapse) else set()
-    if primary_metric is None:
-        primary_metric = PRIMARY_METRIC[family]
-        if family == "scgpt" and primary_metric not in metrics and "gep_mse" in metrics:
-            primary_metric = "gep_mse"  # no MVC decoder: the per-position decoder's error
+    if primary_metric is None:  # a scGPT model without the MVC decoder: the per-position decoder's error
+        primary_metric = metric_registry.primary_metric(family, metrics or None)
     elif metrics and primary_metric not in metrics:
         msg = (f"primary_metric={primary_metric!r} was not measured for this {family} model; measured metrics are "
                f"{sorted(metrics)}.")

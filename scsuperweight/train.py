@@ -486,30 +486,20 @@ def lr_lambda_factory(steps: int, warmup: int, min_ratio: float):
 
 
 def knn_cv_accuracy(emb: np.ndarray, labels: np.ndarray, k: int = 15, n_folds: int = 5, seed: int = 0) -> float:
-    """Pooled accuracy of a `k`-NN vote under stratified `n_folds`-fold CV, on L2-normalised rows."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.neighbors import KNeighborsClassifier
+    """Pooled accuracy of a `k`-NN vote under stratified `n_folds`-fold CV on L2-normalised rows, with folds and
+    `k` lowered to what a small held-out set allows (NaN when no CV is possible): `metrics.knn_accuracy`."""
+    from .metrics import knn_accuracy  # scikit-learn loads only when an evaluation runs
 
-    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    _, codes = np.unique(labels, return_inverse=True)
-    n_folds = int(min(n_folds, np.bincount(codes).max()))
-    if n_folds < 2 or len(set(codes)) < 2:
+    if not np.isfinite(emb).all():  # a diverged model is logged as NaN, not an error mid-training
         return float("nan")
-    k = int(min(k, len(x) - int(np.ceil(len(x) / n_folds)) - 1))
-    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    import warnings
-
-    with warnings.catch_warnings():  # small labels in small held-out sets: sklearn warns, the CV is still valid
-        warnings.simplefilter("ignore", UserWarning)
-        pred = cross_val_predict(KNeighborsClassifier(n_neighbors=k, metric="euclidean"), x, codes, cv=folds)
-    return float(np.mean(pred == codes))
+    return knn_accuracy(emb, labels, k, n_folds, seed, adapt=True)
 
 
 def mean_pairwise_cosine(emb: np.ndarray) -> float:
-    u = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    s = u.sum(0)
-    n = len(u)
-    return float((s @ s - (u * u).sum()) / (n * (n - 1)))
+    """`metrics.mean_pairwise_cosine`, NaN for a diverged model's non-finite embeddings."""
+    from .metrics import mean_pairwise_cosine as mpc
+
+    return mpc(emb) if np.isfinite(emb).all() else float("nan")
 
 
 def ffn_activation_ratios(model: ScGPTModel, batches: list[Batch], genes_by_id: dict[int, str] | None = None

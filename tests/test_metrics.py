@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -388,18 +389,21 @@ def test_all_metrics_run_on_2000_cells():
 
 
 def test_metrics_module_stays_a_torch_free_leaf():
-    tree = ast.parse(Path(m.__file__).read_text())
     imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module)
+    for path in Path(m.__file__).parent.glob("*.py"):  # every module of the package
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path.name}: import absolutely, so this test sees where from"
+                imported.add(node.module)
     roots = {name.split(".")[0] for name in imported}
     assert roots <= {
         "__future__",
         "collections",
+        "dataclasses",
         "numbers",
+        "warnings",
         "numpy",
         "scipy",
         "sklearn",
@@ -407,7 +411,7 @@ def test_metrics_module_stays_a_torch_free_leaf():
         "leidenalg",
         "scsuperweight",
     }
-    ours = {name for name in imported if name.startswith("scsuperweight")}
+    ours = {name for name in imported if name.startswith("scsuperweight") and not name.startswith(m.__name__)}
     assert ours <= {"scsuperweight._log", "scsuperweight.errors"}
 
 
@@ -428,3 +432,58 @@ def test_cpd_reference_equals_spearman_with_ties_and_subsample():
         assert ref(b[idx]) == pytest.approx(expect, abs=1e-12)
         assert m.cpd(a[idx], b[idx], seed=4) == pytest.approx(expect, abs=1e-12)
         assert ref(a[idx]) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+
+
+def test_registry_entries_are_consistent():
+    from scsuperweight.metrics import registry as R
+
+    assert set(R.per_cell()) | set(R.set_level()) == set(R.METRICS)
+    assert not set(R.per_cell()) & set(R.set_level())
+    for name, s in R.METRICS.items():
+        assert s.name == name and s.direction in (1, -1) and s.level in ("cell", "set") and s.label and s.doc
+        assert set(s.primary_for) <= set(s.families), name  # primary only for a family that measures it
+    # one primary per family, the one the report has always judged on
+    assert R.primary_metric("scgpt") == "gepc_mse" and R.primary_metric("bert") == "mlm_loss"
+    # a scGPT model without the MVC decoder: the per-position decoder's error, never a higher-is-better stand-in
+    assert R.primary_metric("scgpt", ["gep_mse", "gep_pearson", "knn_accuracy"]) == "gep_mse"
+    assert R.primary_metric("scgpt", ["gep_pearson"]) == "gepc_mse"
+    with pytest.raises(KeyError, match="llama"):
+        R.primary_metric("llama")
+    assert R.reconstruction("bert") == ("mlm_loss", "mlm_accuracy")
+    # directions: a collapse raises mean cosine and the errors, lowers everything else
+    assert R.worse(0.2, "mean_cosine") == pytest.approx(0.2) and R.worse(0.2, "knn_accuracy") == pytest.approx(-0.2)
+    assert R.worse(-0.3, "not_registered") == pytest.approx(0.3) and R.label("not_registered") == "not_registered"
+    assert R.default_metric(["cpd", "knn_accuracy", "gep_mse"]) == "gep_mse" and R.default_metric(["zz"]) is None
+
+
+def test_readme_metric_table_is_the_registry():
+    from scsuperweight.metrics import registry as R
+
+    readme = (Path(m.__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- metrics-table", "<!-- /metrics-table -->"
+    assert start in readme and end in readme, "README.md lost its metric table markers"
+    block = readme[readme.index(start):readme.index(end)]
+    block = block[block.index("\n") + 1:].strip()
+    names = re.findall(r"^\| `([a-z_0-9]+)` \|", block, flags=re.M)
+    assert sorted(names) == sorted(R.METRICS), "README metric table and registry differ in their metrics"
+    assert block == R.markdown_table(), (
+        "README.md's metric table is out of date: paste the output of "
+        "`python -c 'from scsuperweight.metrics import registry; print(registry.markdown_table())'` "
+        "between its markers")
+
+
+def test_prune_computes_only_registered_metrics():
+    from scsuperweight.metrics import registry as R
+    from scsuperweight.prune import per_cell_metrics, set_metrics
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b", "c"], 12)
+    res = {"gepc_mse": rng.random(36), "cls": rng.normal(size=(36, 8)) + np.repeat(np.eye(8)[:3] * 4, 12, axis=0)}
+    pc = per_cell_metrics(res, res, labels, k=5)
+    sm = set_metrics(res["cls"], res["cls"], labels, True, 0)
+    assert set(pc) <= set(R.per_cell()) and set(sm) <= set(R.set_level())
+    assert {n for n in pc if R.needs_labels(n)} == {"knn_accuracy", "silhouette"}
+    assert set(sm) == set(R.set_level())  # several labels: every set-level metric is computed

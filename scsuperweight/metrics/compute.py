@@ -1,4 +1,4 @@
-"""Metrics that compare embeddings of the same cells under different weight edits.
+"""The computations: metrics that compare embeddings of the same cells under different weight edits.
 
 The prune step embeds one set of cells with the intact model and again with a candidate super weight
 (or a control) removed, and asks three questions of each embedding:
@@ -17,6 +17,7 @@ logger and ``DataError``. Per-cell variants (``knn_label_correct``, ``silhouette
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from numbers import Integral
 
@@ -43,6 +44,7 @@ __all__ = [
     "knn_preservation",
     "knc_preservation",
     "cpd",
+    "CPDReference",
     "mean_pairwise_cosine",
     "effective_rank",
     "bootstrap_ci",
@@ -240,7 +242,8 @@ def knn_label_correct(emb, labels, k: int = 15, *, metric: str = "cosine") -> np
     return pred == codes
 
 
-def knn_accuracy(emb, labels, k: int = 15, n_folds: int = 5, seed: int = 0, *, metric: str = "cosine") -> float:
+def knn_accuracy(emb, labels, k: int = 15, n_folds: int = 5, seed: int = 0, *, metric: str = "cosine",
+                 adapt: bool = False) -> float:
     """Cross-validated accuracy of a kNN classifier predicting labels from the embedding.
 
     Stratified ``n_folds``-fold cross-validation (shuffled with ``seed``); each cell is predicted once by a
@@ -260,6 +263,11 @@ def knn_accuracy(emb, labels, k: int = 15, n_folds: int = 5, seed: int = 0, *, m
         Seed of the fold assignment.
     metric
         ``"cosine"`` (Euclidean on L2-normalised rows) or ``"euclidean"``.
+    adapt
+        For small held-out sets (the pretraining evaluation) rather than a fixed protocol: fewer folds when no
+        label has ``n_folds`` cells, labels with fewer cells than folds allowed (scikit-learn's stratification
+        then spreads them as it can), ``k`` lowered to one less than the smallest training fold, and NaN instead
+        of an error when fewer than 2 labels or 2 folds remain.
 
     Returns
     -------
@@ -269,6 +277,14 @@ def knn_accuracy(emb, labels, k: int = 15, n_folds: int = 5, seed: int = 0, *, m
     x = _prepare(_as_matrix(emb, "emb"), metric)
     n = x.shape[0]
     uniques, codes = _encode(labels, "labels", n)
+    if adapt:
+        n_folds = int(min(n_folds, np.bincount(codes).max()))
+        if n_folds < 2 or uniques.size < 2:
+            return float("nan")
+        k = int(min(k, n - int(np.ceil(n / n_folds)) - 1))
+        with warnings.catch_warnings():  # labels smaller than the folds: sklearn warns, the CV is still valid
+            warnings.simplefilter("ignore", UserWarning)
+            return _knn_cv(x, codes, k, n_folds, seed)
     if not isinstance(n_folds, Integral) or n_folds < 2:
         msg = f"`n_folds` must be an integer >= 2; got {n_folds!r}."
         raise DataError(msg)
@@ -285,7 +301,11 @@ def knn_accuracy(emb, labels, k: int = 15, n_folds: int = 5, seed: int = 0, *, m
         )
         raise DataError(msg)
 
-    folds = StratifiedKFold(n_splits=int(n_folds), shuffle=True, random_state=seed)
+    return _knn_cv(x, codes, k, int(n_folds), seed)
+
+
+def _knn_cv(x: np.ndarray, codes: np.ndarray, k: int, n_folds: int, seed: int) -> float:
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="euclidean")
     pred = cross_val_predict(clf, x, codes, cv=folds)
     return float(np.mean(pred == codes))
