@@ -319,6 +319,7 @@ def cmd_prune(args) -> int:
              max_candidates=args.max_candidates, batch_size=args.batch_size, seed=args.seed,
              progress=not args.no_progress, **_gf(args))
     get.collapse(adata).to_csv(out / K.FILE_COLLAPSE, sep="\t", index=False)
+    get.verdicts(adata).to_csv(out / K.FILE_VERDICTS, sep="\t", index=False)
     get.contrasts(adata).to_csv(out / "contrasts.tsv", sep="\t", index=False)
     _write(adata, out)
     _say(f"wrote {out / K.FILE_COLLAPSE}")
@@ -376,15 +377,17 @@ def _summary(adata, out: Path, seconds: float, info: dict) -> None:
     _say("")
     _say(f"done in {seconds / 60:.1f} min. {len(above)} candidate(s) above threshold "
          f"({get.params(adata, 'scan')['stop_reason']}).")
-    col = get.collapse(adata)
-    metric = get.params(adata, "prune")["primary_metric"]
-    rows = col[(col["group"] == K.GROUP_ALL) & (col["metric"] == metric) & col["condition"].str.startswith("prune:")]
-    for r in rows.head(5).itertuples():
-        _say(f"  {r.condition}: {metric} {r.value:.4g} (delta {r.delta:+.3g}, 95% CI {r.ci_low:+.3g} to "
-             f"{r.ci_high:+.3g}, p={r.p_value:.3g} vs random scalars)")
+    ver = get.verdicts(adata)
+    if len(ver):
+        _say(f"{int(ver['passes'].sum())} of {len(ver)} pruned candidate(s) pass the controls on "
+             f"{ver['metric'].iloc[0]} (p < {ver['alpha'].iloc[0]:g} vs random scalars of the same parameter, "
+             "beyond the largest-other-weights control, interval excluding 0):")
+    for r in ver.head(5).itertuples():
+        _say(f"  {K.cond_prune(r.candidate)}: {r.status} (delta {r.delta:+.3g}, {1 - r.alpha:.0%} CI "
+             f"{r.ci_low:+.3g} to {r.ci_high:+.3g}, p={r.p_value:.3g})" + ("" if r.passes else f": {r.reason}"))
     _say(f"report: {out / K.FILE_REPORT}")
-    _say(f"tables: {', '.join(f for f in (K.FILE_SUPERWEIGHTS, K.FILE_COLLAPSE, K.FILE_GENES, K.FILE_ENRICHMENT))}"
-         f" in {out}")
+    tables = (K.FILE_SUPERWEIGHTS, K.FILE_COLLAPSE, K.FILE_VERDICTS, K.FILE_GENES, K.FILE_ENRICHMENT)
+    _say(f"tables: {', '.join(tables)} in {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from .errors import DataError
 _NUMERIC = {"layer", "row", "col", "value", "spike", "spike_ratio", "stability", "rank", "delta", "ci_low", "ci_high",
             "p_value", "score", "nes", "odds_ratio", "fdr", "max_abs", "median_abs", "channel", "factor"}
 _STEP = {K.UNS_SUPERWEIGHTS: "scan", K.UNS_ACTIVATIONS: "scan", K.UNS_COLLAPSE: "prune", "contrasts": "prune",
+         K.UNS_VERDICTS: "prune",
          "conditions": "prune", K.UNS_GENES: "genes", K.UNS_ENRICHMENT: "enrich"}
 
 
@@ -45,6 +46,22 @@ def activations(adata, key: str = K.UNS_KEY) -> pd.DataFrame:
 def collapse(adata, key: str = K.UNS_KEY) -> pd.DataFrame:
     """The long `collapse.tsv` table: condition, metric, group, value, delta, interval, p-value."""
     return _table(adata, K.UNS_COLLAPSE, key)
+
+
+def verdicts(adata, key: str = K.UNS_KEY) -> pd.DataFrame:
+    """Per candidate: passes the controls on the primary metric or not, each condition met, and why in words
+    (`scsuperweight.judge.verdicts`)."""
+    df = _table(adata, K.UNS_VERDICTS, key)
+    for c in ("control_delta", "baseline", "n_random", "alpha"):
+        if c in df:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    # h5ad keeps a condition that could not be checked as "": back to True / False / <NA>
+    for c in ("cond_p", "cond_control", "cond_interval", "harmful"):
+        if c in df and df[c].dtype == object:
+            df[c] = df[c].astype(str).str.lower().map({"true": True, "false": False}).astype("boolean")
+    if "passes" in df:
+        df["passes"] = df["passes"].astype(str).str.lower().isin(["true", "1"])
+    return df
 
 
 def contrasts(adata, key: str = K.UNS_KEY) -> pd.DataFrame:

@@ -153,6 +153,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                                    max_candidates=max_candidates, n_boot=n_boot, primary_metric=primary_metric,
                                    **common),
          lambda: (_write_tsv(get.collapse(adata), out / K.FILE_COLLAPSE),
+                  _write_tsv(get.verdicts(adata), out / K.FILE_VERDICTS),
                   _write_tsv(get.contrasts(adata), out / "contrasts.tsv"))),
         ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,
                                    **common),

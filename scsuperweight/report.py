@@ -1,7 +1,9 @@
 """The HTML report: one self-contained page over a run's tables, figures and provenance.
 
-The Hypotheses section is written from the numbers in the tables, never from canned text: each candidate is
-judged by one stated rule against the controls, and what follows (cell types, disease vs control, restoring the
+The Hypotheses section is written from the numbers in the tables, never from canned text: each candidate's verdict
+against the controls is read from the prune step's verdicts table (`scsuperweight.judge`, which owns the rule and
+the p-values; the page applies that same function only to a run without the table or at another level), and what
+follows (cell types, disease vs control, restoring the
 activation, the dose–response curve, genes, terms) is read off the same tables. Disease vs control comes from the
 prune step's own contrasts (contrasts.tsv), never approximated from per-group intervals; every count and level the
 page states (random draws per parameter's pool, the interval level, cells) is read from the tables or the recorded
@@ -28,8 +30,13 @@ import pandas as pd
 
 from scsuperweight import _keys
 from scsuperweight import pl as _pl
+from scsuperweight._fmt import ci as _ci
+from scsuperweight._fmt import finite as _finite
+from scsuperweight._fmt import num as _num
+from scsuperweight._fmt import p as _p
 from scsuperweight._log import logger
 from scsuperweight.errors import DataError
+from scsuperweight.judge import pool_labels, random_pools, verdicts
 
 __all__ = ["report", "load_results"]
 
@@ -43,6 +50,7 @@ _TABLE_FILES = {
     _keys.UNS_ACTIVATIONS: _keys.FILE_ACTIVATIONS,
     _keys.UNS_COLLAPSE: _keys.FILE_COLLAPSE,
     UNS_CONTRASTS: FILE_CONTRASTS,
+    _keys.UNS_VERDICTS: _keys.FILE_VERDICTS,
     _keys.UNS_GENES: _keys.FILE_GENES,
     _keys.UNS_ENRICHMENT: _keys.FILE_ENRICHMENT,
 }
@@ -220,31 +228,6 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _finite(x) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def _num(x, signed: bool = False, digits: int = 3) -> str:
-    """`digits` significant digits, no exponent for ordinary magnitudes (1.23, 0.9, +1.11, 1235)."""
-    if not _finite(x):
-        return "n/a"
-    x = float(x)
-    sign = "+" if signed and x > 0 else ""
-    if x == 0:
-        return "0"
-    a = abs(x)
-    if 1e-3 <= a < 1e3:
-        s = f"{x:.{digits}g}"
-    elif 1e3 <= a < 1e6:
-        s = f"{x:.0f}"
-    else:
-        s = f"{x:.{digits - 1}e}"
-    return sign + s
-
-
 def _pair(a, b) -> tuple[str, str]:
     """Two numbers to as few digits as show that they differ (1.23 → 1.233, not 1.23 → 1.23)."""
     for d in range(3, 8):
@@ -252,21 +235,6 @@ def _pair(a, b) -> tuple[str, str]:
         if sa != sb or not (_finite(a) and _finite(b)) or float(a) == float(b):
             return sa, sb
     return sa, sb
-
-
-def _ci(lo, hi) -> str:
-    if not (_finite(lo) and _finite(hi)):
-        return "no interval"
-    if float(lo) >= 0 and float(hi) >= 0:
-        return f"{_num(lo)}–{_num(hi)}"
-    return f"{_num(lo)} to {_num(hi)}"
-
-
-def _p(p) -> str:
-    if not _finite(p):
-        return "p n/a"
-    p = float(p)
-    return "p < 0.001" if p < 1e-3 else f"p = {p:.2g}"
 
 
 def _pct(x) -> str:
@@ -292,7 +260,18 @@ class _Verdict:
     n_random: int  # draws in the pool the candidate's p-value is taken against
     pool: str | None  # the parameter whose draws those are; None when the table does not label draws by parameter
     top_delta: float
-    reasons: tuple[str, ...]  # why it fails / what is missing, in words
+    reason: str  # why it fails / what is missing, in words ("" for a pass)
+
+    @classmethod
+    def of(cls, r: pd.Series) -> _Verdict:
+        """One row of the verdicts table (`scsuperweight.judge.verdicts`)."""
+        pool = r.get("null_pool")
+        passes = r.get("status") == "passes"
+        return cls(str(r["candidate"]), str(r["status"]), float(r["baseline"]), float(r["value"]), float(r["delta"]),
+                   float(r["ci_low"]), float(r["ci_high"]), float(r["p_value"]), r.get("p_source") == "draws",
+                   int(r["n_random"]) if _finite(r.get("n_random")) else 0,
+                   str(pool) if isinstance(pool, str) and pool else None, float(r["control_delta"]),
+                   "" if passes or not isinstance(r.get("reason"), str) else r["reason"])
 
 
 def _row(col: pd.DataFrame, cond: str, metric: str, group: str = _keys.GROUP_ALL) -> pd.Series | None:
@@ -300,104 +279,26 @@ def _row(col: pd.DataFrame, cond: str, metric: str, group: str = _keys.GROUP_ALL
     return r.iloc[0] if len(r) else None
 
 
+def _verdict_table(res: dict, col: pd.DataFrame, metric: str, alpha: float, cands: list[str],
+                   sw: pd.DataFrame | None) -> pd.DataFrame:
+    """The prune step's verdicts when they judge these candidates on `metric` at `alpha`; otherwise (an older run,
+    another metric or level asked for) the same rule, `judge.verdicts`, applied to the collapse table here."""
+    v = res.get(_keys.UNS_VERDICTS)
+    if isinstance(v, pd.DataFrame) and not v.empty and {"candidate", "metric", "status", "alpha"} <= set(v.columns):
+        v = v.assign(candidate=v["candidate"].astype(str))
+        ok = (v["metric"].astype(str) == metric).all() and np.allclose(pd.to_numeric(v["alpha"]), alpha)
+        if ok and set(cands) <= set(v["candidate"]):
+            return v.set_index("candidate", drop=False).loc[cands].reset_index(drop=True)
+    a = _step_param(res, "prune", "alpha")
+    level = 1 - float(a) if _finite(a) and 0 < float(a) < 1 else None
+    return verdicts(col, primary_metric=metric, alpha=alpha, candidates=cands, ci_level=level, superweights=sw)
+
+
 def _random_deltas(col: pd.DataFrame, metric: str, group: str = _keys.GROUP_ALL) -> np.ndarray:
     """Every random draw's Δ, all parameters' pools together (for spreads, not for p-values)."""
     r = col[(col["metric"] == metric) & (col["group"] == group) & col["condition"].str.startswith("random:")]
     d = r["delta"].to_numpy(dtype=float)
     return d[np.isfinite(d)]
-
-
-def _pool_labels(rand: pd.DataFrame) -> pd.Series | None:
-    """Which parameter each random row was drawn from (collapse.tsv's ``control_for``), or None when the table
-    does not say for every row."""
-    if "control_for" not in rand.columns or rand.empty:
-        return None
-    cf = rand["control_for"]
-    ok = cf.notna() & (cf.astype(str).str.strip() != "")
-    return cf.astype(str) if bool(ok.all()) else None
-
-
-def _random_pools(col: pd.DataFrame, metric: str, group: str = _keys.GROUP_ALL) -> dict[str | None, np.ndarray]:
-    """The random draws' finite Δ per pool, as the prune step's p-values use them: one pool per parameter
-    (``control_for``); a single pool under the key None when the table does not label draws by parameter."""
-    r = col[(col["metric"] == metric) & (col["group"] == group) & col["condition"].str.startswith("random:")]
-    if r.empty:
-        return {}
-    lab = _pool_labels(r)
-
-    def finite(d: pd.DataFrame) -> np.ndarray:
-        v = d.drop_duplicates("condition")["delta"].to_numpy(dtype=float)
-        return v[np.isfinite(v)]
-
-    if lab is None:
-        return {None: finite(r)}
-    return {str(k): finite(g) for k, g in r.groupby(lab, sort=False)}
-
-
-def _candidate_param(cand: str, sw: pd.DataFrame | None) -> str | None:
-    if sw is None or not {"candidate", "param"} <= set(sw.columns):
-        return None
-    r = sw[sw["candidate"].astype(str) == cand]
-    v = r["param"].iloc[0] if len(r) else None
-    return str(v) if isinstance(v, str) and v else None
-
-
-def _candidate_pool(pools: dict, cand: str, sw: pd.DataFrame | None) -> tuple[str | None, np.ndarray | None]:
-    """(parameter, draws) that candidate `cand`'s p-value is against; draws None when no pool can be matched."""
-    if not pools:
-        return None, None
-    if None in pools:
-        return None, pools[None]
-    param = _candidate_param(cand, sw)
-    if param is not None:
-        return param, pools.get(param)
-    if len(pools) == 1:  # one pool: every candidate edits the same parameter
-        k = next(iter(pools))
-        return k, pools[k]
-    return None, None
-
-
-def _judge(col: pd.DataFrame, cand: str, metric: str, alpha: float, pools: dict, sw: pd.DataFrame | None,
-           ci: str) -> _Verdict:
-    r = _row(col, _keys.cond_prune(cand), metric)
-    pool, rand = _candidate_pool(pools, cand, sw)
-    n_rand = 0 if rand is None else int(rand.size)
-    top = _row(col, _keys.COND_TOP_OUTLIERS, metric)
-    top_d = float(top["delta"]) if top is not None and _finite(top["delta"]) else float("nan")
-    nan = float("nan")
-    if r is None or not _finite(r["delta"]):
-        return _Verdict(cand, "not evaluable", nan, nan, nan, nan, nan, nan, False, n_rand, pool, top_d,
-                        (f"no prune row for {metric} on all cells",))
-    d = float(r["delta"])
-    p, computed = float(r["p_value"]), False
-    if not _finite(p) and n_rand:
-        p, computed = (1 + int(np.sum(np.abs(rand) >= abs(d)))) / (n_rand + 1), True
-    lo, hi = float(r["ci_low"]), float(r["ci_high"])
-    checks: list[tuple[bool | None, str]] = []
-    if _finite(p):
-        checks.append((p < alpha, f"{_p(p)} is not below {alpha:g}"))
-    elif pools and rand is None:
-        checks.append((None, "no p-value, and no random draws of its own parameter to compute one"))
-    else:
-        checks.append((None, "no p-value and no random draws to compute one"))
-    if _finite(top_d):
-        checks.append((abs(d) > abs(top_d),
-                       f"|Δ| {_num(abs(d))} does not exceed the top-outliers control's |Δ| {_num(abs(top_d))}"))
-    else:
-        checks.append((None, "the top-outliers control was not run"))
-    if _finite(lo) and _finite(hi):
-        checks.append((lo > 0 or hi < 0, f"the {ci} ({_ci(lo, hi)}) includes 0"))
-    else:
-        checks.append((None, "no confidence interval"))
-    if all(ok is True for ok, _ in checks):
-        status = "passes"
-    elif any(ok is False for ok, _ in checks):
-        status = "fails"
-    else:
-        status = "not evaluable"
-    reasons = tuple(msg for ok, msg in checks if ok is not True)
-    return _Verdict(cand, status, float(r["baseline_value"]), float(r["value"]), d, lo, hi, p, computed,
-                    n_rand, pool, top_d, reasons)
 
 
 def _candidate_order(res: dict, col: pd.DataFrame | None) -> list[str]:
@@ -726,8 +627,7 @@ def _hypotheses(res: dict, metric: str | None, alpha: float) -> tuple[str, list[
     sw = sw if isinstance(sw, pd.DataFrame) else None
     cands = [c for c in _candidate_order(res, col) if _row(col, _keys.cond_prune(c), metric) is not None]
     ci = _ci_label(res)
-    pools = _random_pools(col, metric)
-    verdicts = [_judge(col, c, metric, alpha, pools, sw, ci) for c in cands]
+    verdicts = [_Verdict.of(r) for _, r in _verdict_table(res, col, metric, alpha, cands, sw).iterrows()]
     level = "" if ci != "CI" else " (the interval's level is not recorded in the run's parameters)"
     parts = [
         f"<p class='rule'><b>Rule.</b> A candidate passes the controls when, on the primary metric "
@@ -750,10 +650,9 @@ def _hypotheses(res: dict, metric: str | None, alpha: float) -> tuple[str, list[
         desc = _describe(v.candidate, sw)
         badge = {"passes": "pass", "fails": "fail"}.get(v.status, "na")
         li = [f"<span class='badge {badge}'>{_e(v.status)}</span> {_judgement_sentence(v, metric, desc, ci)}"]
-        if v.reasons:
-            li.append(f"<div class='why'>Does not pass because: {'; '.join(_e(r) for r in v.reasons)}.</div>"
-                      if v.status == "fails" else
-                      f"<div class='why'>Cannot be judged: {'; '.join(_e(r) for r in v.reasons)}.</div>")
+        if v.reason:
+            li.append(f"<div class='why'>Does not pass because: {_e(v.reason)}.</div>" if v.status == "fails" else
+                      f"<div class='why'>Cannot be judged: {_e(v.reason)}.</div>")
         parts.append("<li>" + "".join(li) + "</li>")
     parts.append("</ol>")
 
@@ -774,7 +673,7 @@ def _hypotheses(res: dict, metric: str | None, alpha: float) -> tuple[str, list[
         parts.append(f"<li>{_genes_text(res, v.candidate)}</li>")
         parts.append(f"<li>{_terms_text(res, v.candidate)}</li>")
         parts.append("</ul>")
-    note = _random_note(res, pools, metric)
+    note = _random_note(res, random_pools(col, metric), metric)
     if note:
         parts.append(f"<p class='note'>{note}</p>")
     return "\n".join(parts), verdicts, metric
@@ -1069,7 +968,7 @@ def _collapse_pivot(col: pd.DataFrame, alpha: float, ci: str) -> str:
     per_param = False
     if len(rand):
         n = rand["condition"].nunique()
-        lab = _pool_labels(rand)
+        lab = pool_labels(rand)
         name = f"random (n={n})"
         if lab is not None:
             per_param = True

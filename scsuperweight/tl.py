@@ -392,6 +392,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
 
     Writes ``uns[key]["collapse"]`` (the long `collapse.tsv` table with intervals and p-values vs random scalars),
+    ``uns[key]["verdicts"]`` (per candidate: does it pass the controls on the primary metric, and why; see
+    `scsuperweight.judge.verdicts`),
     ``uns[key]["contrasts"]`` (per cell type: collapse in AD minus collapse in control, with intervals),
     ``uns[key]["conditions"]`` (what each condition edited), ``obsm["X_scGPT"]`` (baseline, all cells) and
     ``obsm["X_scGPT_pruned"]`` (all cells, with the top candidate zeroed). Metrics use a stratified subsample of
@@ -415,6 +417,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     >>> ssw.tl.prune(adata, "demo", label_key="cell_type", condition_key="condition", donor_key="donor")
     >>> ssw.get.collapse(adata).query("group == 'all' and metric == 'gepc_mse'")
     """
+    from .judge import verdicts
     from .metrics import registry as metric_registry
     from .prune import PruneOptions
     from .prune import prune as _prune
@@ -457,6 +460,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                f"{sorted(metrics)}.")
         raise DataError(msg)
     _store(adata, key, K.UNS_COLLAPSE, res.collapse)
+    _store(adata, key, K.UNS_VERDICTS, verdicts(res.collapse, primary_metric=primary_metric, alpha=opts.alpha,
+                                                candidates=res.params["candidates"], ci_level=1 - opts.alpha))
     _store(adata, key, "contrasts", res.contrasts)
     _store(adata, key, "conditions", res.conditions)
     # embeddings of every cell: baseline, and with the top candidate zeroed

@@ -3,6 +3,7 @@ gives a one-line reason and a non-zero exit."""
 
 import json
 
+import pandas as pd
 import pytest
 from _plant import plant_cls_superweight
 from test_tl import synthetic_model
@@ -40,14 +41,19 @@ def test_run_writes_every_output(files, capsys):
                "cell_type", "--condition-key", "condition", "--donor-key", "donor", "--out", str(out),
                "--max-cells-per-label", "8", "--n-random", "10", "--n-boot", "20", "--no-progress"])
     assert rc == 0
-    for f in (K.FILE_SUPERWEIGHTS, K.FILE_ACTIVATIONS, K.FILE_COLLAPSE, K.FILE_GENES, K.FILE_ENRICHMENT,
-              K.FILE_RESULTS, K.FILE_REPORT, K.FILE_RUN):
+    for f in (K.FILE_SUPERWEIGHTS, K.FILE_ACTIVATIONS, K.FILE_COLLAPSE, K.FILE_VERDICTS, K.FILE_GENES,
+              K.FILE_ENRICHMENT, K.FILE_RESULTS, K.FILE_REPORT, K.FILE_RUN):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     run = json.loads((out / K.FILE_RUN).read_text())
     assert run["status"] == "done" and run["seed"] == 0 and run["data"]["sha256"]
     assert {"scan", "prune", "genes", "enrich"} <= set(run["timings"])
     text = capsys.readouterr().out
     assert "report:" in text and "prune:L1.linear2.w[3,7]" in text
+    # the summary prints each candidate's verdict as verdicts.tsv holds it
+    ver = pd.read_csv(out / K.FILE_VERDICTS, sep="\t")
+    assert f"pruned candidate(s) pass the controls on {ver['metric'].iloc[0]}" in text
+    for r in ver.head(5).itertuples():
+        assert f"prune:{r.candidate}: {r.status} (delta {r.delta:+.3g}" in text
 
 
 def test_step_commands(files, capsys):
