@@ -268,15 +268,14 @@ def quantize_sweep(model, plain_batches: Sequence, masked_batches: Sequence, can
     """
     from tqdm.auto import tqdm
 
-    from .prune import PRIMARY_METRIC
-
     adapter = get_adapter(model)
     settings = list(default_settings() if settings is None else settings)
     masked, plain = list(masked_batches), list(plain_batches)
     if n_cells is None:
         n_cells = int(max(int(np.max(b.cells)) for b in (*masked, *plain))) + 1 \
             if all(hasattr(b, "cells") for b in (*masked, *plain)) else len(labels)
-    metric = PRIMARY_METRIC.get(adapter.family, "gepc_mse")
+    known = {f for s in M.METRICS.values() for f in s.primary_for}
+    metric = M.registry.primary_metric(adapter.family) if adapter.family in known else "gepc_mse"
     lab = None if labels is None else np.asarray(labels)
 
     def measure(res: dict, base_emb: np.ndarray | None) -> dict:
