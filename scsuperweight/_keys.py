@@ -1,7 +1,7 @@
-"""The one place that names every AnnData key and every output column.
+"""AnnData keys, candidate kinds and condition names.
 
-Everything that writes to an AnnData or to a table in the output directory takes its names from here,
-so the DESIGN.md output contract is defined once.
+The output tables (uns keys, files, columns and their types) are defined once, in `scsuperweight.results`; the
+old names (``UNS_SUPERWEIGHTS``, ``FILE_COLLAPSE``, ``GENE_COLUMNS``, ...) still resolve here, read from it.
 """
 
 from __future__ import annotations
@@ -11,40 +11,9 @@ UNS_KEY = "ssw"  # default namespace under adata.uns
 OBSM_EMB = "X_scGPT"  # L2-normalised <cls> embedding
 OBSM_EMB_PRUNED = "X_scGPT_pruned"  # embedding of the top candidate pruned
 
-# uns["ssw"][...] sub-keys
+# uns["ssw"][...] sub-keys that are not tables (the tables, their files and columns: scsuperweight.results)
 UNS_PARAMS = "params"
-UNS_SUPERWEIGHTS = "superweights"
-UNS_ACTIVATIONS = "activations"
-UNS_COLLAPSE = "collapse"
-UNS_VERDICTS = "verdicts"
-UNS_GENES = "genes"
-UNS_ENRICHMENT = "enrichment"
 UNS_RUN = "run"
-
-# output files in an output directory
-FILE_SUPERWEIGHTS = "superweights.tsv"
-FILE_ACTIVATIONS = "activations.tsv"
-FILE_COLLAPSE = "collapse.tsv"
-FILE_VERDICTS = "verdicts.tsv"
-FILE_GENES = "genes.tsv"
-FILE_ENRICHMENT = "enrichment.tsv"
-FILE_RESULTS = "results.h5ad"
-FILE_REPORT = "report.html"
-FILE_RUN = "run.json"
-
-# superweights.tsv (contract columns first; more are welcome after them)
-SUPERWEIGHT_COLUMNS = [
-    "candidate", "kind", "layer", "param", "row", "col", "value",
-    "spike", "spike_ratio", "token", "stability",
-]
-# activations.tsv
-ACTIVATION_COLUMNS = ["layer", "site", "max_abs", "median_abs", "channel", "token", "stability"]
-# collapse.tsv
-COLLAPSE_COLUMNS = ["condition", "metric", "group", "value", "delta", "ci_low", "ci_high", "p_value"]
-# genes.tsv
-GENE_COLUMNS = ["candidate", "gene", "score", "rank"]
-# enrichment.tsv
-ENRICHMENT_COLUMNS = ["candidate", "gene_set", "term", "nes", "odds_ratio", "p_value", "fdr", "genes"]
 
 # candidate kinds
 KIND_FFN_DOWN = "ffn_down"
@@ -77,3 +46,26 @@ def cond_scale(candidate: str, factor: float) -> str:
 
 GROUP_ALL = "all"
 GROUP_SEP = "|"  # label|condition
+
+
+_TABLE_ALIASES = {"SUPERWEIGHT": "superweights", "ACTIVATION": "activations", "COLLAPSE": "collapse",
+                  "CONTRAST": "contrasts", "CONDITION": "conditions", "GENE": "genes", "ENRICHMENT": "enrichment",
+                  "VERDICT": "verdicts"}
+
+
+def __getattr__(name: str):
+    """UNS_<TABLE>, FILE_<TABLE>, <TABLE>_COLUMNS and FILE_RESULTS / FILE_REPORT / FILE_RUN, read from the schema
+    in `scsuperweight.results` so that no name is written twice."""
+    from . import results as R
+
+    kind, _, rest = name.partition("_")
+    if kind in ("UNS", "FILE"):
+        if kind == "FILE" and rest.lower() in R.FILES:
+            return R.FILES[rest.lower()].file
+        if rest.lower() in R.TABLES:
+            s = R.TABLES[rest.lower()]
+            return s.uns_key if kind == "UNS" else s.file
+    if name.endswith("_COLUMNS") and name[: -len("_COLUMNS")] in _TABLE_ALIASES:
+        return list(R.TABLES[_TABLE_ALIASES[name[: -len("_COLUMNS")]]].contract)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from . import _keys as K
+from . import results as R
 from ._log import logger
 from .errors import SSWError
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="pretrain the demo model afresh (recipe 'demo')")
     p.add_argument("--n-cells", type=int, default=1500, help="synthetic cells to generate (default 1500)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    _overwrite_arg(p)
     _common(p, model=False)
     p.set_defaults(func=cmd_demo)
 
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _keys_args(p, label_required=True)
     p.add_argument("--gene-sets", nargs="+", default=["bundled"], help="'bundled' and/or .gmt files")
     p.add_argument("--out", required=True, help="output directory")
+    _overwrite_arg(p)
     _pipeline_knobs(p)
     _gf_args(p)
     p.set_defaults(func=cmd_run)
@@ -132,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=10, help="iterative rounds (default 10)")
     p.add_argument("--max-cells", type=int, default=1000, help="cells scanned (default 1000)")
     p.add_argument("--out", required=True, help="output directory")
+    _overwrite_arg(p)
     _gf_args(p)
     p.set_defaults(func=cmd_scan)
 
@@ -180,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its tables, results.h5ad, report.html, run.json)")
+
+
 def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cells-per-label", type=int, default=200, help="cells per label evaluated (default 200)")
     p.add_argument("--n-random", type=int, default=40,
@@ -192,8 +201,8 @@ def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
 def _load_data(path: str | None, out: Path | None = None):
     import anndata as ad
 
-    if path is None and out is not None and (out / K.FILE_RESULTS).is_file():
-        path = str(out / K.FILE_RESULTS)
+    if path is None and out is not None and (out / R.RESULTS.file).is_file():
+        path = str(out / R.RESULTS.file)
     if path is None:
         raise SSWError(f"no data: pass --data FILE.h5ad (or run `scan` into {out} first).")
     p = Path(path)
@@ -213,9 +222,31 @@ def _load_model(args):
     return load_model(args.model, device=args.device)
 
 
-def _write(adata, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out / K.FILE_RESULTS)
+def _step_log(step: str, out: Path, adata, model=None):
+    """The run that step `step` adds to: run.json in `out` (a new run for `scan`), after checking that `adata`
+    (its stored run record, its data) and `model` belong to it; MixedRunError names both sides otherwise."""
+    from .pipeline import data_hash, model_hash
+
+    now = {} if adata is None else {"data_hash": data_hash(adata)}
+    if model is not None:
+        now["model_hash"] = model_hash(model)
+    if step == "scan":
+        return R.RunLog(out, {"status": "partial", **now})
+    R.check_same_run([R.RunStamp.of(R.read_run_json(out), str(out / R.RUN.file)),
+                      R.RunStamp.of(R.run_record(adata), "the results in the data"),
+                      R.RunStamp.of(now, f"the {'data and model' if model is not None else 'data'} given now")],
+                     step)
+    rec = R.run_record(adata)
+    return R.RunLog.resume(out, {"status": "partial", **{k: rec[k] for k in ("run_id", "data_hash", "model_hash")
+                                                          if rec.get(k)}, **now})
+
+
+def _write(adata, out: Path, step: str, log, t0: float) -> None:
+    """The step's tables (stamped with the run id), the run record on `adata`, results.h5ad, run.json."""
+    R.write_run_dir(adata, out, steps=(step,), run_id=log.run_id)
+    log.step(step, time.perf_counter() - t0)
+    R.set_run_record(adata, log.info)
+    adata.write_h5ad(out / R.RESULTS.file)
 
 
 def cmd_demo(args) -> int:
@@ -240,7 +271,7 @@ def cmd_demo(args) -> int:
     info = run_pipeline(adata, model, out, label_key="cell_type", condition_key="condition", donor_key="donor",
                         gene_sets=["bundled"], seed=args.seed, batch_size=args.batch_size, max_cells_scan=600,
                         max_cells_per_label=60, max_candidates=3, progress=not args.no_progress, model_path=model_path,
-                        data_path=f"synthetic_ad(n_cells={args.n_cells}, seed={args.seed})")
+                        data_path=f"synthetic_ad(n_cells={args.n_cells}, seed={args.seed})", overwrite=args.overwrite)
     _summary(adata, out, time.perf_counter() - t0, info)
     return 0
 
@@ -257,7 +288,8 @@ def cmd_run(args) -> int:
                         batch_size=args.batch_size, max_cells_per_label=args.max_cells_per_label,
                         n_random=args.n_random, max_candidates=args.max_candidates, n_boot=args.n_boot,
                         gene_key=args.gene_key, layer=args.layer,
-                        progress=not args.no_progress, data_path=str(path), model_path=str(args.model), **_gf(args))
+                        progress=not args.no_progress, data_path=str(path), model_path=str(args.model),
+                        overwrite=args.overwrite, **_gf(args))
     _summary(adata, out, time.perf_counter() - t0, info)
     return 0
 
@@ -288,67 +320,73 @@ def cmd_scan(args) -> int:
         adata.var_names = [next(iter(model.vocab))] if hasattr(model, "vocab") else ["g0"]
     else:
         adata, _ = _load_data(args.data, out)
+    R.prepare_run_dir(out, overwrite=args.overwrite)
+    t0 = time.perf_counter()
+    log = _step_log("scan", out, None if args.data_free else adata, model)
     tl.scan(adata, model, mode="data_free" if args.data_free else "data", label_key=args.label_key,
             gene_key=args.gene_key, layer=args.layer, max_cells=args.max_cells, batch_size=args.batch_size,
             min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, seed=args.seed,
             progress=not args.no_progress, **_gf(args))
-    out.mkdir(parents=True, exist_ok=True)
+    if args.data_free:  # no cells to keep: the tables and run.json only
+        R.write_run_dir(adata, out, steps=("scan",), run_id=log.run_id)
+        log.step("scan", time.perf_counter() - t0)
+    else:
+        _write(adata, out, "scan", log, t0)
     sw = get.superweights(adata)
-    sw.to_csv(out / K.FILE_SUPERWEIGHTS, sep="\t", index=False)
-    get.activations(adata).to_csv(out / K.FILE_ACTIVATIONS, sep="\t", index=False)
-    if not args.data_free:
-        _write(adata, out)
     act = sw[sw["screen"].astype(str).str.startswith("activation") & sw["above_threshold"].astype(bool)]
     _say(f"{len(act)} candidates above threshold; {get.params(adata, 'scan')['stop_reason']}")
     for r in act.head(5).itertuples():
         col = "" if r.col is None or str(r.col) in ("<NA>", "nan", "") else f", col {r.col}"
         _say(f"  {r.candidate}: {r.kind} layer {r.layer} row {r.row}{col}, spike {r.spike:.3g} "
              f"({r.spike_ratio:.1f}x typical) on {r.token}")
-    _say(f"wrote {out / K.FILE_SUPERWEIGHTS} and {out / K.FILE_ACTIVATIONS}")
+    _say(f"wrote {out / R.spec('superweights').file} and {out / R.spec('activations').file}")
     return 0
 
 
 def cmd_prune(args) -> int:
-    from . import get, tl
+    from . import tl
 
     out = Path(args.out)
     adata, _ = _load_data(args.data, out)
-    tl.prune(adata, _load_model(args), label_key=args.label_key, condition_key=args.condition_key,
+    model = _load_model(args)
+    t0 = time.perf_counter()
+    log = _step_log("prune", out, adata, model)
+    tl.prune(adata, model, label_key=args.label_key, condition_key=args.condition_key,
              donor_key=args.donor_key, gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
              max_candidates=args.max_candidates, batch_size=args.batch_size, seed=args.seed,
              progress=not args.no_progress, **_gf(args))
-    get.collapse(adata).to_csv(out / K.FILE_COLLAPSE, sep="\t", index=False)
-    get.verdicts(adata).to_csv(out / K.FILE_VERDICTS, sep="\t", index=False)
-    get.contrasts(adata).to_csv(out / "contrasts.tsv", sep="\t", index=False)
-    _write(adata, out)
-    _say(f"wrote {out / K.FILE_COLLAPSE}")
+    _write(adata, out, "prune", log, t0)
+    _say(f"wrote {out / R.spec('collapse').file}")
     return 0
 
 
 def cmd_genes(args) -> int:
-    from . import get, tl
+    from . import tl
 
     out = Path(args.out)
     adata, _ = _load_data(args.data, out)
-    tl.genes(adata, _load_model(args), label_key=args.label_key, gene_key=args.gene_key, layer=args.layer,
+    model = _load_model(args)
+    t0 = time.perf_counter()
+    log = _step_log("genes", out, adata, model)
+    tl.genes(adata, model, label_key=args.label_key, gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, batch_size=args.batch_size, seed=args.seed,
              progress=not args.no_progress, **_gf(args))
-    get.genes(adata).to_csv(out / K.FILE_GENES, sep="\t", index=False)
-    _write(adata, out)
-    _say(f"wrote {out / K.FILE_GENES}")
+    _write(adata, out, "genes", log, t0)
+    _say(f"wrote {out / R.spec('genes').file}")
     return 0
 
 
 def cmd_enrich(args) -> int:
-    from . import get, tl
+    from . import tl
 
     out = Path(args.out)
     adata, _ = _load_data(args.data, out)
+    t0 = time.perf_counter()
+    log = _step_log("enrich", out, adata)
     tl.enrich(adata, gene_sets=args.gene_sets, permutations=args.permutations, top_n=args.top_n, seed=args.seed)
-    get.enrichment(adata).to_csv(out / K.FILE_ENRICHMENT, sep="\t", index=False)
-    _write(adata, out)
-    _say(f"wrote {out / K.FILE_ENRICHMENT}")
+    _write(adata, out, "enrich", log, t0)
+    _say(f"wrote {out / R.spec('enrichment').file}")
     return 0
 
 
@@ -358,7 +396,7 @@ def cmd_report(args) -> int:
     run = Path(args.run)
     if not run.is_dir():
         raise SSWError(f"run directory not found: {run}")
-    path = report(run, Path(args.out) if args.out else run / K.FILE_REPORT)
+    path = report(run, Path(args.out) if args.out else run / R.REPORT.file)
     _say(f"wrote {path}")
     return 0
 
@@ -385,8 +423,8 @@ def _summary(adata, out: Path, seconds: float, info: dict) -> None:
     for r in ver.head(5).itertuples():
         _say(f"  {K.cond_prune(r.candidate)}: {r.status} (delta {r.delta:+.3g}, {1 - r.alpha:.0%} CI "
              f"{r.ci_low:+.3g} to {r.ci_high:+.3g}, p={r.p_value:.3g})" + ("" if r.passes else f": {r.reason}"))
-    _say(f"report: {out / K.FILE_REPORT}")
-    tables = (K.FILE_SUPERWEIGHTS, K.FILE_COLLAPSE, K.FILE_VERDICTS, K.FILE_GENES, K.FILE_ENRICHMENT)
+    _say(f"report: {out / R.REPORT.file}")
+    tables = [R.spec(n).file for n in ("superweights", "collapse", "verdicts", "genes", "enrichment")]
     _say(f"tables: {', '.join(tables)} in {out}")
 
 

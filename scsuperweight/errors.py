@@ -23,3 +23,11 @@ class OptionError(SSWError, ValueError):
 
 class OutputError(SSWError, OSError):
     """An output path cannot be written as asked (a file where a directory is needed, no permission, ...)."""
+
+
+class RunDirError(SSWError, ValueError):
+    """An output directory already holds another run's files (pass --overwrite to replace them)."""
+
+
+class MixedRunError(RunDirError):
+    """Tables or records that come from different runs (run id, data hash or model hash differ) were combined."""

@@ -8,16 +8,14 @@ recorded in `run.json` too.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 
-from . import _keys as K
 from . import get, tl
+from . import results as R
 from ._log import logger
 
 
@@ -77,31 +75,6 @@ def _model_info(model) -> dict:
             "ntoken": first("ntoken", "vocab_size")}
 
 
-class RunLog:
-    """run.json, rewritten atomically after every step."""
-
-    def __init__(self, out: Path, info: dict):
-        self.path = out / K.FILE_RUN
-        self.info = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "timings": {},
-                     "steps_done": [], **info}
-        self.write()
-
-    def step(self, name: str, seconds: float, **extra) -> None:
-        self.info["timings"][name] = round(seconds, 2)
-        self.info["steps_done"].append(name)
-        self.info.update(extra)
-        self.write()
-
-    def write(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(tl._plain(self.info), indent=2, sort_keys=True))
-        tmp.replace(self.path)
-
-
-def _write_tsv(df, path: Path) -> None:
-    df.to_csv(path, sep="\t", index=False)
-
-
 def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | None = None,
                  donor_key: str | None = None, gene_sets=("bundled",), seed: int = 0, batch_size: int = 32,
                  max_cells_scan: int = 1000, max_cells_per_label: int = 200, n_random: int = 40,
@@ -109,7 +82,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                  gene_key: str | None = None, layer: str | None = None,
                  token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
                  max_seq_len: int | None = None, primary_metric: str | None = None, data_path: str | None = None,
-                 model_path: str | None = None, progress: bool = True, extra_info: dict | None = None) -> dict:
+                 model_path: str | None = None, progress: bool = True, extra_info: dict | None = None,
+                 overwrite: bool = False) -> dict:
     """Run every step on `adata` with `model`, writing the DESIGN.md output files into `out_dir`.
 
     `model` is an scGPT model or a BERT-family masked LM (Geneformer-like); the latter reads the cells through
@@ -120,12 +94,15 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     (``gep*_`` for scGPT, ``mlm_loss``/``mlm_accuracy`` for masked LMs). `primary_metric` (default the family's:
     ``gepc_mse`` / ``mlm_loss``, see `scsuperweight.tl.prune`) is recorded in run.json's params, where the report
     reads the metric it judges candidates on.
+
+    `out_dir` holds one run: a directory that already holds a run's files is refused (RunDirError) unless
+    `overwrite`, which removes exactly those files first. run.json records a ``run_id`` and the data and model
+    hashes, and every table written carries the run id in a ``run_id`` column.
     """
     from .adapters import get_adapter
     from .report import report
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = R.prepare_run_dir(out_dir, overwrite=overwrite)
     adapter = get_adapter(model)
     params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, gene_sets=list(gene_sets),
                   seed=seed, batch_size=batch_size, max_cells_scan=max_cells_scan,
@@ -136,50 +113,45 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     if adapter.family != "scgpt":
         params.update(token_dictionary=tl._describe_dict(token_dictionary),
                       gene_medians=tl._describe_dict(gene_medians), symbol_key=symbol_key)
-    log = RunLog(out, {"versions": _versions(), "seed": seed, "params": params,
-                       "model": {"path": model_path, "sha256_state": model_hash(model), **_model_info(model)},
-                       "data": {"path": data_path, "sha256": data_hash(adata), "n_cells": int(adata.n_obs),
-                                "n_genes": int(adata.n_vars)}, **(extra_info or {})})
+    m_hash, d_hash = model_hash(model), data_hash(adata)
+    log = R.RunLog(out, {"versions": _versions(), "seed": seed, "params": params, "data_hash": d_hash,
+                         "model_hash": m_hash,
+                         "model": {"path": model_path, "sha256_state": m_hash, **_model_info(model)},
+                         "data": {"path": data_path, "sha256": d_hash, "n_cells": int(adata.n_obs),
+                                  "n_genes": int(adata.n_vars)}, **(extra_info or {})})
     common = dict(gene_key=gene_key, layer=layer, batch_size=batch_size, max_seq_len=max_seq_len, seed=seed,
                   progress=progress)
     if adapter.family != "scgpt":
         common.update(token_dictionary=token_dictionary, gene_medians=gene_medians, symbol_key=symbol_key)
     steps = [
-        ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, **common),
-         lambda: (_write_tsv(get.superweights(adata), out / K.FILE_SUPERWEIGHTS),
-                  _write_tsv(get.activations(adata), out / K.FILE_ACTIVATIONS))),
+        ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, **common)),
         ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,
                                    donor_key=donor_key, max_cells_per_label=max_cells_per_label, n_random=n_random,
                                    max_candidates=max_candidates, n_boot=n_boot, primary_metric=primary_metric,
-                                   **common),
-         lambda: (_write_tsv(get.collapse(adata), out / K.FILE_COLLAPSE),
-                  _write_tsv(get.verdicts(adata), out / K.FILE_VERDICTS),
-                  _write_tsv(get.contrasts(adata), out / "contrasts.tsv"))),
+                                   **common)),
         ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,
-                                   **common),
-         lambda: _write_tsv(get.genes(adata), out / K.FILE_GENES)),
+                                   **common)),
         ("enrich", lambda: tl.enrich(adata, gene_sets=gene_sets, permutations=permutations, seed=seed,
-                                     progress=progress),
-         lambda: _write_tsv(get.enrichment(adata), out / K.FILE_ENRICHMENT)),
+                                     progress=progress)),
     ]
     try:
-        for name, run, write in steps:
+        for name, run in steps:
             t0 = time.perf_counter()
             logger.info("step %s", name)
             run()
-            write()
+            R.write_run_dir(adata, out, steps=(name,), run_id=log.run_id)
             if name == "prune":  # the report judges candidates on the metric prune chose for the family
                 log.info["params"]["primary_metric"] = get.params(adata, "prune")["primary_metric"]
             log.step(name, time.perf_counter() - t0, **({"scan": get.params(adata, "scan")} if name == "scan"
                                                          else {}))
         t0 = time.perf_counter()
-        adata.uns[K.UNS_KEY][K.UNS_RUN] = json.dumps(tl._plain(log.info), sort_keys=True)
-        adata.write_h5ad(out / K.FILE_RESULTS)
+        R.set_run_record(adata, log.info)
+        adata.write_h5ad(out / R.RESULTS.file)
         log.step("write_h5ad", time.perf_counter() - t0)
         t0 = time.perf_counter()
         log.info["status"] = "done"
         log.write()
-        report(out, out / K.FILE_REPORT)
+        report(out, out / R.REPORT.file)
         log.step("report", time.perf_counter() - t0)
     except BaseException as exc:
         log.info["status"] = "failed"

@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from scsuperweight import _keys
+from scsuperweight import results as _results
 from scsuperweight._log import logger
 from scsuperweight.errors import DataError
 from scsuperweight.metrics import registry as _registry
@@ -44,15 +45,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 
 # uns sub-key -> the step that writes it (named in every "missing" error)
-_STEP = {
-    _keys.UNS_SUPERWEIGHTS: "ssw.tl.scan (CLI: scsuperweight scan)",
-    _keys.UNS_ACTIVATIONS: "ssw.tl.scan (CLI: scsuperweight scan)",
-    _keys.UNS_COLLAPSE: "ssw.tl.prune (CLI: scsuperweight prune)",
-    _keys.UNS_GENES: "ssw.tl.genes (CLI: scsuperweight genes)",
-    _keys.UNS_ENRICHMENT: "ssw.tl.enrich (CLI: scsuperweight enrich)",
-}
+_STEP = {s.uns_key: f"ssw.tl.{s.step} (CLI: scsuperweight {s.step})" for s in _results.TABLES.values()}
 
-_COLLAPSE_NUMERIC = ["value", "delta", "ci_low", "ci_high", "p_value"]
+_COLLAPSE_NUMERIC = [c for c, t in _results.spec("collapse").columns.items() if t == _results.FLOAT]
 
 _AD_RE = re.compile(r"(^|[^a-z])(ad|alzheimer\w*|case|disease\w*|dementia|patient)([^a-z]|$)")
 _CONTROL_RE = re.compile(r"(control|ctrl|ctl|healthy|normal|^nci$|^hc$|^ct$|^nc$|non[-_ ]?ad|no[-_ ]?ad)")
@@ -91,6 +86,8 @@ def _as_frame(obj) -> pd.DataFrame | None:
 def _get_table(data, name: str, key: str = _keys.UNS_KEY, required: Sequence[str] = ()) -> pd.DataFrame:
     """Fetch result table ``name`` from an AnnData, a results dict or a DataFrame; check its columns."""
     step = _STEP.get(name, "the pipeline")
+    if isinstance(data, _results.RunResults):
+        data = data.as_dict()
     if isinstance(data, pd.DataFrame):
         table, where = data, "the DataFrame passed"
     elif _is_adata(data):
@@ -102,6 +99,8 @@ def _get_table(data, name: str, key: str = _keys.UNS_KEY, required: Sequence[str
         if table is None:
             msg = f"No {name} table at {where}; run {step} first."
             raise DataError(msg)
+        if name in _results.TABLES:  # stored as h5ad-safe strings: back to the schema's types
+            table = _results.typed(table, name)
     elif isinstance(data, Mapping):
         table, where = _as_frame(data.get(name)), f"results[{name!r}]"
         if table is None:

@@ -30,10 +30,12 @@ import pandas as pd
 
 from scsuperweight import _keys
 from scsuperweight import pl as _pl
+from scsuperweight import results as R
 from scsuperweight._fmt import ci as _ci
 from scsuperweight._fmt import finite as _finite
 from scsuperweight._fmt import num as _num
 from scsuperweight._fmt import p as _p
+from scsuperweight._io import atomic_write_text
 from scsuperweight._log import logger
 from scsuperweight.errors import DataError
 from scsuperweight.judge import pool_labels, random_pools, verdicts
@@ -42,49 +44,15 @@ __all__ = ["report", "load_results"]
 
 # The AD-vs-control contrasts the prune step computes (per cell type: Δ in case cells minus Δ in control cells, with
 # a bootstrap interval): uns[key]["contrasts"] (tl.prune) and contrasts.tsv (cli prune, pipeline.run_pipeline).
-UNS_CONTRASTS = getattr(_keys, "UNS_CONTRASTS", "contrasts")
-FILE_CONTRASTS = getattr(_keys, "FILE_CONTRASTS", "contrasts.tsv")
-
-_TABLE_FILES = {
-    _keys.UNS_SUPERWEIGHTS: _keys.FILE_SUPERWEIGHTS,
-    _keys.UNS_ACTIVATIONS: _keys.FILE_ACTIVATIONS,
-    _keys.UNS_COLLAPSE: _keys.FILE_COLLAPSE,
-    UNS_CONTRASTS: FILE_CONTRASTS,
-    _keys.UNS_VERDICTS: _keys.FILE_VERDICTS,
-    _keys.UNS_GENES: _keys.FILE_GENES,
-    _keys.UNS_ENRICHMENT: _keys.FILE_ENRICHMENT,
-}
-# tables whose empty file means "computed, no rows" rather than "unreadable": the prune step writes an empty
-# contrasts.tsv when the data have no condition column (or not two conditions) to contrast
-_EMPTY_MEANS_NO_ROWS = {UNS_CONTRASTS}
-# columns that hold names, never numbers, however they look ("1", "NA", "True" stay strings)
-_TEXT_COLUMNS = {
-    "candidate", "kind", "param", "token", "site", "condition", "metric", "group", "gene", "gene_set", "term",
-    "genes", "screen", "library", "label", "control_for", "contrast", "bootstrap_unit", "ci_of",
-}
+UNS_CONTRASTS = R.spec("contrasts").uns_key
+FILE_CONTRASTS = R.spec("contrasts").file
+# the tables the page lists as present or absent, by uns key
+_TABLE_FILES = {s.uns_key: s.file for s in R.TABLES.values()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _read_tsv(path: Path) -> pd.DataFrame:
-    # Only empty cells are missing: a gene or token called "NA" or "None" must survive the round trip.
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[""])
-    for c in df.columns:
-        if c in _TEXT_COLUMNS:
-            continue
-        s = df[c]
-        filled = s.dropna()
-        low = filled.str.lower()
-        if len(filled) and low.isin(["true", "false"]).all():
-            df[c] = s.map(lambda v: None if pd.isna(v) else v.lower() == "true")
-            continue
-        num = pd.to_numeric(filled, errors="coerce")
-        if num.notna().all():
-            df[c] = pd.to_numeric(s, errors="coerce")
-    return df
 
 
 def load_results(run_dir) -> dict[str, pd.DataFrame | dict]:
@@ -97,109 +65,38 @@ def load_results(run_dir) -> dict[str, pd.DataFrame | dict]:
 
     Returns
     -------
-    Dict with ``superweights``, ``activations``, ``collapse``, ``contrasts``, ``genes``, ``enrichment``
-    (DataFrames) and ``run`` (the parsed run.json), each present only when its file exists and can be read. An
-    empty ``contrasts.tsv`` (what the prune step writes when there is nothing to contrast) gives an empty
-    DataFrame, so that "computed, no rows" stays distinct from "absent".
+    Dict with ``superweights``, ``activations``, ``collapse``, ``contrasts``, ``genes``, ``enrichment`` (and the
+    other tables of `scsuperweight.results.TABLES`; DataFrames typed by that schema) and ``run`` (the parsed
+    run.json), each present only when its file exists and can be read. An empty ``contrasts.tsv`` (what the prune
+    step writes when there is nothing to contrast) gives an empty DataFrame, so that "computed, no rows" stays
+    distinct from "absent". Tables of different runs raise MixedRunError.
 
     Examples
     --------
     >>> res = load_results("out/")  # doctest: +SKIP
     >>> res["collapse"].query("condition == 'baseline'")  # doctest: +SKIP
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        msg = f"run_dir={str(run_dir)!r} is not a directory; pass the --out directory of a scsuperweight run."
-        raise DataError(msg)
-    out: dict[str, pd.DataFrame | dict] = {}
-    for name, fname in _TABLE_FILES.items():
-        f = run_dir / fname
-        if not f.is_file():
-            continue
-        try:
-            out[name] = _read_tsv(f)
-        except pd.errors.EmptyDataError as err:
-            if name in _EMPTY_MEANS_NO_ROWS:
-                out[name] = pd.DataFrame()
-            else:
-                logger.warning("skipping unreadable %s: %s", f, err)
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            logger.warning("skipping unreadable %s: %s", f, err)
-    f = run_dir / _keys.FILE_RUN
-    if f.is_file():
-        try:
-            out[_keys.UNS_RUN] = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            logger.warning("skipping unreadable %s: %s", f, err)
-    return out
+    return R.load_run(Path(run_dir)).as_dict()
 
 
-def _plain(v):
-    """uns values after an h5ad round trip (numpy scalars, arrays) as plain Python values."""
-    if isinstance(v, Mapping):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _with_step_params(run, params) -> dict:
-    """run.json's record with each step's parameters from ``uns[key]["params"]`` (JSON text per step) merged in
-    under ``params.<step>``; what run.json records itself wins."""
-    run = dict(_plain(run or {})) if isinstance(run, Mapping) else {}
-    params = _plain(params or {})
-    if not isinstance(params, Mapping) or not params:
-        return run
-    steps = {}
-    for step, v in params.items():
-        if isinstance(v, str):
-            try:
-                v = json.loads(v)
-            except json.JSONDecodeError:
-                continue
-        steps[step] = v
-    own = run.get("params") if isinstance(run.get("params"), Mapping) else {}
-    run["params"] = {**steps, **own}
-    return run
+_plain = R._plain
 
 
 def _gather(obj, key: str):
     """(results dict, AnnData or None, where it came from)."""
-    if _pl._is_adata(obj):
-        store = obj.uns.get(key)
-        if store is None:
-            msg = f"adata.uns[{key!r}] is missing: no scsuperweight results on this AnnData; run ssw.tl.scan first."
-            raise DataError(msg)
-        res: dict = {}
-        for name in _TABLE_FILES:
-            t = _pl._as_frame(store.get(name))
-            if t is not None:
-                res[name] = t
-        run = _plain(store.get(_keys.UNS_RUN) or {})
-        if isinstance(run, str):  # the pipeline stores run.json's text in uns
-            try:
-                run = json.loads(run)
-            except json.JSONDecodeError:
-                run = {}
-        run = _with_step_params(run, store.get(_keys.UNS_PARAMS))
-        if run:
-            res[_keys.UNS_RUN] = run
-        return res, obj, f"AnnData ({obj.n_obs} cells × {obj.n_vars} genes), uns[{key!r}]"
     if isinstance(obj, Mapping):
         return dict(obj), None, "results dict"
+    if _pl._is_adata(obj) or (isinstance(obj, (str, Path)) and Path(obj).is_file() and Path(obj).suffix == ".h5ad"):
+        got = R.load_run(obj, key=key)
+        return got.as_dict(), (obj if _pl._is_adata(obj) else None), got.source
+    if isinstance(obj, R.RunResults):
+        return obj.as_dict(), None, obj.source or "run results"
     if isinstance(obj, (str, Path)):
         p = Path(obj)
-        if p.is_file() and p.suffix == ".h5ad":
-            import anndata as ad
-
-            return _gather(ad.read_h5ad(p), key)[:2] + (str(p),)
-        res = load_results(p)
+        got = R.load_run(p, key=key)
+        res = got.as_dict()
         adata = None
-        h5 = p / _keys.FILE_RESULTS
+        h5 = p / R.RESULTS.file
         if h5.is_file():
             try:
                 import anndata as ad
@@ -208,15 +105,33 @@ def _gather(obj, key: str):
             except Exception as err:  # noqa: BLE001 - the page says why the embedding figure is missing
                 logger.warning("could not read %s for the embedding figure: %s", h5, err)
         if adata is not None:  # each step's options (prune: n_random, alpha, n_cells, ...) live in its uns
-            store = adata.uns.get(key)
-            if isinstance(store, Mapping) and store.get(_keys.UNS_PARAMS) is not None:
-                run = _with_step_params(res.get(_keys.UNS_RUN) or {}, store.get(_keys.UNS_PARAMS))
-                if run:
-                    res[_keys.UNS_RUN] = run
+            stored = R.run_record(adata, key)
+            R.check_same_run([R.RunStamp.of({**got.run, R.RUN_ID: got.run_id}, str(p / R.RUN.file)),
+                              R.RunStamp.of(stored, str(h5))], "report")
+            params = R.step_params(adata, key)
+            if params:
+                res[_keys.UNS_RUN] = R._merge_params(res.get(_keys.UNS_RUN) or {}, params)
         return res, adata, str(p)
     msg = (f"report() takes an AnnData, a run directory or a results dict, got {type(obj).__name__}; "
            f"pass adata after the ssw.tl steps or the --out directory of a run.")
     raise DataError(msg)
+
+
+def _run_state(res: dict) -> str | None:
+    """A warning for the top of the page when the run failed, is still running, or lacks steps; else None."""
+    run = res.get(_keys.UNS_RUN) or {}
+    status = run.get("status")
+    done = run.get("steps_done")
+    missing = [s for s in R.STEPS if isinstance(done, list) and s not in done]
+    if status in ("failed", "running"):
+        what = ("incomplete: its run.json says it is still running" if status == "running"
+                else "a failed run" + (f" ({run['error']})" if run.get("error") else ""))
+        return (f"This run is {what}. Steps done: {', '.join(done or []) or 'none'}; what follows shows only what "
+                "those steps wrote.")
+    if missing:
+        return (f"This is a partial run: steps done {', '.join(done) or 'none'}; missing {', '.join(missing)}. "
+                "What follows shows only what those steps wrote.")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1243,8 +1158,10 @@ def report(
     title = title or "scsuperweight report"
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     ver = ((run.get("versions") or {}).get("scsuperweight")) if isinstance(run.get("versions"), Mapping) else None
+    state = _run_state(res)
     body = [
         f"<h1>{_e(title)}</h1>",
+        *([f"<p class='bad verdict none' id='run-state'><b>{_e(state)}</b></p>"] if state else []),
         f"<p class='sub'>Generated {now}" + (f" by scsuperweight {_e(ver)}" if ver else "") + "</p>",
         "<nav><a href='#summary'>Summary</a><a href='#hypotheses'>Hypotheses</a><a href='#figures'>Figures</a>"
         "<a href='#tables'>Tables</a><a href='#caveats'>Caveats</a><a href='#provenance'>Provenance</a></nav>",
@@ -1262,8 +1179,7 @@ def report(
             + "\n".join(body) + "\n</main></body></html>\n")
     out = Path(path)
     if out.is_dir():
-        out = out / _keys.FILE_REPORT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+        out = out / R.REPORT.file
+    atomic_write_text(out, page)
     logger.info("wrote report to %s", out)
     return out

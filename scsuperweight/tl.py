@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from . import _keys as K
+from . import results as R
 from ._log import logger
 from .errors import DataError
 
@@ -41,51 +42,21 @@ def _resolve_model(model, device=None):
 
 
 def _ns(adata, key: str) -> dict:
-    ns = adata.uns.get(key)
-    if not isinstance(ns, dict):
-        ns = {}
-        adata.uns[key] = ns
-    ns.setdefault(K.UNS_PARAMS, {})
-    return ns
+    return R.namespace(adata, key)
 
 
-def _plain(obj):
-    """JSON-safe copy of params (tuples -> lists, numpy scalars -> Python, paths -> str)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float | int | str | bool) or obj is None:
-        return obj
-    return str(obj)
+_plain = R._plain
 
 
 def _record(adata, key: str, step: str, params: dict) -> None:
     _ns(adata, key)[K.UNS_PARAMS][step] = json.dumps(_plain(params), sort_keys=True)
 
 
-def h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy that `write_h5ad` accepts: object columns as strings ('' for missing), nullable ints kept."""
-    out = df.copy()
-    for c in out.columns:
-        s = out[c]
-        if s.dtype == object or isinstance(s.dtype, pd.CategoricalDtype):
-            out[c] = s.astype(object).where(s.notna(), "").astype(str)
-        elif pd.api.types.is_bool_dtype(s):
-            out[c] = s.astype(bool)
-    out.columns = [str(c) for c in out.columns]
-    out.index = out.index.astype(str)
-    return out
+h5ad_safe = R.h5ad_safe
 
 
 def _store(adata, key: str, name: str, df: pd.DataFrame) -> None:
-    _ns(adata, key)[name] = h5ad_safe(df)
+    R.store(adata, name, df, key=key)
 
 
 def _obs_column(adata, col: str | None, what: str) -> np.ndarray | None:
@@ -368,11 +339,12 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     if weight_only:
         ws = weight_screen(model)
         table = pd.concat([table, ws], ignore_index=True) if len(table) else ws
-    _store(adata, key, K.UNS_SUPERWEIGHTS, table)
+    _store(adata, key, "superweights", table)
     act = res.activations
-    if len(act) and set(K.ACTIVATION_COLUMNS) <= set(act.columns):  # the contract columns first, as in the TSV
-        act = act[[*K.ACTIVATION_COLUMNS, *(c for c in act.columns if c not in K.ACTIVATION_COLUMNS)]]
-    _store(adata, key, K.UNS_ACTIVATIONS, act)
+    first = R.spec("activations").contract
+    if len(act) and set(first) <= set(act.columns):  # the contract columns first, as in the TSV
+        act = act[[*first, *(c for c in act.columns if c not in first)]]
+    _store(adata, key, "activations", act)
     _record(adata, key, "scan", {**res.params, "label_key": label_key, "max_cells": max_cells,
                                  "n_cells_scanned": int(len(cells)) if mode == "data" else 1,
                                  "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only,
@@ -432,10 +404,10 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     mask_ratio = _MASK_RATIO[family] if mask_ratio is None else mask_ratio
     if candidates is None:
         ns = adata.uns.get(key, {})
-        if K.UNS_SUPERWEIGHTS not in ns:
+        if R.spec("superweights").uns_key not in ns:
             msg = f"no candidates under uns[{key!r}]: run ssw.tl.scan first, or pass candidates=."
             raise DataError(msg)
-        candidates = ns[K.UNS_SUPERWEIGHTS]
+        candidates = ns[R.spec("superweights").uns_key]
     labels = _obs_column(adata, label_key, "label_key")
     conditions = _obs_column(adata, condition_key, "condition_key")
     donors = _obs_column(adata, donor_key, "donor_key")
@@ -459,9 +431,9 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
         msg = (f"primary_metric={primary_metric!r} was not measured for this {family} model; measured metrics are "
                f"{sorted(metrics)}.")
         raise DataError(msg)
-    _store(adata, key, K.UNS_COLLAPSE, res.collapse)
-    _store(adata, key, K.UNS_VERDICTS, verdicts(res.collapse, primary_metric=primary_metric, alpha=opts.alpha,
-                                                candidates=res.params["candidates"], ci_level=1 - opts.alpha))
+    _store(adata, key, "collapse", res.collapse)
+    _store(adata, key, "verdicts", verdicts(res.collapse, primary_metric=primary_metric, alpha=opts.alpha,
+                                            candidates=res.params["candidates"], ci_level=1 - opts.alpha))
     _store(adata, key, "contrasts", res.contrasts)
     _store(adata, key, "conditions", res.conditions)
     # embeddings of every cell: baseline, and with the top candidate zeroed
@@ -494,16 +466,7 @@ def _check_mlm_head(model, step: str) -> None:
 
 def _candidate_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Candidates as stored (strings from h5ad) back to typed columns."""
-    df = df.copy()
-    for c in ("row", "layer", "channel", "round", "rank"):
-        if c in df:
-            df[c] = pd.to_numeric(df[c], errors="coerce")
-    if "col" in df:
-        df["col"] = pd.to_numeric(df["col"].replace("", np.nan), errors="coerce").astype("Int64")
-    for c in ("above_threshold", "primary"):
-        if c in df and df[c].dtype == object:
-            df[c] = df[c].astype(str).str.lower().isin(["true", "1"])
-    return df
+    return R.typed(pd.DataFrame(df), "superweights")
 
 
 def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | None = None,
@@ -533,10 +496,10 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
         if family == "bert" else None
     mask_ratio = _MASK_RATIO[family] if mask_ratio is None else mask_ratio
     ns = adata.uns.get(key, {})
-    if K.UNS_SUPERWEIGHTS not in ns:
+    if R.spec("superweights").uns_key not in ns:
         msg = f"no candidates under uns[{key!r}]: run ssw.tl.scan first."
         raise DataError(msg)
-    cand = _candidate_frame(ns[K.UNS_SUPERWEIGHTS])
+    cand = _candidate_frame(ns[R.spec("superweights").uns_key])
     cand = cand[cand.get("screen", pd.Series("activation", index=cand.index)).astype(str).str.startswith("activation")]
     labels = _obs_column(adata, label_key, "label_key")
     cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
@@ -544,7 +507,7 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
                                  batch_size=batch_size, cells=cells, mask_ratio=mask_ratio, dictionaries=dicts)
     table = gene_scores(model, plain, masked, cand, groups=None if labels is None else labels[cells],
                         max_candidates=max_candidates)
-    _store(adata, key, K.UNS_GENES, table)
+    _store(adata, key, "genes", table)
     _ns(adata, key)["background"] = _background(tok)
     _record(adata, key, "genes", dict(label_key=label_key, max_cells_per_label=max_cells_per_label,
                                       mask_ratio=mask_ratio, max_candidates=max_candidates, seed=seed,
@@ -568,12 +531,12 @@ def enrich(adata, *, gene_sets=("bundled",), key: str = K.UNS_KEY, top_n: int = 
 
     adata = adata.copy() if copy else adata
     ns = adata.uns.get(key, {})
-    if K.UNS_GENES not in ns or "background" not in ns:
+    if R.spec("genes").uns_key not in ns or "background" not in ns:
         msg = f"no gene scores under uns[{key!r}]: run ssw.tl.genes first."
         raise DataError(msg)
     gs = E.load_gene_sets(list(gene_sets) if not isinstance(gene_sets, str | dict) else gene_sets)
     background = list(np.asarray(ns["background"]).astype(str))
-    table = ns[K.UNS_GENES]
+    table = ns[R.spec("genes").uns_key]
     frames = []
     for cand, g in table.groupby("candidate", sort=False):
         scores = pd.Series(pd.to_numeric(g["score"]).to_numpy(), index=g["gene"].astype(str))
@@ -586,10 +549,10 @@ def enrich(adata, *, gene_sets=("bundled",), key: str = K.UNS_KEY, top_n: int = 
                 f = f.copy()
                 f["method"] = method
                 frames.append(f)
-    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=K.ENRICHMENT_COLUMNS)
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(R.spec("enrichment").contract))
     if len(out):
         out = out.sort_values(["candidate", "method", "fdr"], kind="stable").reset_index(drop=True)
-    _store(adata, key, K.UNS_ENRICHMENT, out)
+    _store(adata, key, "enrichment", out)
     _record(adata, key, "enrich", dict(gene_sets=[str(s) for s in (gene_sets if not isinstance(gene_sets, str)
                                                                     else [gene_sets])] if not isinstance(gene_sets,
                                                                                                          dict)
