@@ -77,6 +77,8 @@ def test_write_run_dir_then_load_run_equals_the_adata(tmp_path):
     for name, t in from_adata.tables().items():
         pd.testing.assert_frame_equal(getattr(from_dir, name), t, check_exact=False, obj=name)
     assert not list(out.glob("*.tmp"))  # atomic writes leave no temporaries behind
+    # the plotting side reads the same typed tables from a loaded run
+    pd.testing.assert_frame_equal(ssw.pl._get_table(from_dir, "collapse"), from_dir.collapse)
 
 
 def test_mixed_run_directory_is_refused(tmp_path, capsys):
