@@ -131,7 +131,8 @@ def test_superweights_rank_the_planted_scalar_first(run, tiny_scgpt_columns):
     out, *_ = run
     sw = _tsv(out / K.FILE_SUPERWEIGHTS)
     assert list(sw.columns[:len(K.SUPERWEIGHT_COLUMNS)]) == K.SUPERWEIGHT_COLUMNS
-    assert list(sw.columns) == tiny_scgpt_columns  # the same table as from scGPT, column for column
+    assert list(sw.columns) == [*tiny_scgpt_columns, "run_id"]  # the same table as from scGPT, column for column,
+    # then the run id every written table carries
     top = sw.iloc[0]
     assert (top["kind"], top["layer"], top["param"], top["row"], top["col"]) == (K.KIND_FFN_DOWN, LAYER, PARAM,
                                                                                    ROW, HIDDEN)
