@@ -519,9 +519,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     conds = build_conditions(model, cands, opts)
     logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
     ev = evaluator_for(model, masked, plain, n_cells, emb=opts.embedding, progress=progress)
-    results: dict[str, dict] = {}
-    for cond in tqdm(conds, desc="prune conditions", disable=not progress):
-        results[cond.name] = ev.run(cond)
+    results = run_conditions(ev, conds, progress=progress)
     # the metrics are many small matrix operations: multi-threaded BLAS only spins on them (measured 200x slower
     # on a busy 2-core machine), so they run on one BLAS thread
     with threadpool_limits(limits=1, user_api="blas"):
@@ -591,6 +589,18 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
               "candidates": list(cands["candidate"])}
     params["scale_factors"] = list(opts.scale_factors)
     return PruneResult(collapse, contrasts, embeddings, cond_table, params)
+
+
+def run_conditions(ev, conds: Sequence[Condition], *, progress: bool = False) -> dict[str, dict]:
+    """Run `conds` with the evaluator `ev`: condition name -> its per-cell result arrays, in `conds` order.
+
+    The one place where conditions execute, so that persisting finished conditions (resume), sharding them across
+    ranks and running the random draws in sequential rounds all meet here rather than in `prune`.
+    """
+    results: dict[str, dict] = {}
+    for cond in tqdm(conds, desc="prune conditions", disable=not progress):
+        results[cond.name] = ev.run(cond)
+    return results
 
 
 def _null_pool(cond: Condition) -> str:
