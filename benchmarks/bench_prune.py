@@ -47,9 +47,9 @@ from _plant import plant_cls_superweight  # noqa: E402
 from scsuperweight.adapters import get_adapter  # noqa: E402
 from scsuperweight.data import iter_batches, tokenize_anndata  # noqa: E402
 from scsuperweight.detect import scan  # noqa: E402
-from scsuperweight.evaluate import reconstruction_from_outputs  # noqa: E402
 from scsuperweight.instrument import ActivationPatch, edit  # noqa: E402
-from scsuperweight.prune import PruneOptions, ScGPTEvaluator, build_conditions, select_candidates  # noqa: E402
+from scsuperweight.prune import PruneOptions, build_conditions, select_candidates  # noqa: E402
+from scsuperweight.runners.scgpt import ScGPTEvaluator, reconstruction_from_outputs  # noqa: E402
 
 
 class BlockCounter:

@@ -25,6 +25,7 @@ import torch
 from . import _keys as K
 from .adapters import get_adapter
 from .instrument import ScalarEdit, edit, no_fastpath
+from .runners import get_runner
 
 
 def _edit_of(row) -> ScalarEdit:
@@ -110,31 +111,6 @@ def channel_by_token(model, batches: list, site: str, channel: int, groups=None,
     return acc.sums.numpy(), acc.counts.numpy(), names
 
 
-def _masked_errors(adapter, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Per masked position of `batch`: (row in the batch, true token id, error); None if the model has none."""
-    if adapter.family == "scgpt":
-        out = adapter.run(batch)["mlm_output"].double().cpu()
-        m = batch.mask
-        err = (out - batch.target.double()) ** 2
-        rows = torch.arange(m.shape[0])[:, None].expand_as(m)
-        return rows[m], batch.src[m], err[m]
-    from .adapters.hf import _lm_head  # the masked-LM head (BERT: model.cls)
-
-    net = adapter.model
-    head = _lm_head(net)
-    if adapter.family != "bert" or head is None or net.base_model is net:
-        return None
-    kw = adapter.forward_kwargs(batch)
-    labels = kw.pop("labels", None)
-    if labels is None:
-        return None
-    hidden = net.base_model(**kw)[0]  # (B, L, d)
-    scored = labels != -100  # the masked positions; labels hold the true token there
-    logits = head(hidden[scored]).float()  # (N, V)
-    ce = torch.nn.functional.cross_entropy(logits, labels[scored], reduction="none").double().cpu()
-    return scored.nonzero()[:, 0].cpu(), labels[scored].cpu(), ce
-
-
 @torch.no_grad()
 def recon_delta_by_token(model, masked: list, edits: list[ScalarEdit], groups=None, n_cells: int | None = None
                          ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -144,17 +120,18 @@ def recon_delta_by_token(model, masked: list, edits: list[ScalarEdit], groups=No
     Models without a masked-reconstruction output (a bare encoder, a causal LM) give all-zero counts, which
     `gene_scores` turns into NaN evidence.
     """
-    adapter = get_adapter(model)
+    runner = get_runner(model)
+    adapter = runner.adapter
     n_cells = n_cells or _n_cells(masked)
     codes, names = _group_codes(groups, n_cells)
     acc = _ByToken(len(names), vocab_size(adapter))
     with no_fastpath(adapter.model):
         for b in masked:
-            base = _masked_errors(adapter, b)
+            base = runner.masked_errors(b)
             if base is None:
                 break
             with edit(adapter, edits, verify=False):
-                pruned = _masked_errors(adapter, b)
+                pruned = runner.masked_errors(b)
             rows, tok, err = base
             cells = np.asarray(adapter.batch_context(b).cells)
             g = torch.from_numpy(codes[cells])[rows]
@@ -165,20 +142,9 @@ def recon_delta_by_token(model, masked: list, edits: list[ScalarEdit], groups=No
 @torch.no_grad()
 def embedding_alignment(model, channel: int) -> np.ndarray:
     """z-score of each token's input embedding at `channel` (vocab-sized; NaN where the family has none)."""
-    adapter = get_adapter(model)
-    m = adapter.model
-    if adapter.family == "scgpt":
-        e = m.encoder.enc_norm(m.encoder.embedding.weight)
-    elif adapter.family == "bert":
-        emb = m.get_submodule(f"{adapter.root}embeddings")
-        e = emb.word_embeddings.weight
-        if getattr(emb, "token_type_embeddings", None) is not None:
-            e = e + emb.token_type_embeddings.weight[0]
-        e = emb.LayerNorm(e)
-    elif adapter.token_module:  # pre-norm: the residual stream starts from the raw token embedding
-        e = m.get_submodule(adapter.token_module).weight
-    else:
-        return np.full(vocab_size(adapter), np.nan)
+    e = get_runner(model).token_embeddings()  # as the first block sees it (the family runner knows)
+    if e is None:
+        return np.full(vocab_size(model), np.nan)
     if channel >= e.shape[1]:
         return np.full(e.shape[0], np.nan)
     col = e[:, channel].double()

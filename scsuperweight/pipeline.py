@@ -99,20 +99,20 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     `overwrite`, which removes exactly those files first. run.json records a ``run_id`` and the data and model
     hashes, and every table written carries the run id in a ``run_id`` column.
     """
-    from .adapters import get_adapter
     from .report import report
+    from .runners import get_runner
 
     out = R.prepare_run_dir(out_dir, overwrite=overwrite)
-    adapter = get_adapter(model)
+    runner = get_runner(model)
+    family_options = runner.accepted(dict(token_dictionary=token_dictionary, gene_medians=gene_medians,
+                                          symbol_key=symbol_key))
     params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, gene_sets=list(gene_sets),
                   seed=seed, batch_size=batch_size, max_cells_scan=max_cells_scan,
                   max_cells_per_label=max_cells_per_label, n_random=n_random, max_candidates=max_candidates,
                   n_boot=n_boot,
                   permutations=permutations, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len,
                   primary_metric=primary_metric)
-    if adapter.family != "scgpt":
-        params.update(token_dictionary=tl._describe_dict(token_dictionary),
-                      gene_medians=tl._describe_dict(gene_medians), symbol_key=symbol_key)
+    params.update(runner.describe(**family_options))
     m_hash, d_hash = model_hash(model), data_hash(adata)
     log = R.RunLog(out, {"versions": _versions(), "seed": seed, "params": params, "data_hash": d_hash,
                          "model_hash": m_hash,
@@ -121,8 +121,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                                   "n_genes": int(adata.n_vars)}, **(extra_info or {})})
     common = dict(gene_key=gene_key, layer=layer, batch_size=batch_size, max_seq_len=max_seq_len, seed=seed,
                   progress=progress)
-    if adapter.family != "scgpt":
-        common.update(token_dictionary=token_dictionary, gene_medians=gene_medians, symbol_key=symbol_key)
+    common.update(family_options)
     steps = [
         ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, **common)),
         ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,

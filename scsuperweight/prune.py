@@ -9,10 +9,10 @@ activation put back at the token that carried the spike); ``scale:<cand>:<f>`` (
 
 All conditions share the same tokenised, masked inputs. An evaluator runs each condition and returns per-cell
 reconstruction arrays (whatever the model family defines: ``gep_*``/``gepc_*`` for scGPT, ``mlm_*`` for masked-LM
-transformers such as Geneformer) and the cell embeddings under ``"cls"``: `ScGPTEvaluator` reruns the model only
-from the first edited block (the input of every block is cached once); `HFEvaluator` runs full forwards. Metrics
-are computed per cell where they are defined per cell (so they can be averaged over any group and bootstrapped over
-donors) and per set otherwise.
+transformers such as Geneformer) and the cell embeddings under ``"cls"``; it is the family runner's
+(`scsuperweight.runners`): scGPT reruns the model only from the first edited block (the input of every block is
+cached once), a masked LM runs full forwards. Metrics are computed per cell where they are defined per cell (so
+they can be averaged over any group and bootstrapped over donors) and per set otherwise.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from ._log import logger
 from .adapters import get_adapter
 from .data.batches import Batch
 from .errors import DataError
-from .evaluate import l2_normalise, reconstruction_from_outputs
-from .instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
+from .instrument import ScalarEdit
 from .metrics import registry as R
+from .runners import get_runner, l2_normalise
+from .runners.bert import HFEvaluator  # noqa: F401 - re-exported: the evaluators used to live here
+from .runners.scgpt import ScGPTEvaluator  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -79,182 +81,6 @@ class Condition:
     control_for: str = ""
     candidate: str = ""
     factor: float = float("nan")
-
-
-def _capture_channel(model, module: str, channel: int, run) -> torch.Tensor:
-    """`channel` of the output of `module` during `run()` (a forward of `model`), detached; the hook is removed."""
-    captured = {}
-
-    def hook(m, a, out):
-        x = out[0] if isinstance(out, tuple) else out
-        captured["x"] = x[..., channel].detach().clone()
-
-    h = model.get_submodule(module).register_forward_hook(hook)
-    try:
-        run()
-    finally:
-        h.remove()
-    return captured["x"]
-
-
-class ScGPTEvaluator:
-    """Runs conditions over fixed batches, reusing every block input computed once without edits."""
-
-    def __init__(self, model, masked: Sequence[Batch], plain: Sequence[Batch], n_cells: int,
-                 progress: bool = False):
-        self.adapter = get_adapter(model)
-        if not hasattr(self.adapter, "encode_cache"):
-            msg = f"pruning with cached reruns is implemented for scGPT models, not {self.adapter.family}."
-            raise TypeError(msg)
-        self.model = self.adapter.model
-        self.n_cells = n_cells
-        self.progress = progress
-        with no_fastpath(self.model):
-            self.masked = [self.adapter.encode_cache(b) for b in masked]
-            self.plain = [self.adapter.encode_cache(b) for b in plain]
-        self.forwards = 0  # blocks recomputed, for the efficiency benchmark
-        self._site_values: dict = {}
-
-    def first_layer(self, edits: Sequence[ScalarEdit], restore=None) -> int:
-        layers = [self.adapter.first_layer_of(e.param) for e in edits]
-        if restore is not None:
-            layers.append(self.adapter.sites[restore[0]].layer)
-        return min(layers) if layers else self.adapter.n_layers
-
-    def _baseline_channel(self, cache: dict, site: str, channel: int) -> torch.Tensor:
-        key = (id(cache), site, channel)
-        if key not in self._site_values:
-            def run():
-                with no_fastpath(self.model):
-                    self.adapter.run_from(cache, self.adapter.sites[site].layer, decoders=False)
-
-            self._site_values[key] = _capture_channel(self.model, self.adapter.sites[site].module, channel, run)
-        return self._site_values[key]
-
-    @torch.no_grad()
-    def run(self, cond: Condition) -> dict[str, np.ndarray]:
-        layer = self.first_layer(cond.edits, cond.restore)
-        out: dict[str, np.ndarray] = {}
-        if cond.restore is not None:  # baseline values are captured before any edit is applied
-            for cache in (*self.masked, *self.plain):
-                self._baseline_channel(cache, cond.restore[0], cond.restore[1])
-        with no_fastpath(self.model), edit(self.model, cond.edits, verify=False):
-            for name, caches in (("masked", self.masked), ("plain", self.plain)):
-                for cache in caches:
-                    patches = None
-                    if cond.restore is not None:
-                        site, channel, token_id = cond.restore
-                        base = self._baseline_channel(cache, site, channel)
-                        positions = cache["batch"].src.eq(token_id)
-                        patches = [ActivationPatch(site, channel, base, positions)]
-                    decoders = name == "masked"  # the plain batches give the cell embedding only
-                    if patches:
-                        with edit(self.model, patches=patches, verify=False):
-                            o = self.adapter.run_from(cache, layer, decoders=decoders)
-                    else:
-                        o = self.adapter.run_from(cache, layer, decoders=decoders)
-                    self.forwards += self.adapter.n_layers - max(layer, 0)
-                    cells = cache["batch"].cells
-                    if name == "masked":
-                        for k, v in reconstruction_from_outputs(o, cache["batch"]).items():
-                            out.setdefault(k, np.full(self.n_cells, np.nan))[cells] = v
-                    else:
-                        emb = o["cell_emb"].double().cpu().numpy()
-                        if "cls" not in out:
-                            out["cls"] = np.full((self.n_cells, emb.shape[1]), np.nan)
-                        out["cls"][cells] = emb
-        return out
-
-
-class HFEvaluator:
-    """Runs conditions for transformers masked-LM models (BERT family: Geneformer, BERT) over fixed batches.
-
-    Same contract as `ScGPTEvaluator`: ``run(cond)`` returns per-cell arrays ``mlm_loss`` and ``mlm_accuracy``
-    (`scsuperweight.adapters.hf.evaluate_mlm` on the masked batches) and ``cls``, the (n_cells, d) cell embedding
-    (`scsuperweight.adapters.hf.embed_cells` on the plain batches; ``emb="mean"``, Geneformer's convention, by
-    default). No block inputs are cached: every condition is a full forward under `scsuperweight.instrument.edit`
-    (transformers block call signatures differ between versions, and a rerun from a middle block would have to
-    rebuild the attention masks the model builds itself), so a condition costs a whole pass over the batches.
-    A restore condition puts the baseline activation of its site and channel back wherever the input token is the
-    token that carried the spike (an `ActivationPatch` per batch).
-    """
-
-    def __init__(self, model, masked: Sequence, plain: Sequence, n_cells: int, *, emb: str = "mean",
-                 progress: bool = False):
-        self.adapter = get_adapter(model)
-        if self.adapter.family != "bert":
-            msg = (f"HFEvaluator scores masked-LM reconstruction; it supports BERT-family models (Geneformer), not "
-                   f"the {self.adapter.family} family.")
-            raise TypeError(msg)
-        self.model = self.adapter.model
-        self.masked = list(masked)
-        self.plain = list(plain)
-        self.n_cells = n_cells
-        self.emb = emb
-        self.progress = progress
-        self.forwards = 0  # blocks computed, for the efficiency benchmark
-        self._site_values: dict = {}
-
-    def _baseline_channel(self, which: str, i: int, batch, site: str, channel: int) -> torch.Tensor:
-        """(B, L) activation of `site`, `channel` on batch `i` without edits (computed once, then reused)."""
-        key = (which, i, site, channel)
-        if key not in self._site_values:
-            kw = self.adapter.forward_kwargs(batch)
-            kw.pop("labels", None)
-            self._site_values[key] = _capture_channel(self.model, self.adapter.sites[site].module, channel,
-                                                      lambda: self.model.base_model(**kw))
-        return self._site_values[key]
-
-    def _patches(self, which: str, i: int, batch, restore) -> list[ActivationPatch]:
-        site, channel, token_id = restore
-        base = self._baseline_channel(which, i, batch, site, channel)
-        ids = self.adapter.forward_kwargs({"input_ids": batch["input_ids"]})["input_ids"]
-        return [ActivationPatch(site, channel, base, ids.eq(token_id))]
-
-    @torch.no_grad()
-    def run(self, cond: Condition) -> dict[str, np.ndarray]:
-        from .adapters.hf import embed_cells, evaluate_mlm
-
-        n = self.n_cells
-        if cond.restore is not None:  # baseline values are captured before any edit is applied
-            for which, batches in (("masked", self.masked), ("plain", self.plain)):
-                for i, b in enumerate(batches):
-                    self._baseline_channel(which, i, b, cond.restore[0], cond.restore[1])
-        with edit(self.model, cond.edits, verify=False):
-            if cond.restore is None:
-                rec = evaluate_mlm(self.model, self.masked, n_cells=n)
-                emb = embed_cells(self.model, self.plain, emb=self.emb, n_cells=n)
-            else:  # a patch holds one batch's values: one call per batch
-                rec = {"loss": np.full(n, np.nan), "accuracy": np.full(n, np.nan)}
-                for i, b in enumerate(self.masked):
-                    r = evaluate_mlm(self.model, [b], patches=self._patches("masked", i, b, cond.restore),
-                                     n_cells=n)
-                    for k in rec:
-                        ok = ~np.isnan(r[k])
-                        rec[k][ok] = r[k][ok]
-                emb = None
-                for i, b in enumerate(self.plain):
-                    e = embed_cells(self.model, [b], emb=self.emb, n_cells=n,
-                                    patches=self._patches("plain", i, b, cond.restore))
-                    if emb is None:
-                        emb = np.full_like(e, np.nan)
-                    rows = ~np.isnan(e).all(1)  # this batch's cells
-                    emb[rows] = e[rows]
-        self.forwards += self.adapter.n_layers * (len(self.masked) + len(self.plain))
-        return {"mlm_loss": rec["loss"], "mlm_accuracy": rec["accuracy"], "cls": emb.astype(np.float64)}
-
-
-def evaluator_for(model, masked: Sequence, plain: Sequence, n_cells: int, *, emb: str = "mean",
-                  progress: bool = False):
-    """The evaluator of `model`'s family: `ScGPTEvaluator` (cached reruns) or `HFEvaluator` (masked LMs)."""
-    family = get_adapter(model).family
-    if family == "scgpt":
-        return ScGPTEvaluator(model, masked, plain, n_cells, progress=progress)
-    if family == "bert":
-        return HFEvaluator(model, masked, plain, n_cells, emb=emb, progress=progress)
-    msg = (f"pruning needs a reconstruction metric; it is implemented for scGPT and BERT-family masked LMs "
-           f"(Geneformer), not for the {family} family.")
-    raise DataError(msg)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -505,8 +331,9 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     """Run every condition and compute the long `collapse` table and the AD-vs-control `contrasts`.
 
     `masked` and `plain` are the same cells' batches with and without the fixed reconstruction mask (scGPT
-    `Batch`es, or `scsuperweight.data.geneformer.CellBatch`es for a BERT-family masked LM; the evaluator is chosen
-    by `evaluator_for`); `labels`/`conditions`/`donors` are per cell (global cell index = the batches' ``.cells``).
+    `Batch`es, or `scsuperweight.data.geneformer.CellBatch`es for a BERT-family masked LM; the evaluator is the
+    family runner's, `scsuperweight.runners.get_runner(model).evaluator`); `labels`/`conditions`/`donors` are per
+    cell (global cell index = the batches' ``.cells``).
     `n_cells` defaults to one past the largest cell index (pass it when some cells have no batch).
     """
     opts = options or PruneOptions()
@@ -518,7 +345,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     cands = select_candidates(candidates, opts.max_candidates)
     conds = build_conditions(model, cands, opts)
     logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
-    ev = evaluator_for(model, masked, plain, n_cells, emb=opts.embedding, progress=progress)
+    ev = get_runner(model).evaluator(masked, plain, n_cells, emb=opts.embedding, progress=progress)
     results = run_conditions(ev, conds, progress=progress)
     # the metrics are many small matrix operations: multi-threaded BLAS only spins on them (measured 200x slower
     # on a busy 2-core machine), so they run on one BLAS thread

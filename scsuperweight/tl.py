@@ -91,143 +91,17 @@ def stratified_subsample(labels: np.ndarray | None, n_obs: int, max_per_label: i
 
 
 # -- model families ------------------------------------------------------------------------------------------
-# scGPT reads binned expression through its own vocab; a BERT-family masked LM (Geneformer) reads rank-value
-# encoded cells through the user's token dictionary and gene medians. Everything below the tokeniser is shared.
-_MASK_RATIO = {"scgpt": 0.25, "bert": 0.15}  # each family's pretraining mask ratio (Geneformer: 15%)
+# Everything family-specific (tokenising, batches, embeddings, reconstruction, each family's own options such as
+# Geneformer's token dictionary) lives in its runner; the steps below ask `get_runner(model)` and never branch.
 
 
-def _family(model, step: str) -> str:
-    """'scgpt' or 'bert'; a clear DataError for a model the AnnData face cannot feed."""
-    from .adapters import get_adapter
+def _runner(model, step: str, *, required: bool = True, reconstruction: bool = False, **options):
+    """The model's runner, configured for `step` (a clear DataError when the family cannot run it), and the
+    family's entries for the step's params."""
+    from .runners import get_runner
 
-    family = get_adapter(model).family
-    if family not in ("scgpt", "bert"):
-        msg = (f"tl.{step} on AnnData supports scGPT and BERT-family (Geneformer-like) models; this is a {family} "
-               "model. Use the low-level API (find_superweights with batches of forward kwargs).")
-        raise DataError(msg)
-    return family
-
-
-def _describe_dict(d) -> str | None:
-    """How a dictionary argument is recorded in params: its path, or its size (never the dict itself)."""
-    if d is None:
-        return None
-    if isinstance(d, str | Path):
-        return str(d)
-    return f"<dict of {len(d)} entries>"
-
-
-def _gene_dictionaries(model, token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
-                       step: str = "", required: bool = True) -> dict | None:
-    """Geneformer inputs of a BERT-family model: given now, else remembered on its adapter from an earlier step.
-
-    Both dictionaries are read once (JSON, pickle or dict) and kept, read, on ``adapter.gene_dictionaries``, so
-    later steps on the same model need not repeat them.
-    """
-    from .adapters import get_adapter
-    from .data.geneformer import read_gene_dictionary
-
-    adapter = get_adapter(model)
-    known = adapter.gene_dictionaries or {}
-    if (token_dictionary is None) != (gene_medians is None) and not known:
-        given = "token_dictionary" if gene_medians is None else "gene_medians"
-        missing = "gene_medians" if gene_medians is None else "token_dictionary"
-        msg = f"tl.{step}: {given}= was given without {missing}=; a Geneformer-like model needs both."
-        raise DataError(msg)
-    if token_dictionary is None and gene_medians is None and not known:
-        if not required:
-            return None
-        msg = (f"tl.{step} on a {type(adapter.model).__name__} (BERT family) needs the Geneformer inputs: pass "
-               "token_dictionary= (Ensembl ID -> token id; a dict, .json or .pkl, e.g. Geneformer's "
-               "token_dictionary.pkl) and gene_medians= (Ensembl ID -> non-zero median; e.g. "
-               "gene_median_dictionary.pkl). They are remembered for later steps on the same model.")
-        raise DataError(msg)
-    out = dict(known)
-    if token_dictionary is not None:
-        out["token_dictionary"] = read_gene_dictionary(token_dictionary, what="token dictionary")
-        out["token_dictionary_source"] = _describe_dict(token_dictionary)
-    if gene_medians is not None:
-        out["gene_medians"] = read_gene_dictionary(gene_medians, what="gene-median dictionary")
-        out["gene_medians_source"] = _describe_dict(gene_medians)
-    if symbol_key is not None:
-        out["symbol_key"] = symbol_key
-    adapter.gene_dictionaries = out
-    return out
-
-
-def _tokenize(adata, model, *, gene_key, layer, max_seq_len, seed, cells=None, dictionaries=None):
-    """scGPT: `TokenizedCells`; BERT family: `GeneformerTokens` (and the adapter learns the gene symbols)."""
-    sub = adata[cells] if cells is not None else adata
-    if dictionaries is not None:
-        from .adapters import get_adapter
-        from .data.geneformer import tokenize_geneformer
-
-        tok = tokenize_geneformer(sub, dictionaries["token_dictionary"], dictionaries["gene_medians"],
-                                  gene_id_key=gene_key, layer=layer, model_input_size=max_seq_len, model=model,
-                                  symbol_key=dictionaries.get("symbol_key"))
-        get_adapter(model).id_to_token = tok.token_names  # tokens print as gene symbols
-        return tok
-    from .data.tokenize import tokenize_anndata
-
-    cfg = model.config
-    max_len = max_seq_len or int(model.args.get("max_seq_len", 1200))
-    return tokenize_anndata(sub, model.vocab, gene_key=gene_key, layer=layer, n_bins=cfg.n_bins, max_seq_len=max_len,
-                            pad_value=cfg.pad_value, seed=seed, pad_token=model.args.get("pad_token", "<pad>"))
-
-
-def _inputs(adata, model, *, gene_key, layer, max_seq_len, seed, batch_size, cells=None, mask_ratio=None,
-            dictionaries=None):
-    """Tokens, plain batches and (with `mask_ratio`) fixed, seeded masked batches of the same cells."""
-    tok = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed, cells=cells,
-                    dictionaries=dictionaries)
-    if dictionaries is not None:
-        from .data.geneformer import geneformer_batches
-
-        plain = geneformer_batches(tok, batch_size)
-        masked = geneformer_batches(tok, batch_size, mask_ratio=mask_ratio, seed=seed) if mask_ratio else None
-        return tok, plain, masked
-    from .data.batches import iter_batches
-
-    plain = list(iter_batches(tok, batch_size))
-    masked = list(iter_batches(tok, batch_size, mask_ratio=mask_ratio, mask_value=model.config.mask_value,
-                               seed=seed)) if mask_ratio else None
-    return tok, plain, masked
-
-
-def _gene_counts(tok) -> dict:
-    """Genes matched to the vocab (and the data's total), for the params record."""
-    genes = getattr(tok, "genes", None)
-    if genes is not None:  # scGPT TokenizedCells
-        return {"genes_matched": len(genes.var_index), "genes_total": genes.n_total}
-    return {"genes_matched": len(tok.var_index)}
-
-
-def _background(tok) -> np.ndarray:
-    """Genes present in both the data and the model's vocabulary, named as genes.tsv names them."""
-    genes = getattr(tok, "genes", None)
-    return np.asarray(genes.genes if genes is not None else tok.symbols, dtype=str)
-
-
-def _embed_cells(model, tok, *, batch_size, edits=None, progress=False) -> np.ndarray:
-    """L2-normalised cell embeddings of every tokenised cell: scGPT <cls>; BERT family the mean over genes."""
-    from .instrument import edit
-
-    if hasattr(tok, "token_names"):  # Geneformer tokens
-        from .adapters.hf import embed_cells
-        from .data.geneformer import geneformer_batches
-
-        emb = embed_cells(model, geneformer_batches(tok, batch_size), emb="mean", n_cells=tok.n_cells, edits=edits,
-                          normalise=True, progress=progress)
-        n_bad = int(np.isnan(emb).any(1).sum())
-        if n_bad:
-            logger.warning("%d cells have no gene in the token dictionary: their embedding rows are NaN", n_bad)
-        return emb
-    from .evaluate import embed as _embed
-
-    if edits is None:
-        return _embed(model, tok, batch_size=batch_size, progress=progress)
-    with edit(model, edits):
-        return _embed(model, tok, batch_size=batch_size, progress=progress)
+    runner = get_runner(model)
+    return runner, runner.configure(step, required=required, reconstruction=reconstruction, **options)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -274,24 +148,15 @@ def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None
     """
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
-    family = _family(model, "embed")
-    dicts = _gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "embed") \
-        if family == "bert" else None
-    tok = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                    dictionaries=dicts)
-    adata.obsm[key_added] = _embed_cells(model, tok, batch_size=batch_size, progress=progress)
+    runner, described = _runner(model, "embed", token_dictionary=token_dictionary, gene_medians=gene_medians,
+                                symbol_key=symbol_key)
+    inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                            batch_size=batch_size)
+    adata.obsm[key_added] = runner.embed(inputs, progress=progress)
     _record(adata, K.UNS_KEY, "embed", dict(gene_key=gene_key, layer=layer, batch_size=batch_size,
-                                          max_seq_len=max_seq_len, seed=seed, key_added=key_added, family=family,
-                                          **_dict_params(dicts), **_gene_counts(tok)))
+                                          max_seq_len=max_seq_len, seed=seed, key_added=key_added,
+                                          family=runner.family, **described, **inputs.gene_counts))
     return adata if copy else None
-
-
-def _dict_params(dicts: dict | None) -> dict:
-    """The Geneformer inputs as recorded in params (sources, never the dictionaries)."""
-    if dicts is None:
-        return {}
-    return {"token_dictionary": dicts.get("token_dictionary_source"),
-            "gene_medians": dicts.get("gene_medians_source"), "symbol_key": dicts.get("symbol_key")}
 
 
 def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = None, gene_key: str | None = None,
@@ -319,17 +184,16 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
 
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
-    family = _family(model, "scan")
-    dicts = _gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "scan",
-                               required=mode == "data") if family == "bert" else None
+    runner, described = _runner(model, "scan", required=mode == "data", token_dictionary=token_dictionary,
+                                gene_medians=gene_medians, symbol_key=symbol_key)
     labels = _obs_column(adata, label_key, "label_key")
     per_label = None if labels is None or max_cells is None else max(1, max_cells // len(set(labels)))
     cells = stratified_subsample(labels, adata.n_obs, per_label, seed, max_cells)
     groups = group_names = None
     batches = None
     if mode == "data":
-        _, batches, _ = _inputs(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                                batch_size=batch_size, cells=cells, dictionaries=dicts)
+        batches = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                                 batch_size=batch_size, cells=cells).plain
         if labels is not None:
             group_names, groups = np.unique(labels[cells], return_inverse=True)
     res = _scan(model, batches, mode=mode, min_ratio=min_ratio, min_abs=min_abs, max_rounds=max_rounds,
@@ -348,7 +212,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     _record(adata, key, "scan", {**res.params, "label_key": label_key, "max_cells": max_cells,
                                  "n_cells_scanned": int(len(cells)) if mode == "data" else 1,
                                  "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only,
-                                 "family": family, **_dict_params(dicts)})
+                                 "family": runner.family, **described})
     n_above = int(res.candidates["above_threshold"].sum()) if len(res.candidates) else 0
     logger.info("scan: %d candidates above threshold; %s", n_above, res.stop_reason)
     return adata if copy else None
@@ -390,18 +254,14 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     >>> ssw.get.collapse(adata).query("group == 'all' and metric == 'gepc_mse'")
     """
     from .judge import verdicts
-    from .metrics import registry as metric_registry
     from .prune import PruneOptions
     from .prune import prune as _prune
 
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
-    family = _family(model, "prune")
-    dicts = _gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "prune") \
-        if family == "bert" else None
-    if family == "bert":
-        _check_mlm_head(model, "prune")
-    mask_ratio = _MASK_RATIO[family] if mask_ratio is None else mask_ratio
+    runner, described = _runner(model, "prune", reconstruction=True, token_dictionary=token_dictionary,
+                                gene_medians=gene_medians, symbol_key=symbol_key)
+    mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
     if candidates is None:
         ns = adata.uns.get(key, {})
         if R.spec("superweights").uns_key not in ns:
@@ -415,21 +275,21 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
         msg = f"condition_key={condition_key!r} has a single value {set(conditions)}; it cannot contrast conditions."
         raise DataError(msg)
     cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
-    tok, plain, masked = _inputs(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                                 batch_size=batch_size, cells=cells, mask_ratio=mask_ratio, dictionaries=dicts)
+    inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                            batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot,
                         scale_factors=tuple(scale_factors), seed=seed)
     cand = _candidate_frame(candidates)
-    res = _prune(model, masked, plain, cand, labels=labels[cells],
+    res = _prune(model, inputs.masked, inputs.plain, cand, labels=labels[cells],
                  conditions=None if conditions is None else conditions[cells],
                  donors=None if donors is None else donors[cells], options=opts, n_cells=len(cells),
                  progress=progress)
     metrics = set(res.collapse["metric"]) if len(res.collapse) else set()
-    if primary_metric is None:  # a scGPT model without the MVC decoder: the per-position decoder's error
-        primary_metric = metric_registry.primary_metric(family, metrics or None)
+    if primary_metric is None:
+        primary_metric = runner.primary_metric(metrics)
     elif metrics and primary_metric not in metrics:
-        msg = (f"primary_metric={primary_metric!r} was not measured for this {family} model; measured metrics are "
-               f"{sorted(metrics)}.")
+        msg = (f"primary_metric={primary_metric!r} was not measured for this {runner.family} model; measured metrics "
+               f"are {sorted(metrics)}.")
         raise DataError(msg)
     _store(adata, key, "collapse", res.collapse)
     _store(adata, key, "verdicts", verdicts(res.collapse, primary_metric=primary_metric, alpha=opts.alpha,
@@ -437,31 +297,18 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     _store(adata, key, "contrasts", res.contrasts)
     _store(adata, key, "conditions", res.conditions)
     # embeddings of every cell: baseline, and with the top candidate zeroed
-    full = _tokenize(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                     dictionaries=dicts)
-    adata.obsm[K.OBSM_EMB] = _embed_cells(model, full, batch_size=batch_size)
+    full = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                          batch_size=batch_size)
+    adata.obsm[K.OBSM_EMB] = runner.embed(full)
     top = res.params["candidates"][0]
     row = cand[cand["candidate"] == top].iloc[0]
-    adata.obsm[K.OBSM_EMB_PRUNED] = _embed_cells(model, full, batch_size=batch_size,
-                                                 edits=cand[cand["candidate"] == top])
+    adata.obsm[K.OBSM_EMB_PRUNED] = runner.embed(full, edits=cand[cand["candidate"] == top])
     _record(adata, key, "prune", {**res.params, "label_key": label_key, "condition_key": condition_key,
                                   "donor_key": donor_key, "mask_ratio": mask_ratio, "max_cells_per_label":
                                   max_cells_per_label, "n_cells_evaluated": int(len(cells)), "pruned_embedding_of":
                                   top, "pruned_param": str(row["param"]), "primary_metric": primary_metric,
-                                  "family": family, **_dict_params(dicts)})
+                                  "family": runner.family, **described})
     return adata if copy else None
-
-
-def _check_mlm_head(model, step: str) -> None:
-    """A BERT-family model needs its masked-LM head for the reconstruction metrics."""
-    from .adapters import get_adapter
-
-    net = get_adapter(model).model
-    if not type(net).__name__.endswith("ForMaskedLM"):
-        msg = (f"tl.{step} measures masked-gene reconstruction, which needs the masked-LM head; got "
-               f"{type(net).__name__}. Load the model with its head (e.g. BertForMaskedLM: architectures in "
-               "config.json).")
-        raise DataError(msg)
 
 
 def _candidate_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -491,10 +338,9 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
 
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
-    family = _family(model, "genes")
-    dicts = _gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "genes") \
-        if family == "bert" else None
-    mask_ratio = _MASK_RATIO[family] if mask_ratio is None else mask_ratio
+    runner, described = _runner(model, "genes", token_dictionary=token_dictionary, gene_medians=gene_medians,
+                                symbol_key=symbol_key)
+    mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
     ns = adata.uns.get(key, {})
     if R.spec("superweights").uns_key not in ns:
         msg = f"no candidates under uns[{key!r}]: run ssw.tl.scan first."
@@ -503,15 +349,15 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
     cand = cand[cand.get("screen", pd.Series("activation", index=cand.index)).astype(str).str.startswith("activation")]
     labels = _obs_column(adata, label_key, "label_key")
     cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
-    tok, plain, masked = _inputs(adata, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                                 batch_size=batch_size, cells=cells, mask_ratio=mask_ratio, dictionaries=dicts)
-    table = gene_scores(model, plain, masked, cand, groups=None if labels is None else labels[cells],
+    inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                            batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
+    table = gene_scores(model, inputs.plain, inputs.masked, cand, groups=None if labels is None else labels[cells],
                         max_candidates=max_candidates)
     _store(adata, key, "genes", table)
-    _ns(adata, key)["background"] = _background(tok)
+    _ns(adata, key)["background"] = inputs.background
     _record(adata, key, "genes", dict(label_key=label_key, max_cells_per_label=max_cells_per_label,
                                       mask_ratio=mask_ratio, max_candidates=max_candidates, seed=seed,
-                                      n_cells=int(len(cells)), family=family, **_dict_params(dicts)))
+                                      n_cells=int(len(cells)), family=runner.family, **described))
     return adata if copy else None
 
 

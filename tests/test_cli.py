@@ -12,6 +12,7 @@ import scsuperweight as ssw
 from scsuperweight import _keys as K
 from scsuperweight.cli import build_parser, main
 from scsuperweight.models import save_scgpt
+from scsuperweight.runners import get_runner
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,8 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     adata = ssw.datasets.synthetic_ad(n_cells=160, n_donors=4, seed=3)
     model = synthetic_model(adata, seed=3)
-    _, plain, _ = ssw.tl._inputs(adata, model, gene_key=None, layer=None, max_seq_len=None, seed=0, batch_size=32)
+    plain = get_runner(model).prepare(adata, gene_key=None, layer=None, max_seq_len=None, seed=0,
+                                      batch_size=32).plain
     plant_cls_superweight(model, plain, 1, 3, 7, magnitude=300.0)
     save_scgpt(model, d / "model")
     adata.write_h5ad(d / "data.h5ad")

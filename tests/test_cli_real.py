@@ -11,10 +11,10 @@ import scipy.sparse as sp
 import torch
 from _plant import plant_cls_superweight
 
-import scsuperweight as ssw
 from scsuperweight import _keys as K
 from scsuperweight.cli import main
 from scsuperweight.models import ScGPTConfig, ScGPTModel, save_scgpt
+from scsuperweight.runners import get_runner
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def planted_on_darmanis(darmanis_path, tmp_path_factory):
     torch.manual_seed(5)
     cfg = ScGPTConfig(ntoken=len(vocab), d_model=32, nhead=4, d_hid=64, nlayers=3, dropout=0.0, pad_token_id=n)
     model = ScGPTModel(cfg, vocab=vocab, args={"nheads": 4, "max_seq_len": 256}).eval()
-    _, plain, _ = ssw.tl._inputs(adata, model, gene_key=None, layer=None, max_seq_len=None, seed=0, batch_size=32)
+    plain = get_runner(model).prepare(adata, gene_key=None, layer=None, max_seq_len=None, seed=0,
+                                      batch_size=32).plain
     plant_cls_superweight(model, plain, 2, 9, 21, magnitude=300.0)
     save_scgpt(model, d / "model")  # official layout: args.json, vocab.json, best_model.pt (Wqkv names)
     adata.write_h5ad(d / "darmanis_subset.h5ad")

@@ -18,7 +18,7 @@ from transformers import BatchEncoding, BertConfig, BertForMaskedLM, BertModel, 
 import scsuperweight as ssw
 from scsuperweight import _keys as K
 from scsuperweight.adapters import get_adapter
-from scsuperweight.adapters.hf import embed_cells, evaluate_mlm, hf_adapter
+from scsuperweight.adapters.hf import hf_adapter
 from scsuperweight.data.geneformer import (
     CellBatch,
     geneformer_batches,
@@ -30,6 +30,7 @@ from scsuperweight.data.geneformer import (
 from scsuperweight.detect import find_superweights, scan
 from scsuperweight.errors import CheckpointError, DataError, HookError
 from scsuperweight.instrument import ActivationPatch, Trace, edit
+from scsuperweight.runners.hf import embed_cells, evaluate_mlm
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NAMES = {0: "[PAD]", 1: "[CLS]", 2: "[SEP]", 3: "[MASK]"}

@@ -10,8 +10,11 @@ from _plant import plant_cls_superweight
 
 import scsuperweight as ssw
 from scsuperweight import _keys as K
+from scsuperweight.data.batches import iter_batches
+from scsuperweight.data.tokenize import tokenize_anndata
 from scsuperweight.errors import DataError
 from scsuperweight.models import ScGPTConfig, ScGPTModel
+from scsuperweight.runners import get_runner
 
 
 def synthetic_model(adata, seed=0, nlayers=3):
@@ -28,7 +31,8 @@ def synthetic_model(adata, seed=0, nlayers=3):
 def run():
     adata = ssw.datasets.synthetic_ad(n_cells=240, n_donors=4, seed=1)
     model = synthetic_model(adata)
-    _, plain, _ = ssw.tl._inputs(adata, model, gene_key=None, layer=None, max_seq_len=None, seed=0, batch_size=32)
+    plain = get_runner(model).prepare(adata, gene_key=None, layer=None, max_seq_len=None, seed=0,
+                                      batch_size=32).plain
     plant_cls_superweight(model, plain, 2, 5, 11, magnitude=300.0)
     ssw.tl.embed(adata, model, progress=False)
     ssw.tl.scan(adata, model, label_key="cell_type", max_cells=120, progress=False)
@@ -44,10 +48,11 @@ def test_embed_matches_primitive(run):
     emb = adata.obsm[K.OBSM_EMB]
     assert emb.shape == (adata.n_obs, 32)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    tok = ssw.tl._tokenize(adata, model, gene_key=None, layer=None, max_seq_len=None, seed=0)
-    from scsuperweight.evaluate import embed
+    tok = tokenize_anndata(adata, model.vocab, n_bins=model.config.n_bins, max_seq_len=128,
+                           pad_value=model.config.pad_value, seed=0)
+    from scsuperweight.runners.scgpt import embed
 
-    assert np.allclose(embed(model, tok), emb, atol=1e-5)
+    assert np.allclose(embed(model, list(iter_batches(tok, 64)), tok.n_cells), emb, atol=1e-5)
 
 
 def test_scan_finds_plant(run):

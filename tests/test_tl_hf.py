@@ -26,6 +26,7 @@ from scsuperweight.adapters import get_adapter
 from scsuperweight.data.geneformer import geneformer_batches, tokenize_geneformer
 from scsuperweight.errors import DataError
 from scsuperweight.pipeline import run_pipeline
+from scsuperweight.runners import get_runner
 
 DARMANIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "darmanis2015_GSE67835.h5ad"
 LAYER, ROW, HIDDEN = 0, 6, 40  # the planted super weight: bert.encoder.layer.0.output.dense.weight[6, 40]
@@ -238,7 +239,8 @@ def tiny_scgpt_columns():
     X = sp.random(40, 120, density=0.3, random_state=0, data_rvs=lambda n: rng.poisson(4, n) + 1).tocsr()
     adata = ad.AnnData(X.astype(np.float32), var=pd.DataFrame(index=[f"GENE{i}" for i in range(120)]))
     adata.obs["cell_type"] = np.repeat(["a", "b"], 20)
-    _, batches, _ = tl._inputs(adata, model, gene_key=None, layer=None, max_seq_len=64, seed=0, batch_size=16)
+    batches = get_runner(model).prepare(adata, gene_key=None, layer=None, max_seq_len=64, seed=0,
+                                        batch_size=16).plain
     plant_cls_superweight(model, batches, 1, 5, 17)
     tl.scan(adata, model, label_key="cell_type", max_seq_len=64, progress=False)
     return list(get.superweights(adata).columns)

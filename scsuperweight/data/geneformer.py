@@ -9,8 +9,8 @@ the non-zeros of each block of CSR rows: no per-cell Python loop.
 Dictionaries are read from JSON or pickle; pickles through a restricted unpickler that builds plain dicts of
 strings and numbers only (never arbitrary objects). Batches are `CellBatch` dicts (``input_ids``,
 ``attention_mask``, and ``labels`` once masked) that remember their cells in ``.cells``; they feed
-`scsuperweight.find_superweights`, `scsuperweight.adapters.hf.evaluate_mlm` and
-`scsuperweight.adapters.hf.embed_cells` directly. torch is imported only where tensors are built.
+`scsuperweight.find_superweights`, `scsuperweight.runners.hf.evaluate_mlm` and
+`scsuperweight.runners.hf.embed_cells` directly. torch is imported only where tensors are built.
 """
 
 from __future__ import annotations
