@@ -4,7 +4,7 @@ The 466 Darmanis et al. (2015) cells are embedded with one randomly initialised 
 file's genes + <pad>/<cls>/<eoc>), saved once in the official format (flash-attention key names) so that both sides
 read the same weights:
 
-(a) ours: `load_model` -> `tokenize_anndata` -> `runners.scgpt.embed(model, batches, n_cells)`;
+(a) ours: `load_model` -> `tokenize_anndata` -> `runners.scgpt.embed(model, tok, batch_size=64)`;
 (b) official: `scgpt.tasks.embed_data(..., use_fast_transformer=False)`, which loads the same directory with the
     official loader and runs `get_batch_cell_embeddings` (timed on its own too).
 
@@ -32,7 +32,6 @@ import torch
 
 import scsuperweight as ssw
 from scsuperweight.data import tokenize_anndata
-from scsuperweight.data.batches import iter_batches
 from scsuperweight.models import ScGPTConfig, ScGPTModel, save_scgpt
 from scsuperweight.runners.scgpt import embed
 
@@ -90,7 +89,7 @@ def main() -> None:
     t1 = time.perf_counter()
     tok = tokenize_anndata(adata, ours_model.vocab, max_seq_len=1200, seed=0)
     t2 = time.perf_counter()
-    ours = embed(ours_model, list(iter_batches(tok, opts.batch_size)), tok.n_cells)
+    ours = embed(ours_model, tok, batch_size=opts.batch_size)
     t3 = time.perf_counter()
     ours_total = t3 - t0
     print(f"\n(a) ours, all {n} cells: load {t1 - t0:.2f} s + tokenize {t2 - t1:.2f} s + embed {t3 - t2:.2f} s "
@@ -132,8 +131,8 @@ def main() -> None:
           "only (ours: embed; official: get_batch_cell_embeddings, which also bins and pads)")
 
     # the yardstick: our own path again with another seed (other tie splits, other gene subsamples)
-    tok1 = tokenize_anndata(sub, ours_model.vocab, max_seq_len=1200, seed=1)
-    reseeded = embed(ours_model, list(iter_batches(tok1, opts.batch_size)), tok1.n_cells)
+    reseeded = embed(ours_model, tokenize_anndata(sub, ours_model.vocab, max_seq_len=1200, seed=1),
+                     batch_size=opts.batch_size)
     other = (np.arange(m) + np.random.default_rng(0).integers(1, m, m)) % m  # a different cell for each
     mu = (ours[:m].mean(0) + official.mean(0)) / 2
     print(f"\ncosine over {m} cells, median (5th percentile)   raw               without the mean embedding")

@@ -8,7 +8,7 @@ effect. The estimate is good for small perturbations and poor for the large ones
 removal is not small), so it ranks and describes; the exact draws still decide.
 
 The metric is the scGPT primary metric, ``gepc_mse``: the per-cell masked MSE of the MVC decoder averaged over
-cells, computed from the model's forward outputs as `evaluate.reconstruction_from_outputs` does, but kept in the
+cells, computed from the model's forward outputs as `runners.scgpt.reconstruction_from_outputs` does, but kept in the
 autograd graph (``gep_mse``, the per-position decoder, when the model has no MVC decoder or it is asked for).
 """
 
@@ -57,7 +57,7 @@ def first_order_effects(model, masked_batches: Sequence, params: Sequence[str], 
     out_key = _metric_output(net, metric)
     batches = list(masked_batches)
     if not batches or any(getattr(b, "mask", None) is None for b in batches):
-        msg = "`masked_batches` must be masked batches (built with mask_ratio > 0, e.g. evaluate.masked_batches)."
+        msg = "`masked_batches` must be masked batches (built with mask_ratio > 0, e.g. runners.scgpt.masked_batches)."
         raise DataError(msg)
     named = dict(net.named_parameters())
     missing = [p for p in params if p not in named]

@@ -83,6 +83,12 @@ class Condition:
     factor: float = float("nan")
 
 
+def evaluator_for(model, masked: Sequence, plain: Sequence, n_cells: int, *, emb: str = "mean",
+                  progress: bool = False):
+    """The evaluator of `model`'s family (`scsuperweight.runners.get_runner(model).evaluator`)."""
+    return get_runner(model).evaluator(masked, plain, n_cells, emb=emb, progress=progress)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # building the conditions
 # ------------------------------------------------------------------------------------------------------------
@@ -345,7 +351,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     cands = select_candidates(candidates, opts.max_candidates)
     conds = build_conditions(model, cands, opts)
     logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
-    ev = get_runner(model).evaluator(masked, plain, n_cells, emb=opts.embedding, progress=progress)
+    ev = evaluator_for(model, masked, plain, n_cells, emb=opts.embedding, progress=progress)
     results = run_conditions(ev, conds, progress=progress)
     # the metrics are many small matrix operations: multi-threaded BLAS only spins on them (measured 200x slower
     # on a busy 2-core machine), so they run on one BLAS thread

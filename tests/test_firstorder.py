@@ -10,9 +10,9 @@ from scsuperweight import _keys as K
 from scsuperweight.adapters import get_adapter
 from scsuperweight.data import iter_batches
 from scsuperweight.errors import DataError
-from scsuperweight.evaluate import reconstruction, reconstruction_from_outputs
 from scsuperweight.firstorder import first_order_effects, gradient_screen, rank_correlation, rank_of
 from scsuperweight.instrument import edit
+from scsuperweight.runners.scgpt import reconstruction, reconstruction_from_outputs
 
 P = "transformer_encoder.layers.2.linear2.weight"
 

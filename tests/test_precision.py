@@ -9,8 +9,8 @@ from _plant import plant_cls_superweight, tiny_model, tiny_tokens
 from scsuperweight.data import iter_batches
 from scsuperweight.detect import find_superweights
 from scsuperweight.errors import DataError
-from scsuperweight.evaluate import embed, reconstruction
 from scsuperweight.precision import check_device, float32_outputs, forward_precision, parse_dtype
+from scsuperweight.runners.scgpt import embed, reconstruction
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                    reason="no CUDA GPU on this machine"))]

@@ -6,7 +6,6 @@ import torch
 from _plant import plant_cls_superweight, tiny_model, tiny_tokens
 
 from scsuperweight.data import iter_batches
-from scsuperweight.evaluate import masked_batches
 from scsuperweight.quantize import (
     QUANTIZE_COLUMNS,
     QuantSetting,
@@ -17,6 +16,7 @@ from scsuperweight.quantize import (
     quantize_sweep,
     quantized,
 )
+from scsuperweight.runners.scgpt import masked_batches
 
 W2 = "transformer_encoder.layers.1.linear2.weight"
 

@@ -2,26 +2,36 @@
 
 Pruning conditions rerun the model only from the first edited block: the input of every block is cached once,
 without edits (`ScGPTEvaluator`). Reconstruction is the expression decoder's (GEP, ``mlm_output``) and, when the
-model has one, the MVC decoder's (GEPC, ``mvc_output``) masked error and correlation per cell.
+model has one, the MVC decoder's (GEPC, ``mvc_output``) masked error and correlation per cell. The primitives
+(`embed`, `masked_batches`, `reconstruction`, `reconstruction_from_outputs`) take fixed, seeded batches and masks,
+so that every condition is measured on exactly the same inputs; they are torch + numpy only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.batches import Batch
+from ..data.batches import Batch, iter_batches
+from ..data.tokenize import TokenizedCells
 from ..instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
 from .base import Inputs, Runner, capture_channel, l2_normalise
 
 
 @torch.no_grad()
-def embed(model, batches: Sequence[Batch], n_cells: int, *, normalise: bool = True,
+def embed(model, tok: TokenizedCells, *, batch_size: int = 64, normalise: bool = True,
           progress: bool = False) -> np.ndarray:
-    """`<cls>` embeddings (n_cells, d) of `batches`, L2-normalised as the official embedding task does."""
+    """`<cls>` embeddings (n_cells, d), L2-normalised as the official embedding task does, in cell order."""
+    return _embed_batches(model, list(iter_batches(tok, batch_size)), tok.n_cells, normalise=normalise,
+                          progress=progress)
+
+
+@torch.no_grad()
+def _embed_batches(model, batches: Sequence[Batch], n_cells: int, *, normalise: bool = True,
+                   progress: bool = False) -> np.ndarray:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -34,6 +44,12 @@ def embed(model, batches: Sequence[Batch], n_cells: int, *, normalise: bool = Tr
         out[batch.cells] = hidden[:, 0, :].float().cpu().numpy()
     model.train(was_training)
     return l2_normalise(out) if normalise else out
+
+
+def masked_batches(tok: TokenizedCells, *, mask_ratio: float = 0.25, mask_value: float = -1.0, seed: int = 0,
+                   batch_size: int = 64, cells: np.ndarray | None = None) -> list[Batch]:
+    """Fixed, seeded masked batches: build once, share across every condition."""
+    return list(iter_batches(tok, batch_size, mask_ratio=mask_ratio, mask_value=mask_value, seed=seed, cells=cells))
 
 
 def _per_cell_mse_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
@@ -57,6 +73,34 @@ def reconstruction_from_outputs(outputs: dict, batch: Batch) -> dict[str, np.nda
     res["gep_mse"], res["gep_pearson"] = _per_cell_mse_pearson(outputs["mlm_output"].float(), target, mask)
     if "mvc_output" in outputs:
         res["gepc_mse"], res["gepc_pearson"] = _per_cell_mse_pearson(outputs["mvc_output"].float(), target, mask)
+    return res
+
+
+@torch.no_grad()
+def reconstruction(model, batches: Iterable[Batch], n_cells: int | None = None, *, progress: bool = False
+                   ) -> dict[str, np.ndarray]:
+    """Per-cell masked reconstruction metrics over fixed masked batches (see `masked_batches`), one full forward.
+
+    Returns a dict of arrays indexed by cell: ``gep_mse``, ``gep_pearson``, ``gepc_mse``, ``gepc_pearson`` and
+    ``cls_emb`` (raw `<cls>` output). Cells not in any batch hold NaN.
+    """
+    batches = list(batches)
+    if n_cells is None:
+        n_cells = int(max(b.cells.max() for b in batches)) + 1
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    res: dict[str, np.ndarray] = {}
+    for batch in tqdm(batches, desc="reconstruct", disable=not progress, leave=False):
+        b = batch.to(device)
+        out = model(b.src, b.values, b.padding_mask)
+        per = reconstruction_from_outputs(out, b)
+        per["cls_emb"] = out["cell_emb"].double().cpu().numpy()
+        for k, v in per.items():
+            if k not in res:
+                res[k] = np.full((n_cells, *v.shape[1:]), np.nan)
+            res[k][batch.cells] = v
+    model.train(was_training)
     return res
 
 
@@ -140,7 +184,6 @@ class ScGPTRunner(Runner):
 
     def prepare(self, adata, *, gene_key=None, layer=None, max_seq_len=None, seed=0, batch_size=32, cells=None,
                 mask_ratio=None, **options) -> Inputs:
-        from ..data.batches import iter_batches
         from ..data.tokenize import tokenize_anndata
 
         model = self.model
@@ -158,9 +201,9 @@ class ScGPTRunner(Runner):
 
     def embed(self, inputs: Inputs, *, edits=None, progress: bool = False) -> np.ndarray:
         if edits is None:
-            return embed(self.model, inputs.plain, inputs.n_cells, progress=progress)
+            return _embed_batches(self.model, inputs.plain, inputs.n_cells, progress=progress)
         with edit(self.model, edits):
-            return embed(self.model, inputs.plain, inputs.n_cells, progress=progress)
+            return _embed_batches(self.model, inputs.plain, inputs.n_cells, progress=progress)
 
     def evaluator(self, masked, plain, n_cells, *, emb="mean", progress=False) -> ScGPTEvaluator:
         return ScGPTEvaluator(self.model, masked, plain, n_cells, progress=progress)
