@@ -17,6 +17,7 @@ from scsuperweight import _keys as K
 from scsuperweight.adapters import Adapter
 from scsuperweight.errors import DataError
 from scsuperweight.instrument import edit
+from scsuperweight.metrics import registry
 from scsuperweight.runners import (
     RUNNERS,
     BertRunner,
@@ -39,8 +40,8 @@ def test_each_family_gets_its_runner():
         runner = get_runner(model)
         assert type(runner) is cls and runner.family == family
         if ratio is not None:
-            assert runner.mask_ratio == ratio and runner.primary == primary
-            assert runner.primary in runner.reconstruction_metrics
+            assert runner.mask_ratio == ratio and runner.primary_metric() == primary
+            assert primary in runner.reconstruction_metrics
     assert get_runner(synthetic_model(adata)).primary_metric({"gep_mse", "gep_pearson"}) == "gep_mse"  # no MVC
     assert BertRunner(tiny_bert()).describe(token_dictionary="td.pkl", gene_medians={"a": 1.0}) == {
         "token_dictionary": "td.pkl", "gene_medians": "<dict of 1 entries>", "symbol_key": None}
@@ -105,8 +106,6 @@ class ToyEvaluator:
 
 class ToyRunner(Runner):
     mask_ratio = 0.5
-    reconstruction_metrics = ("toy_mse",)
-    primary = "toy_mse"
 
     def prepare(self, adata, *, cells=None, mask_ratio=None, **kwargs) -> Inputs:
         sub = adata[cells] if cells is not None else adata
@@ -124,7 +123,11 @@ class ToyRunner(Runner):
 
 
 @pytest.fixture
-def toy_family():
+def toy_family(monkeypatch):
+    """The two registrations a new family needs: its runner, and its metric (naming the family) in the registry."""
+    monkeypatch.setitem(registry.METRICS, "toy_mse", registry.MetricSpec(
+        "toy_mse", "toy reconstruction MSE", registry.LOWER, "cell", False, ("toy",), "mean squared error of the "
+        "autoencoder's reconstruction of a cell", primary_for=("toy",)))
     register_runner("toy", ToyRunner)
     yield
     RUNNERS.pop("toy")
@@ -153,4 +156,5 @@ def test_a_new_family_is_one_registered_runner(toy_family):
     assert np.allclose(adata.obsm[K.OBSM_EMB_PRUNED], l2_normalise(pruned), atol=1e-6)
     params = ssw.get.params(adata, "prune")
     assert (params["family"], params["primary_metric"], params["mask_ratio"]) == ("toy", "toy_mse", 0.5)
+    assert get_runner(model).reconstruction_metrics == ("toy_mse",)
     assert np.array_equal(model.enc.weight.detach().numpy(), np.eye(N_GENES))  # every edit restored

@@ -71,15 +71,13 @@ class Evaluator(Protocol):
 class Runner:
     """Base class of the family runners; a subclass registered with `scsuperweight.runners.register_runner`.
 
-    Class attributes: ``mask_ratio`` (the family's pretraining mask ratio, the default of every masked step),
-    ``reconstruction_metrics`` (the per-cell arrays its evaluator returns, besides ``"cls"``), ``primary``
-    (the metric the report judges candidates on), ``options`` (names of the family's own keyword arguments of the
-    AnnData steps, e.g. Geneformer's ``token_dictionary``).
+    Class attributes: ``mask_ratio`` (the family's pretraining mask ratio, the default of every masked step) and
+    ``options`` (names of the family's own keyword arguments of the AnnData steps, e.g. Geneformer's
+    ``token_dictionary``). What the family's metrics are (names, direction, which one is primary) is not kept here:
+    `scsuperweight.metrics.registry` owns it, and the metrics a family's evaluator returns name the family there.
     """
 
     mask_ratio: ClassVar[float] = 0.25
-    reconstruction_metrics: ClassVar[tuple[str, ...]] = ()
-    primary: ClassVar[str | None] = None
     options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model):
@@ -125,9 +123,19 @@ class Runner:
                f"({type(self.model).__name__}).")
         raise DataError(msg)
 
-    def primary_metric(self, measured: set[str]) -> str | None:
-        """The metric the report judges candidates on, given the metrics prune measured."""
-        return self.primary
+    @property
+    def reconstruction_metrics(self) -> tuple[str, ...]:
+        """The per-cell arrays this family's evaluator returns besides ``"cls"`` (from the metrics registry)."""
+        from ..metrics import registry
+
+        return registry.reconstruction(self.family)
+
+    def primary_metric(self, measured: set[str] | None = None) -> str:
+        """The metric the verdicts judge candidates on, given the metrics prune measured (the metrics registry's,
+        with its stand-in when the primary one was not measured)."""
+        from ..metrics import registry
+
+        return registry.primary_metric(self.family, measured or None)
 
     # -- what genes.py needs ----------------------------------------------------------------------------------
     def masked_errors(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -112,8 +112,6 @@ class BertRunner(HFRunner):
     """BERT-family masked LMs (Geneformer, BERT); options ``token_dictionary``, ``gene_medians``, ``symbol_key``."""
 
     mask_ratio = 0.15  # Geneformer's pretraining ratio
-    reconstruction_metrics = ("mlm_loss", "mlm_accuracy")
-    primary = "mlm_loss"
     options = ("token_dictionary", "gene_medians", "symbol_key")
 
     def configure(self, step, *, required=True, reconstruction=False, token_dictionary=None, gene_medians=None,

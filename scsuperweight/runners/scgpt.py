@@ -179,8 +179,6 @@ class ScGPTRunner(Runner):
     """scGPT (our model and every official checkpoint loaded into it)."""
 
     mask_ratio = 0.25
-    reconstruction_metrics = ("gep_mse", "gep_pearson", "gepc_mse", "gepc_pearson")
-    primary = "gepc_mse"
 
     def prepare(self, adata, *, gene_key=None, layer=None, max_seq_len=None, seed=0, batch_size=32, cells=None,
                 mask_ratio=None, **options) -> Inputs:
@@ -207,11 +205,6 @@ class ScGPTRunner(Runner):
 
     def evaluator(self, masked, plain, n_cells, *, emb="mean", progress=False) -> ScGPTEvaluator:
         return ScGPTEvaluator(self.model, masked, plain, n_cells, progress=progress)
-
-    def primary_metric(self, measured: set[str]) -> str | None:
-        if self.primary not in measured and "gep_mse" in measured:
-            return "gep_mse"  # no MVC decoder: the per-position decoder's error
-        return self.primary
 
     def masked_errors(self, batch):
         out = self.adapter.run(batch)["mlm_output"].double().cpu()
