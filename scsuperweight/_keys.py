@@ -44,6 +44,8 @@ def cond_scale(candidate: str, factor: float) -> str:
     return f"scale:{candidate}:{factor:g}"
 
 
+COND_JOINT = "joint"  # every passing candidate zeroed together (scsuperweight.ablation)
+
 GROUP_ALL = "all"
 GROUP_SEP = "|"  # label|condition
 

@@ -17,7 +17,12 @@ beside its own conditions with the same inputs and nulls. Condition names (colla
 - Controls: ``random_neuron:L<layer>:<k>`` and ``random_channel:L<layer>:<k>`` (the same granularity in the same
   block; ``control_for`` names the pool ``neuron:L<layer>`` / ``channel:L<layer>``), and
   ``matched:<cand>:<k>`` (a random scalar of the candidate's matrix from the candidate's own |w| quantile bin;
-  ``control_for`` is the candidate), beside prune's uniform ``random:<k>`` draws.
+  ``control_for`` is the candidate), beside prune's uniform ``random:<k>`` draws; ``random_joint:<k>`` (one random
+  scalar of each joint candidate's parameter, zeroed together; pool ``joint``).
+
+Every ablation names its null in ``null_pool``: a mean or mean_activation the candidate's parameter (prune's uniform
+draws of that parameter, the same null as zeroing), a neuron ``neuron:L<layer>``, a channel ``channel:L<layer>``,
+the joint ablation ``joint``, and a control draw its own pool.
 
 Means are taken with forward hooks over the batches given (the evaluated cells), padding excluded.
 """
@@ -32,9 +37,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import _keys as K
 from .adapters import get_adapter
 from .errors import DataError
 from .instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
+from .instrument.targets import restore_target, token_id
 
 
 def cond_mean(candidate: str) -> str:
@@ -53,7 +60,7 @@ def cond_channel(candidate: str) -> str:
     return f"channel:{candidate}"
 
 
-COND_JOINT = "joint"
+COND_JOINT = K.COND_JOINT
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class Ablation:
     candidate: str = ""
     control_for: str = ""  # the null pool of a control draw
     patch: tuple[str, int, float, int | None] | None = None
+    null_pool: str = ""  # whose draws are this condition's null (a draw's own pool; see the module doc)
 
     def patches(self, token_ids: torch.Tensor | None) -> list[ActivationPatch]:
         """The activation patches for a batch whose (B, L) token ids are `token_ids`."""
@@ -234,7 +242,7 @@ def mean_ablation(model, cand, batches: Sequence) -> Ablation:
             x_mean = float(torch.linalg.lstsq(W.double().cpu(), y[:, None]).solution[c, 0])
         w = float(W[r, c])
         edits = (_zero(param, idx), ScalarEdit(bias, (r,), 1.0, add=x_mean * w))
-        return Ablation(cond_mean(cid), edits, "mean", cid)
+        return Ablation(cond_mean(cid), edits, "mean", cid, null_pool=param)
     site = _norm_out_site(adapter, param)
     if site is None or not site.norm_weight or not site.norm_bias:
         msg = f"mean ablation of the norm dimension {cid} needs a norm with a gain and a bias and an output site."
@@ -242,33 +250,30 @@ def mean_ablation(model, cand, batches: Sequence) -> Ablation:
     r = idx[0]
     mean = float(site_means(adapter, batches, [site.name])[site.name][r])
     edits = (ScalarEdit(site.norm_weight, (r,), value=0.0), ScalarEdit(site.norm_bias, (r,), value=mean))
-    return Ablation(cond_mean(cid), edits, "mean", cid)
+    return Ablation(cond_mean(cid), edits, "mean", cid, null_pool=param)
 
 
 def _activation_target(adapter, cand) -> tuple[str, int] | None:
-    from .prune import _restore_target  # the site whose activation a candidate's edit changes downstream
-
     site = cand.get("site")
     if site is None or (not isinstance(site, str) and pd.isna(site)):
         return None
-    return _restore_target(adapter, _zero(str(cand["param"]), _index(cand)), str(site), int(cand["channel"]))
+    return restore_target(adapter, _zero(str(cand["param"]), _index(cand)), str(site), int(cand["channel"]))
 
 
 def mean_activation_ablation(model, cand, batches: Sequence) -> Ablation:
     """``mean_activation:<cand>``: the spike site's channel set, at the spike token, to its mean there."""
-    from .prune import _token_id
-
     adapter = get_adapter(model)
     cid = str(cand["candidate"])
     target = _activation_target(adapter, cand)
     token = cand.get("token")
-    token_id = _token_id(adapter, str(token)) if token is not None and not pd.isna(token) and token else None
-    if target is None or token_id is None:
+    tid = token_id(adapter, str(token)) if token is not None and not pd.isna(token) and token else None
+    if target is None or tid is None:
         msg = f"{cid} has no spike site and token to patch (a weight-only screen row?); no mean_activation."
         raise DataError(msg)
     site, channel = target
-    mean = float(site_means(adapter, batches, [site], token_id=token_id)[site][channel])
-    return Ablation(cond_mean_activation(cid), (), "mean_activation", cid, patch=(site, channel, mean, token_id))
+    mean = float(site_means(adapter, batches, [site], token_id=tid)[site][channel])
+    return Ablation(cond_mean_activation(cid), (), "mean_activation", cid, patch=(site, channel, mean, tid),
+                    null_pool=str(cand["param"]))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -309,7 +314,8 @@ def neuron_ablation(model, cand) -> Ablation:
     if len(idx) != 2 or site is None or site.kind != "ffn_out":
         msg = f"{cid} is not a down-projection scalar; a neuron ablation needs an FFN unit (kind ffn_down)."
         raise DataError(msg)
-    return Ablation(cond_neuron(cid), _neuron_edits(adapter, site.layer, param, idx[1]), "neuron", cid)
+    return Ablation(cond_neuron(cid), _neuron_edits(adapter, site.layer, param, idx[1]), "neuron", cid,
+                    null_pool=f"neuron:L{site.layer}")
 
 
 def _channel_edits(adapter, layer: int, r: int) -> tuple[ScalarEdit, ...]:
@@ -346,13 +352,39 @@ def channel_ablation(model, cand) -> Ablation:
         edits = tuple(_zero(p, (r,)) for p in norms if p)
     else:
         edits = _channel_edits(adapter, layer, r)
-    return Ablation(cond_channel(cid), edits, "channel", cid)
+    return Ablation(cond_channel(cid), edits, "channel", cid, null_pool=f"channel:L{layer}")
 
 
 def joint_ablation(model, cands: pd.DataFrame) -> Ablation:
     """``joint``: every candidate of `cands` (e.g. those that pass) zeroed together."""
     edits = tuple(_zero(str(r["param"]), _index(r)) for _, r in cands.iterrows())
-    return Ablation(COND_JOINT, edits, "joint", ";".join(map(str, cands["candidate"])))
+    return Ablation(COND_JOINT, edits, "joint", ";".join(map(str, cands["candidate"])), null_pool=COND_JOINT)
+
+
+def random_joints(model, cands: pd.DataFrame, n: int, *, seed: int = 0,
+                  exclude: Iterable[tuple[str, tuple[int, ...]]] = ()) -> list[Ablation]:
+    """``random_joint:<k>``: `n` draws, each one random scalar of every candidate's parameter (never a candidate,
+    never `exclude`, no scalar twice in a draw) zeroed together: the null of the same granularity for `joint`."""
+    adapter = get_adapter(model)
+    taken = {(p, tuple(int(i) for i in ix)) for p, ix in exclude}
+    taken |= {(str(r["param"]), _index(r)) for _, r in cands.iterrows()}
+    rng = np.random.default_rng([seed, len(cands), 5])
+    out = []
+    for k in range(n):
+        picked: set = set()
+        for _, r in cands.iterrows():
+            param = str(r["param"])
+            shape = tuple(adapter.param(param).shape)
+            if math.prod(shape) <= len({i for p, i in taken | picked if p == param}):
+                continue  # nothing left to draw in a tiny vector
+            while True:
+                idx = tuple(int(i) for i in np.unravel_index(int(rng.integers(math.prod(shape))), shape))
+                if (param, idx) not in taken and (param, idx) not in picked:
+                    break
+            picked.add((param, idx))
+        out.append(Ablation(f"random_joint:{k}", tuple(_zero(p, i) for p, i in sorted(picked)), "random_joint",
+                            control_for=COND_JOINT, null_pool=COND_JOINT))
+    return out
 
 
 def _random_units(model, layer: int, n: int, exclude: Iterable[int], seed: int, what: str) -> list[Ablation]:
@@ -366,8 +398,9 @@ def _random_units(model, layer: int, n: int, exclude: Iterable[int], seed: int, 
     pool = np.setdiff1d(np.arange(adapter.param(down).shape[axis]), np.fromiter(exclude, int))
     rng = np.random.default_rng([seed, layer, axis])
     picks = rng.choice(pool, size=min(n, len(pool)), replace=False)
-    return [Ablation(f"random_{what}:L{layer}:{k}", build(int(i)), f"random_{what}", control_for=f"{what}:L{layer}")
-            for k, i in enumerate(picks)]
+    pool_name = f"{what}:L{layer}"
+    return [Ablation(f"random_{what}:L{layer}:{k}", build(int(i)), f"random_{what}", control_for=pool_name,
+                     null_pool=pool_name) for k, i in enumerate(picks)]
 
 
 def random_neurons(model, layer: int, n: int, *, exclude: Iterable[int] = (), seed: int = 0) -> list[Ablation]:
@@ -407,7 +440,7 @@ def matched_scalars(model, cand, n: int, *, n_bins: int = 20, seed: int = 0,
     rng = np.random.default_rng([seed, math.prod(idx) + len(cid), 3])
     picks = rng.choice(pool, size=min(n, len(pool)), replace=False) if len(pool) else []
     return [Ablation(f"matched:{cid}:{k}", (_zero(param, np.unravel_index(int(i), tuple(w.shape))),), "matched",
-                     control_for=cid) for k, i in enumerate(picks)]
+                     control_for=cid, null_pool=cid) for k, i in enumerate(picks)]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -415,13 +448,14 @@ def matched_scalars(model, cand, n: int, *, n_bins: int = 20, seed: int = 0,
 # ------------------------------------------------------------------------------------------------------------
 def build_ablations(model, cands: pd.DataFrame, batches: Sequence, *, joint: pd.DataFrame | None = None,
                     n_random: int = 40, n_bins: int = 20, seed: int = 0,
-                    kinds: Sequence[str] = ("mean", "mean_activation", "neuron", "channel", "matched")
-                    ) -> list[Ablation]:
+                    kinds: Sequence[str] = ("mean", "mean_activation", "neuron", "channel", "matched"),
+                    n_matched: int | None = None, n_joint: int | None = None) -> list[Ablation]:
     """Every new condition for `cands` with its controls. A kind that does not apply to a candidate (a neuron of
     a LayerNorm dimension, a mean without a bias to absorb it) is skipped, and so is a neuron or channel ablation
     identical to an earlier one (a scalar's LN companions share its channel: it is named after the first).
-    `joint`: the candidates that passed (None: no joint condition). Random neurons/channels are drawn once per
-    block that has a candidate."""
+    `joint`: the candidates that passed (None: no joint condition). Random neurons/channels (`n_random` each) are
+    drawn once per block that has a candidate; `n_matched` and `n_joint` (default `n_random`) draws for the
+    magnitude-matched scalars of each candidate and for the joint ablation."""
     adapter = get_adapter(model)
     build = {"mean": lambda r: mean_ablation(adapter, r, batches),
              "mean_activation": lambda r: mean_activation_ablation(adapter, r, batches),
@@ -449,13 +483,15 @@ def build_ablations(model, cands: pd.DataFrame, batches: Sequence, *, joint: pd.
                 if kind == "channel" and layer >= 0:
                     channel_layers.setdefault(layer, set()).add(idx[0])
             elif kind == "matched" and len(_index(r)) == 2:
-                out += matched_scalars(adapter, r, n_random, n_bins=n_bins, seed=seed, exclude=taken)
+                out += matched_scalars(adapter, r, n_random if n_matched is None else n_matched, n_bins=n_bins,
+                                       seed=seed, exclude=taken)
     for layer, used in neuron_layers.items():
         out += random_neurons(adapter, layer, n_random, exclude=used, seed=seed)
     for layer, used in channel_layers.items():
         out += random_channels(adapter, layer, n_random, exclude=used, seed=seed)
     if joint is not None and len(joint):
         out.append(joint_ablation(adapter, joint))
+        out += random_joints(adapter, joint, n_random if n_joint is None else n_joint, seed=seed, exclude=taken)
     return out
 
 
@@ -478,5 +514,5 @@ def run_ablation(model, ablation: Ablation | None, batches: Sequence) -> list:
 
 __all__ = ["COND_JOINT", "Ablation", "ablations_frame", "build_ablations", "channel_ablation", "cond_channel",
            "cond_mean", "cond_mean_activation", "cond_neuron", "joint_ablation", "magnitude_bin", "matched_scalars",
-           "mean_ablation", "mean_activation_ablation", "neuron_ablation", "random_channels", "random_neurons",
-           "run_ablation", "site_means"]
+           "mean_ablation", "mean_activation_ablation", "neuron_ablation", "random_channels", "random_joints",
+           "random_neurons", "run_ablation", "site_means"]

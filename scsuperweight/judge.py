@@ -8,6 +8,14 @@ A candidate *passes the controls* when, on the primary metric over all cells, ze
    registered direction; the ``harmful`` column records that direction either way);
 3. ``cond_interval``: a bootstrap interval of the change that excludes 0.
 
+The same rule judges every ablation of a candidate, one row per candidate and ablation (column ``ablation``):
+``prune`` (zeroing), ``mean`` and ``mean_activation`` (against the same parameter's draws, as zeroing), ``neuron``
+and ``channel`` (against random neurons / channels of the same block) and ``joint`` (the passing candidates
+together, against random sets of as many scalars of the same parameters). Each row also carries ``p_matched``, the
+p against random scalars from the candidate's own |w| quantile bin (``matched:<cand>:<k>``): information beside
+the rule, which keeps the uniform draws (a super weight is by definition in the top bin, so matched draws ask a
+different question: is it special among the largest weights, not among its parameter's weights).
+
 A condition that cannot be checked (no p-value and no draws, no control, no interval) is missing, not failed: the
 candidate is then "not evaluable" unless another condition fails. The prune step calls `verdicts` and stores the
 table (``uns["ssw"]["verdicts"]``, ``verdicts.tsv``); the report and the CLI summary only read it. p-values come
@@ -28,14 +36,20 @@ from ._fmt import p as _p
 from .metrics import empirical_p
 from .metrics import registry as R
 
-__all__ = ["verdicts", "random_pools", "pool_labels", "VERDICT_COLUMNS"]
+__all__ = ["verdicts", "random_pools", "pool_labels", "VERDICT_COLUMNS", "ABLATIONS", "DRAW_PREFIXES"]
 
-# contract columns first; n_random, null_pool and p_source say what the p-value was taken against
+# contract columns first; n_random, null_pool and p_source say what the p-value was taken against; ablation and
+# condition which ablation of the candidate the row judges; p_matched / n_matched the magnitude-matched draws
 VERDICT_COLUMNS = [
     "candidate", "metric", "delta", "ci_low", "ci_high", "p_value", "control_delta", "cond_p", "cond_control",
     "cond_interval", "passes", "reason", "status", "group", "baseline", "value", "harmful", "null_pool", "n_random",
-    "p_source", "alpha", "direction",
+    "p_source", "alpha", "direction", "ablation", "condition", "p_matched", "n_matched",
 ]
+# the ablations judged, in row order (a candidate's zeroing first: the rows the report and CLI lead with)
+ABLATIONS = ("prune", "mean", "mean_activation", "neuron", "channel", "joint")
+# the control draws: each row names its pool in control_for (a parameter, neuron:L<l>, channel:L<l>, joint, or a
+# candidate for its |w|-matched draws)
+DRAW_PREFIXES = ("random:", "random_neuron:", "random_channel:", "random_joint:", "matched:")
 PASSES, FAILS, NOT_EVALUABLE = "passes", "fails", "not evaluable"
 _DIRECTIONS = ("two-sided", "harmful")
 
@@ -55,10 +69,12 @@ def pool_labels(rand: pd.DataFrame) -> pd.Series | None:
     return cf.astype(str) if bool(ok.all()) else None
 
 
-def random_pools(col: pd.DataFrame, metric: str, group: str = K.GROUP_ALL) -> dict[str | None, np.ndarray]:
+def random_pools(col: pd.DataFrame, metric: str, group: str = K.GROUP_ALL, *, prefixes: tuple = ("random:",)
+                 ) -> dict[str | None, np.ndarray]:
     """The random draws' finite Δ per pool: one pool per parameter (``control_for``), or one pool under the key
-    None when the table does not say for every draw which parameter it belongs to."""
-    rand = col["condition"].astype(str).str.startswith("random:")
+    None when the table does not say for every draw which parameter it belongs to. `prefixes`: which draws
+    (default the uniform scalar draws; `DRAW_PREFIXES` for every control draw, keyed by its pool)."""
+    rand = col["condition"].astype(str).str.startswith(prefixes)
     r = col[(col["metric"] == metric) & (col["group"] == group) & rand]
     if r.empty:
         return {}
@@ -112,20 +128,33 @@ def _control_check(d: float, top_d: float, metric: str, direction: str) -> tuple
             f"|Δ| {_num(abs(d))} beyond the top-outliers control's |Δ| {_num(abs(top_d))}")
 
 
-def _judge(col, cand, metric, group, alpha, pools, superweights, ci_name, direction) -> dict:
-    r = _row(col, K.cond_prune(cand), metric, group)
-    pool, draws = _own_pool(r, cand, pools, superweights)
+def _judge(col, cand, metric, group, alpha, pools, superweights, ci_name, direction, ablation="prune",
+           cond=None, all_pools=None) -> dict:
+    cond = cond or K.cond_prune(cand)
+    r = _row(col, cond, metric, group)
+    if ablation == "prune":
+        pool, draws = _own_pool(r, cand, pools, superweights)
+    else:  # the new ablations always name their pool
+        pool = str(r["null_pool"]) if r is not None and isinstance(r.get("null_pool"), str) else ""
+        draws = (all_pools or {}).get(pool)
+    matched = (all_pools or {}).get(cand) if ablation != "joint" else None
     n_rand = 0 if draws is None else int(draws.size)
     top = _row(col, K.COND_TOP_OUTLIERS, metric, group)
     top_d = float(top["delta"]) if top is not None and _finite(top["delta"]) else np.nan
     out = {"candidate": cand, "metric": metric, "group": group, "delta": np.nan, "ci_low": np.nan, "ci_high": np.nan,
            "p_value": np.nan, "control_delta": top_d, "cond_p": None, "cond_control": None, "cond_interval": None,
            "baseline": np.nan, "value": np.nan, "null_pool": pool or "", "n_random": n_rand, "p_source": "",
-           "alpha": float(alpha), "direction": direction, "harmful": None}
+           "alpha": float(alpha), "direction": direction, "harmful": None, "ablation": ablation, "condition": cond,
+           "p_matched": np.nan, "n_matched": 0 if matched is None else int(matched.size)}
     if r is None or not _finite(r["delta"]):
-        return {**out, "passes": False, "status": NOT_EVALUABLE, "reason": f"no prune row for {metric} on {group} cells"
-                if group != K.GROUP_ALL else f"no prune row for {metric} on all cells"}
+        return {**out, "passes": False, "status": NOT_EVALUABLE, "reason": f"no {ablation} row for {metric} on "
+                f"{group if group != K.GROUP_ALL else 'all'} cells"}
     d = float(r["delta"])
+    pm = r.get("p_matched")
+    if _finite(pm):
+        out["p_matched"] = float(pm)
+    elif matched is not None and matched.size:
+        out["p_matched"] = empirical_p(d, matched, alternative="two-sided")
     p, source = (float(r["p_value"]), "collapse") if _finite(r.get("p_value")) else (np.nan, "")
     if not _finite(p) and n_rand:
         p, source = empirical_p(d, draws, alternative="two-sided"), "draws"
@@ -134,7 +163,7 @@ def _judge(col, cand, metric, group, alpha, pools, superweights, ci_name, direct
     if _finite(p):
         checks["cond_p"] = (p < alpha, f"{_p(p)} is not below {alpha:g}", f"{_p(p)} < {alpha:g}")
     elif pools and draws is None:
-        checks["cond_p"] = (None, "no p-value, and no random draws of its own parameter to compute one", "")
+        checks["cond_p"] = (None, "no p-value, and no random draws of its own pool to compute one", "")
     else:
         checks["cond_p"] = (None, "no p-value and no random draws to compute one", "")
     checks["cond_control"] = _control_check(d, top_d, metric, direction) if _finite(top_d) else \
@@ -157,7 +186,8 @@ def _judge(col, cand, metric, group, alpha, pools, superweights, ci_name, direct
 
 def verdicts(collapse: pd.DataFrame, *, primary_metric: str, alpha: float = 0.05,
              candidates: list[str] | None = None, group: str = K.GROUP_ALL, ci_level: float | None = None,
-             superweights: pd.DataFrame | None = None, direction: str = "two-sided") -> pd.DataFrame:
+             superweights: pd.DataFrame | None = None, direction: str = "two-sided",
+             ablations: tuple | list | None = None) -> pd.DataFrame:
     """Judge every pruned candidate on `primary_metric` against the controls (the rule in the module docstring).
 
     Parameters
@@ -182,16 +212,23 @@ def verdicts(collapse: pd.DataFrame, *, primary_metric: str, alpha: float = 0.05
         ``"two-sided"`` (the rule the report has always stated: |Δ| beyond the control's |Δ|, whichever way) or
         ``"harmful"`` (a change that makes the model better by the metric's registered direction fails condition
         2). Either way the ``harmful`` column says which way each candidate moved the metric.
+    ablations
+        Which ablations to judge besides zeroing (``prune``, always): default every one of `ABLATIONS` the table
+        has a row for (``mean:<cand>``, ``mean_activation:<cand>``, ``neuron:<cand>``, ``channel:<cand>``,
+        ``joint``); ``()`` for zeroing only.
 
     Returns
     -------
-    One row per candidate: ``candidate``, ``metric``, ``delta``, ``ci_low``, ``ci_high``, ``p_value``,
+    One row per candidate and ablation (all zeroing rows first, in candidate order; then each other ablation's):
+    ``candidate``, ``metric``, ``delta``, ``ci_low``, ``ci_high``, ``p_value``,
     ``control_delta`` (the top-outliers control's Δ), ``cond_p``, ``cond_control``, ``cond_interval`` (True, False,
     or None when it cannot be checked), ``passes``, ``reason`` (in words: what fails or is missing; for a pass,
     each condition met), then ``status`` ("passes", "fails", "not evaluable"), ``group``, ``baseline``,
     ``value``, ``harmful`` (the change makes the model worse by the metric's direction; None if unknown),
     ``null_pool`` and ``n_random`` (the draws the p-value is against), ``p_source`` ("collapse":
-    the prune step's; "draws": computed here for an older table), ``alpha``, ``direction``.
+    the prune step's; "draws": computed here for an older table), ``alpha``, ``direction``, ``ablation``,
+    ``condition`` (the collapse condition judged), ``p_matched`` and ``n_matched`` (the p against the candidate's
+    |w|-matched draws and their number: information, not part of the rule).
 
     Examples
     --------
@@ -214,8 +251,23 @@ def verdicts(collapse: pd.DataFrame, *, primary_metric: str, alpha: float = 0.05
         candidates = [c[len(pre):] for c in dict.fromkeys(conds)]
     ci_name = f"{100 * ci_level:g}% CI" if _finite(ci_level) and 0 < float(ci_level) < 1 else "CI"
     pools = random_pools(col, primary_metric, group)
-    rows = [_judge(col, str(c), primary_metric, group, alpha, pools, superweights, ci_name, direction)
-            for c in candidates]
+    all_pools = random_pools(col, primary_metric, group, prefixes=DRAW_PREFIXES)
+    rows = [_judge(col, str(c), primary_metric, group, alpha, pools, superweights, ci_name, direction,
+                   all_pools=all_pools) for c in candidates]
+    measured = set(col.loc[col["metric"] == primary_metric, "condition"])
+    for ablation in ABLATIONS[1:] if ablations is None else [a for a in ablations if a != "prune"]:
+        if ablation == "joint":
+            if K.COND_JOINT in measured:
+                j = col.loc[col["condition"] == K.COND_JOINT, "candidate"]
+                who = str(j.iloc[0]) if len(j) and isinstance(j.iloc[0], str) else ""
+                rows.append(_judge(col, who, primary_metric, group, alpha, pools, superweights, ci_name, direction,
+                                   "joint", K.COND_JOINT, all_pools))
+            continue
+        for c in candidates:
+            cond = f"{ablation}:{c}"
+            if cond in measured:
+                rows.append(_judge(col, str(c), primary_metric, group, alpha, pools, superweights, ci_name,
+                                   direction, ablation, cond, all_pools))
     out = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
     for c in ("cond_p", "cond_control", "cond_interval", "harmful"):
         out[c] = out[c].astype(object)

@@ -104,7 +104,7 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
           "Long table: each condition's metric per group, its change from baseline, interval and p vs random "
           "scalars.",
           extra={"ci_of": STR, "bootstrap_unit": STR, "candidate": STR, "control_for": STR, "null_pool": STR,
-                 "factor": FLOAT}),
+                 "factor": FLOAT, "p_matched": FLOAT, "kind": STR}),
     _spec("contrasts", "contrasts.tsv", "prune",
           {"condition": STR, "metric": STR, "group": STR, "difference": FLOAT, "ci_low": FLOAT, "ci_high": FLOAT},
           "Per cell type: the change in case cells minus the change in control cells, with a bootstrap interval.",
@@ -113,7 +113,8 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
     _spec("conditions", "conditions.tsv", "prune",
           {"condition": STR, "candidate": STR, "control_for": STR, "factor": FLOAT, "n_edits": INT, "edits": STR,
            "restore": STR},
-          "What each pruning condition edited (parameters and indices, the activation restored)."),
+          "What each pruning condition edited (parameters and indices, the activation restored).",
+          extra={"kind": STR, "null_pool": STR, "patch": STR}),
     _spec("genes", "genes.tsv", "genes",
           {"candidate": STR, "gene": STR, "score": FLOAT, "rank": INT},
           "Gene scores per candidate with the evidence behind each score.",
@@ -132,7 +133,8 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
           "Per candidate, the rule applied on the primary metric (scsuperweight.judge): each condition met or not "
           "(<NA>: could not be checked), passes, and why in words.",
           extra={"status": STR, "group": STR, "baseline": FLOAT, "value": FLOAT, "harmful": MAYBE, "null_pool": STR,
-                 "n_random": FLOAT, "p_source": STR, "alpha": FLOAT, "direction": STR}),
+                 "n_random": FLOAT, "p_source": STR, "alpha": FLOAT, "direction": STR, "ablation": STR,
+                 "condition": STR, "p_matched": FLOAT, "n_matched": FLOAT}),
 )})
 
 RESULTS = FileSpec("results", "results.h5ad", "the input cells with embeddings and every table under uns[key]")
