@@ -78,24 +78,31 @@ class Ablation:
 
     def patches(self, token_ids: torch.Tensor | None) -> list[ActivationPatch]:
         """The activation patches for a batch whose (B, L) token ids are `token_ids`."""
-        if self.patch is None:
-            return []
-        site, channel, value, token_id = self.patch
-        if token_id is None:
-            return [ActivationPatch(site, channel, float(value), "all")]
-        if token_ids is None:
-            msg = f"{self.name} patches the token id {token_id}; the batch has no token ids to find it in."
-            raise DataError(msg)
-        return [ActivationPatch(site, channel, float(value), token_ids.eq(token_id))]
+        return constant_patches(self.name, self.patch, token_ids)
 
     def to_dict(self) -> dict:
         return {"condition": self.name, "kind": self.kind, "candidate": self.candidate,
                 "control_for": self.control_for, "n_edits": len(self.edits),
-                "edits": ";".join(_describe(e) for e in self.edits),
+                "edits": ";".join(describe_edit(e) for e in self.edits),
                 "patch": "" if self.patch is None else "{}[{}]={:.6g}@{}".format(*self.patch)}
 
 
-def _describe(e: ScalarEdit) -> str:
+def constant_patches(name: str, patch: tuple | None, token_ids: torch.Tensor | None) -> list[ActivationPatch]:
+    """The `ActivationPatch` of a constant patch ``(site, channel, value, token_id)`` (None: no patch) for a batch
+    whose (B, L) token ids are `token_ids`; `name` (the condition) for the error when the batch has none."""
+    if patch is None:
+        return []
+    site, channel, value, tid = patch
+    if tid is None:
+        return [ActivationPatch(site, channel, float(value), "all")]
+    if token_ids is None:
+        msg = f"{name} patches the token id {tid}; the batch has no token ids to find it in."
+        raise DataError(msg)
+    return [ActivationPatch(site, channel, float(value), token_ids.eq(tid))]
+
+
+def describe_edit(e: ScalarEdit) -> str:
+    """One edit in words for the conditions table: ``param[i, j]x0``, ``param[i]=0.5``, ``param[i]x1+2.5``."""
     how = f"={e.value:.6g}" if e.value is not None else f"x{e.factor:g}" + (f"{e.add:+.6g}" if e.add else "")
     return f"{e.param}{list(e.index)}{how}"
 
@@ -513,6 +520,7 @@ def run_ablation(model, ablation: Ablation | None, batches: Sequence) -> list:
 
 
 __all__ = ["COND_JOINT", "Ablation", "ablations_frame", "build_ablations", "channel_ablation", "cond_channel",
-           "cond_mean", "cond_mean_activation", "cond_neuron", "joint_ablation", "magnitude_bin", "matched_scalars",
+           "cond_mean", "cond_mean_activation", "constant_patches", "describe_edit",
+           "cond_neuron", "joint_ablation", "magnitude_bin", "matched_scalars",
            "mean_ablation", "mean_activation_ablation", "neuron_ablation", "random_channels", "random_joints",
            "random_neurons", "run_ablation", "site_means"]
