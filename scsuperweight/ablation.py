@@ -41,7 +41,7 @@ from . import _keys as K
 from .adapters import get_adapter
 from .errors import DataError
 from .instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
-from .instrument.targets import restore_target, token_id
+from .instrument.targets import constant_patches, restore_target, token_id
 
 
 def cond_mean(candidate: str) -> str:
@@ -85,20 +85,6 @@ class Ablation:
                 "control_for": self.control_for, "n_edits": len(self.edits),
                 "edits": ";".join(describe_edit(e) for e in self.edits),
                 "patch": "" if self.patch is None else "{}[{}]={:.6g}@{}".format(*self.patch)}
-
-
-def constant_patches(name: str, patch: tuple | None, token_ids: torch.Tensor | None) -> list[ActivationPatch]:
-    """The `ActivationPatch` of a constant patch ``(site, channel, value, token_id)`` (None: no patch) for a batch
-    whose (B, L) token ids are `token_ids`; `name` (the condition) for the error when the batch has none."""
-    if patch is None:
-        return []
-    site, channel, value, tid = patch
-    if tid is None:
-        return [ActivationPatch(site, channel, float(value), "all")]
-    if token_ids is None:
-        msg = f"{name} patches the token id {tid}; the batch has no token ids to find it in."
-        raise DataError(msg)
-    return [ActivationPatch(site, channel, float(value), token_ids.eq(tid))]
 
 
 def describe_edit(e: ScalarEdit) -> str:
@@ -520,7 +506,7 @@ def run_ablation(model, ablation: Ablation | None, batches: Sequence) -> list:
 
 
 __all__ = ["COND_JOINT", "Ablation", "ablations_frame", "build_ablations", "channel_ablation", "cond_channel",
-           "cond_mean", "cond_mean_activation", "constant_patches", "describe_edit",
+           "cond_mean", "cond_mean_activation", "describe_edit",
            "cond_neuron", "joint_ablation", "magnitude_bin", "matched_scalars",
            "mean_ablation", "mean_activation_ablation", "neuron_ablation", "random_channels", "random_joints",
            "random_neurons", "run_ablation", "site_means"]

@@ -1,9 +1,12 @@
-"""Where an edit's effect can be put back, and a token's id: shared by prune's restore condition and ablation's
-activation-level mean (both patch the activation a candidate's edit changes downstream)."""
+"""Where an edit's effect can be put back, a token's id, and a constant activation patch: shared by prune's
+conditions, ablation's builders and the runners' evaluators (all patch the activation an edit changes downstream)."""
 
 from __future__ import annotations
 
-from .edit import ScalarEdit
+import torch
+
+from ..errors import DataError
+from .edit import ActivationPatch, ScalarEdit
 
 
 def restore_target(adapter, e: ScalarEdit, spike_site: str, channel: int) -> tuple[str, int] | None:
@@ -35,4 +38,18 @@ def token_id(adapter, token: str) -> int | None:
     return None
 
 
-__all__ = ["restore_target", "token_id"]
+def constant_patches(name: str, patch: tuple | None, token_ids: torch.Tensor | None) -> list[ActivationPatch]:
+    """The `ActivationPatch` of a constant patch ``(site, channel, value, token_id)`` (None: no patch) for a batch
+    whose (B, L) token ids are `token_ids`; `name` (the condition) for the error when the batch has none."""
+    if patch is None:
+        return []
+    site, channel, value, tid = patch
+    if tid is None:
+        return [ActivationPatch(site, channel, float(value), "all")]
+    if token_ids is None:
+        msg = f"{name} patches the token id {tid}; the batch has no token ids to find it in."
+        raise DataError(msg)
+    return [ActivationPatch(site, channel, float(value), token_ids.eq(tid))]
+
+
+__all__ = ["constant_patches", "restore_target", "token_id"]
