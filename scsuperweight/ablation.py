@@ -201,6 +201,14 @@ def _zero(param: str, index: Sequence[int]) -> ScalarEdit:
     return ScalarEdit(param, tuple(int(i) for i in index), 0.0)
 
 
+def _cand_layer(adapter, cand) -> int:
+    """The candidate's block: its ``layer`` column, else the block of the site its parameter belongs to."""
+    layer = cand.get("layer")
+    if layer is None or (not isinstance(layer, str) and pd.isna(layer)):
+        return _layer_of(adapter, str(cand["param"]))
+    return int(layer)
+
+
 def _layer_of(adapter, param: str) -> int:
     for s in adapter.sites.values():
         if param in (s.proj_param, s.norm_weight, s.norm_bias):
@@ -337,12 +345,14 @@ def channel_ablation(model, cand) -> Ablation:
     """``channel:<cand>``: everything in the candidate's block that writes or rescales its residual channel r."""
     adapter = get_adapter(model)
     param, idx, cid = str(cand["param"]), _index(cand), str(cand["candidate"])
-    layer = int(cand["layer"]) if "layer" in cand and not pd.isna(cand["layer"]) else _layer_of(adapter, param)
+    layer = _cand_layer(adapter, cand)
     r = idx[0]
     if layer < 0:  # an embedding-level norm: its own gain and bias are what writes the channel
         site = _norm_out_site(adapter, param)
-        norms = (site.norm_weight, site.norm_bias) if site else (param,)
-        edits = tuple(_zero(p, (r,)) for p in norms if p)
+        if site is None:
+            msg = f"{cid} is in no block and no norm the adapter names; a channel ablation needs one."
+            raise DataError(msg)
+        edits = tuple(_zero(p, (r,)) for p in (site.norm_weight, site.norm_bias) if p)
     else:
         edits = _channel_edits(adapter, layer, r)
     return Ablation(cond_channel(cid), edits, "channel", cid, null_pool=f"channel:L{layer}")
@@ -470,7 +480,7 @@ def build_ablations(model, cands: pd.DataFrame, batches: Sequence, *, joint: pd.
                     continue  # e.g. the LN companions of a scalar share its channel: one condition, the first name
                 seen.add(same)
                 out.append(a)
-                idx, layer = _index(r), int(r["layer"])
+                idx, layer = _index(r), _cand_layer(adapter, r)
                 if kind == "neuron":
                     neuron_layers.setdefault(layer, set()).add(idx[1])
                 if kind == "channel" and layer >= 0:

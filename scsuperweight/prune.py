@@ -6,6 +6,13 @@ column ``control_for`` names the parameter; ``null_pool`` names, on every row, t
 row's null); ``top_outliers`` (the k largest other weights of every edited
 parameter zeroed, the paper's "largest non-super weights" control); ``restore:<cand>`` (candidate zeroed but its
 activation put back at the token that carried the spike); ``scale:<cand>:<f>`` (the candidate multiplied by f).
+Beside zeroing (`scsuperweight.ablation`, each judged against its own null, named in ``null_pool``):
+``mean:<cand>`` and ``mean_activation:<cand>`` (the candidate's contribution, or the spike channel at the spike
+token, set to its mean; null: the same parameter's ``random:`` draws), ``neuron:<cand>`` and ``channel:<cand>``
+(null: ``random_neuron:L<l>:<k>`` / ``random_channel:L<l>:<k>`` of the same block), ``matched:<cand>:<k>`` (random
+scalars of the candidate's |w| quantile bin: ``p_matched``), and, in a second phase after the zeroing verdicts,
+``joint`` (the passing candidates zeroed together; null: ``random_joint:<k>``, as many random scalars of the same
+parameters).
 
 All conditions share the same tokenised, masked inputs. An evaluator runs each condition and returns per-cell
 reconstruction arrays (whatever the model family defines: ``gep_*``/``gepc_*`` for scGPT, ``mlm_*`` for masked-LM
@@ -28,16 +35,21 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import _keys as K
+from . import ablation as A
 from . import metrics as M
 from ._log import logger
 from .adapters import get_adapter
 from .data.batches import Batch
 from .errors import DataError
 from .instrument import ScalarEdit
+from .instrument.targets import restore_target as _restore_target
+from .instrument.targets import token_id as _token_id
 from .metrics import registry as R
 from .runners import get_runner, l2_normalise
 from .runners.bert import HFEvaluator  # noqa: F401 - re-exported: the evaluators used to live here
 from .runners.scgpt import ScGPTEvaluator  # noqa: F401
+
+GRANULARITIES = ("scalar", "neuron", "channel")
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,20 @@ class PruneOptions:
     min_group_cells: int = 5
     embedding: str = "mean"  # transformers cell embedding: "mean" over genes (Geneformer) or "cls"; scGPT: <cls>
     seed: int = 0
+    mean_ablation: bool = True  # mean:<cand> and mean_activation:<cand> beside zeroing (the same parameter's null)
+    granularities: tuple = ("scalar", "neuron", "channel")  # zeroing the scalar always; neuron:, channel: on request
+    joint: bool = True  # second phase: the candidates whose zeroing passes, zeroed together (when two or more do)
+    n_unit_random: int = 20  # random neurons / channels per block: their null (20: the smallest p is 1/21 < 0.05)
+    n_matched: int = 20  # |w|-bin-matched random scalars per candidate (p_matched); 0: none
+    n_joint: int = 20  # random sets of scalars: the joint ablation's null
+    n_bins: int = 20  # |w| quantile bins of a matrix for the matched draws
+    primary_metric: str | None = None  # what the joint phase judges on (None: the family's, metrics.registry)
+
+    def __post_init__(self):
+        bad = sorted(set(self.granularities) - set(GRANULARITIES))
+        if bad:
+            msg = f"granularities={tuple(self.granularities)!r} has {bad}; choose from {GRANULARITIES}."
+            raise ValueError(msg)
 
 
 @dataclass(frozen=True)
@@ -78,9 +104,18 @@ class Condition:
     name: str
     edits: list[ScalarEdit]
     restore: tuple | None = None  # (site, channel, token_id)
-    control_for: str = ""
+    control_for: str = ""  # a control draw's pool (a parameter, neuron:L<l>, channel:L<l>, joint, a candidate)
     candidate: str = ""
     factor: float = float("nan")
+    patch: tuple | None = None  # a constant activation patch (site, channel, value, token_id or None: everywhere)
+    kind: str = ""  # baseline, prune, random, top_outliers, restore, scale, or an `scsuperweight.ablation` kind
+    null_pool: str = ""  # whose draws are its null, when not the edited parameter's (see `_null_pool`)
+
+    @classmethod
+    def of(cls, a: A.Ablation) -> Condition:
+        """The condition that runs an `scsuperweight.ablation.Ablation`."""
+        return cls(a.name, list(a.edits), control_for=a.control_for, candidate=a.candidate, patch=a.patch,
+                   kind=a.kind, null_pool=a.null_pool)
 
 
 def evaluator_for(model, masked: Sequence, plain: Sequence, n_cells: int, *, emb: str = "mean",
@@ -118,14 +153,17 @@ def select_candidates(candidates: pd.DataFrame, max_candidates: int) -> pd.DataF
     return c.head(max_candidates).reset_index(drop=True)
 
 
-def build_conditions(model, cands: pd.DataFrame, opts: PruneOptions) -> list[Condition]:
+def build_conditions(model, cands: pd.DataFrame, opts: PruneOptions, batches: Sequence | None = None
+                     ) -> list[Condition]:
+    """Zeroing, its controls, restore and scaling; with `batches` (the evaluated cells, for the means) also the
+    ablations of `ablation_conditions`."""
     adapter = get_adapter(model)
     rng = np.random.default_rng(opts.seed)
-    conds = [Condition(K.COND_BASELINE, [])]
+    conds = [Condition(K.COND_BASELINE, [], kind="baseline")]
     cand_edits = {r["candidate"]: _edit_of(r) for _, r in cands.iterrows()}
     taken = {(e.param, e.index) for e in cand_edits.values()}
     for cid, e in cand_edits.items():
-        conds.append(Condition(K.cond_prune(cid), [e], candidate=cid))
+        conds.append(Condition(K.cond_prune(cid), [e], candidate=cid, kind="prune"))
     # null: random scalars of the same parameter, n_random per distinct parameter
     k = 0
     for pname in dict.fromkeys(e.param for e in cand_edits.values()):
@@ -136,7 +174,8 @@ def build_conditions(model, cands: pd.DataFrame, opts: PruneOptions) -> list[Con
                 idx = tuple(int(i) for i in np.unravel_index(int(rng.integers(n)), shape))
                 if (pname, idx) not in taken:
                     break
-            conds.append(Condition(K.cond_random(k), [ScalarEdit(pname, idx, 0.0)], control_for=pname))
+            conds.append(Condition(K.cond_random(k), [ScalarEdit(pname, idx, 0.0)], control_for=pname,
+                                   kind="random"))
             k += 1
     # the largest other weights of every edited parameter
     outliers = []
@@ -155,7 +194,7 @@ def build_conditions(model, cands: pd.DataFrame, opts: PruneOptions) -> list[Con
             picked += 1
             if picked == n_top:
                 break
-    conds.append(Condition(K.COND_TOP_OUTLIERS, outliers))
+    conds.append(Condition(K.COND_TOP_OUTLIERS, outliers, kind="top_outliers"))
     ranked = cands[cands["primary"].astype(bool)] if "primary" in cands else cands
     ranked = ranked if len(ranked) else cands
     for _, r in ranked.head(opts.n_restore).iterrows():
@@ -169,41 +208,49 @@ def build_conditions(model, cands: pd.DataFrame, opts: PruneOptions) -> list[Con
         target = _restore_target(adapter, cand_edits[r["candidate"]], site, int(r["channel"]))
         if target is not None:
             conds.append(Condition(K.cond_restore(r["candidate"]), [cand_edits[r["candidate"]]],
-                                   restore=(*target, token_id), candidate=r["candidate"]))
+                                   restore=(*target, token_id), candidate=r["candidate"], kind="restore"))
     for _, r in ranked.head(opts.n_scale).iterrows():
         for f in opts.scale_factors:
             e = cand_edits[r["candidate"]]
             conds.append(Condition(K.cond_scale(r["candidate"], f), [ScalarEdit(e.param, e.index, float(f))],
-                                   candidate=r["candidate"], factor=float(f)))
+                                   candidate=r["candidate"], factor=float(f), kind="scale"))
+    if batches is not None:
+        conds += ablation_conditions(model, cands, opts, batches)
     return conds
 
 
-def _restore_target(adapter, e: ScalarEdit, spike_site: str, channel: int) -> tuple[str, int] | None:
-    """(site, channel) whose baseline activation undoes the edit `e` downstream of it, or None.
-
-    A weight candidate writes the spike site (a down-projection's output): restoring that site's channel puts the
-    super activation back. A LayerNorm gain/bias dimension acts after the spike, inside the norm: the activation to
-    put back is the norm's output at that dimension (patching the spike site upstream of the edited norm would not
-    undo the edit at all).
-    """
-    module = e.param.rsplit(".", 1)[0]
-    norm_out = [s.name for s in adapter.sites.values() if s.module == module and s.io == "out"]
-    if adapter.param(e.param).dim() == 1 and norm_out:
-        return norm_out[0], int(e.index[0])
-    if spike_site in adapter.sites and adapter.sites[spike_site].io == "out":
-        return spike_site, channel
-    return None
+def ablation_conditions(model, cands: pd.DataFrame, opts: PruneOptions, batches: Sequence) -> list[Condition]:
+    """The conditions beside zeroing that `opts` asks for (`scsuperweight.ablation.build_ablations`): mean and
+    mean-activation ablations, neuron and channel ablations with random units of the same block, and the
+    |w|-matched draws; means over `batches` (the evaluated cells, unmasked)."""
+    kinds = [k for k, on in (("mean", opts.mean_ablation), ("mean_activation", opts.mean_ablation),
+                             ("neuron", "neuron" in opts.granularities),
+                             ("channel", "channel" in opts.granularities), ("matched", opts.n_matched > 0)) if on]
+    if not kinds:
+        return []
+    abl = A.build_ablations(model, cands, batches, n_random=opts.n_unit_random, n_bins=opts.n_bins, seed=opts.seed,
+                            kinds=kinds, n_matched=opts.n_matched)
+    return [Condition.of(a) for a in abl]
 
 
-def _token_id(adapter, token: str) -> int | None:
-    vocab = getattr(adapter.model, "vocab", None)
-    if vocab and token in vocab:
-        return int(vocab[token])
-    id2 = getattr(adapter, "id_to_token", None) or {}
-    for i, t in id2.items():
-        if t == token:
-            return int(i)
-    return None
+def joint_conditions(model, cands: pd.DataFrame, collapse: pd.DataFrame, opts: PruneOptions) -> list[Condition]:
+    """The second phase: ``joint`` (every candidate whose zeroing passes the controls on the primary metric,
+    zeroed together) and its null, ``random_joint:<k>``; nothing when fewer than two pass (one alone is its own
+    ``prune:`` condition)."""
+    from .judge import verdicts
+
+    if not opts.joint or collapse.empty:
+        return []
+    metric = opts.primary_metric or R.primary_metric(get_adapter(model).family, set(collapse["metric"]))
+    v = verdicts(collapse, primary_metric=metric, alpha=opts.alpha, ablations=())
+    passing = cands[cands["candidate"].astype(str).isin(set(v.loc[v["passes"], "candidate"].astype(str)))]
+    if len(passing) < 2:
+        logger.info("joint ablation skipped: %d candidate(s) pass on %s", len(passing), metric)
+        return []
+    taken = [(str(r["param"]), A._index(r)) for _, r in cands.iterrows()]
+    abl = [A.joint_ablation(model, passing),
+           *A.random_joints(model, passing, opts.n_joint, seed=opts.seed, exclude=taken)]
+    return [Condition.of(a) for a in abl]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -349,7 +396,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     conditions = None if conditions is None else np.asarray(conditions).astype(str)
     units = None if donors is None else np.asarray(donors).astype(str)
     cands = select_candidates(candidates, opts.max_candidates)
-    conds = build_conditions(model, cands, opts)
+    conds = build_conditions(model, cands, opts, batches=plain)
     logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
     ev = evaluator_for(model, masked, plain, n_cells, emb=opts.embedding, progress=progress)
     results = run_conditions(ev, conds, progress=progress)
@@ -375,9 +422,10 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             bboots = _set_boots(base_emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed, gname == K.GROUP_ALL,
                                 brefs)
             gstate[gname] = _Group(gmask, multi, gunits, counts, glabels, boot_set, bset, bboots, cref, brefs)
-        rows = []
         embeddings = {}
-        for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False):
+
+        def rows_of(cond: Condition) -> list[dict]:
+            rows = []
             res = results[cond.name]
             is_base = cond.name == K.COND_BASELINE
             pc = base_pc if is_base else per_cell_metrics(res, base, labels, opts.k)
@@ -409,18 +457,29 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                             lo, hi = np.quantile(d, [opts.alpha / 2, 1 - opts.alpha / 2])
                     rows.append(_row(cond, metric, gname, float(value), float(value - g.base_set.get(metric, np.nan)),
                                      lo, hi, g.unit))
-    collapse = pd.DataFrame(rows)
-    collapse = _add_p_values(collapse)
+            return rows
+
+        rows = [r for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False) for r in rows_of(cond)]
+        collapse = _add_p_values(pd.DataFrame(rows))
+        extra = joint_conditions(model, cands, collapse, opts)  # second phase: needs the zeroing verdicts
+        if extra:
+            results.update(run_conditions(ev, extra, progress=progress))
+            rows += [r for cond in extra for r in rows_of(cond)]
+            conds = [*conds, *extra]
+            collapse = _add_p_values(pd.DataFrame(rows))
     contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts) \
         if conditions is not None and labels is not None else pd.DataFrame()
     cond_table = pd.DataFrame([{"condition": c.name, "candidate": c.candidate, "control_for": c.control_for,
                                 "factor": c.factor, "n_edits": len(c.edits),
-                                "edits": ";".join(f"{e.param}{list(e.index)}x{e.factor:g}" for e in c.edits),
-                                "restore": "" if c.restore is None else f"{c.restore[0]}[{c.restore[1]}]"}
+                                "edits": ";".join(A.describe_edit(e) for e in c.edits),
+                                "restore": "" if c.restore is None else f"{c.restore[0]}[{c.restore[1]}]",
+                                "kind": c.kind, "null_pool": _null_pool(c),
+                                "patch": "" if c.patch is None else "{}[{}]={:.6g}@{}".format(*c.patch)}
                                for c in conds])
     params = {**opts.__dict__, "n_cells": n_cells, "n_conditions": len(conds), "blocks_recomputed": ev.forwards,
               "candidates": list(cands["candidate"])}
     params["scale_factors"] = list(opts.scale_factors)
+    params["granularities"] = list(opts.granularities)
     return PruneResult(collapse, contrasts, embeddings, cond_table, params)
 
 
@@ -441,6 +500,8 @@ def _null_pool(cond: Condition) -> str:
     for a candidate's conditions, "" for the baseline and for top_outliers (several parameters: all draws)."""
     if cond.control_for:
         return cond.control_for
+    if cond.null_pool:  # an ablation names its own (a mean: the parameter's; a neuron: neuron:L<l>; joint)
+        return cond.null_pool
     if cond.edits and cond.name != K.COND_TOP_OUTLIERS:
         return cond.edits[0].param
     return ""
@@ -451,17 +512,31 @@ def _row(cond: Condition, metric, group, value, delta, lo, hi, unit) -> dict:
             "delta": 0.0 if cond.name == K.COND_BASELINE else delta, "ci_low": lo, "ci_high": hi,
             "p_value": np.nan, "ci_of": "value" if cond.name == K.COND_BASELINE else "delta",
             "bootstrap_unit": unit, "candidate": cond.candidate, "control_for": cond.control_for,
-            "null_pool": _null_pool(cond), "factor": cond.factor}
+            "null_pool": _null_pool(cond), "factor": cond.factor, "p_matched": np.nan}
+
+
+_UNIT_POOLS = ("neuron:", "channel:", K.COND_JOINT)  # pools of whole units, not of a candidate's parameter
 
 
 def _add_p_values(df: pd.DataFrame) -> pd.DataFrame:
-    """p of each non-random condition's delta against the random draws of its ``null_pool`` parameter (all draws
-    when it has none: top_outliers edits several parameters), two-sided."""
+    """p of each non-random condition's delta against the control draws of its ``null_pool`` (the uniform
+    ``random:`` draws of all parameters when it has none: top_outliers edits several parameters), two-sided; and
+    ``p_matched``, against the candidate's |w|-matched draws (pool: the candidate), for the conditions whose null
+    is the candidate's parameter."""
     if df.empty:
         return df
     rand = df[df["control_for"] != ""]
     null = {key: g["delta"].to_numpy() for key, g in rand.groupby(["control_for", "metric", "group"])}
-    null_all = {key: g["delta"].to_numpy() for key, g in rand.groupby(["metric", "group"])}
+    uniform = rand[rand["condition"].str.startswith("random:")]
+    null_all = {key: g["delta"].to_numpy() for key, g in uniform.groupby(["metric", "group"])}
+    pm = []
+    for r in df.itertuples():
+        pool = None if r.control_for or not r.candidate or str(r.null_pool).startswith(_UNIT_POOLS) \
+            else null.get((r.candidate, r.metric, r.group))
+        pool = None if pool is None else pool[~np.isnan(pool)]
+        ok = pool is not None and len(pool) and not np.isnan(r.delta)
+        pm.append(M.empirical_p(r.delta, pool, alternative="two-sided") if ok else np.nan)
+    df["p_matched"] = pm
     p = []
     for r in df.itertuples():
         if r.condition == K.COND_BASELINE or r.control_for:

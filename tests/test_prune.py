@@ -26,7 +26,7 @@ def setup():
     labels = np.array(["astro", "micro", "neuron"])[np.arange(N) % 3]
     conds = np.where((np.arange(N) // 3) % 2 == 0, "AD", "control")
     donors = np.array([f"d{i}" for i in np.arange(N) // 6])
-    opts = PruneOptions(n_random=10, n_boot=60, n_boot_set=8, seed=3)
+    opts = PruneOptions(n_random=10, n_boot=60, n_boot_set=8, seed=3, n_unit_random=5, n_matched=5, n_joint=5)
     res = prune(m, masked, plain, cands, labels=labels, conditions=conds, donors=donors, options=opts)
     return m, plain, masked, cands, labels, conds, donors, opts, res
 

@@ -104,3 +104,113 @@ def test_report_section_reads_the_verdicts(tmp_path):
     assert html.count("<span class='badge pass'>passes</span>") >= 1
     hyp = html.split("id='hypotheses'")[1].split("</section>")[0]
     assert hyp.count("class='badge") == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# through prune on planted models
+# ------------------------------------------------------------------------------------------------------------
+def _planted(seed: int, in_scale: float, bias: float, write):
+    """Unit 10 of block 1 with input weights `in_scale` x noise and bias `bias`; `write` sets what it writes (the
+    planted units of tests/test_ablation.py); with masked and plain batches of 24 cells."""
+    import torch
+    from _plant import tiny_model, tiny_tokens
+
+    from scsuperweight.data import iter_batches
+
+    m = tiny_model(seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        blk = m.transformer_encoder.layers[1]
+        blk.linear1.weight[10] = in_scale * torch.randn(32, generator=g)
+        blk.linear1.bias[10] = bias
+        write(blk.linear2.weight, g)
+    tok = tiny_tokens(m, 24, seed)
+    return m, list(iter_batches(tok, 8, mask_ratio=0.3, seed=0)), list(iter_batches(tok, 8))
+
+
+def _cands() -> pd.DataFrame:
+    return pd.DataFrame([{"candidate": CAND, "kind": "ffn_down", "layer": 1, "param": PARAM, "row": 5, "col": 10,
+                          "site": "L1.ffn_out", "channel": 5, "token": "<cls>"}])
+
+
+ALPHA = 0.1
+
+
+def _opts(**over):
+    from scsuperweight.prune import PruneOptions
+
+    # 10 draws per pool: the smallest p is 1/11, below ALPHA
+    base = dict(n_random=10, n_boot=30, n_boot_set=0, n_scale=0, n_restore=0, n_unit_random=10, n_matched=0,
+                joint=False, granularities=("scalar",), seed=0)
+    return PruneOptions(**{**base, **over})
+
+
+def test_prune_zeroing_passes_where_the_mean_does_not():
+    """A unit that fires exactly 1 at every token (no input weights, bias 1) and writes 50 into channel 5: zeroing
+    w[5,10] removes an offset of 50 the model relies on; replacing it by its mean (w = 0, bias += 50) leaves the
+    model as it was, up to rounding, far inside the random draws."""
+    from scsuperweight.prune import prune
+
+    m, masked, plain = _planted(0, 0.0, 1.0, lambda w, g: w.__setitem__((5, 10), 50.0))
+    res = prune(m, masked, plain, _cands(), options=_opts())
+    c = res.collapse[(res.collapse["group"] == K.GROUP_ALL) & (res.collapse["metric"] == "cls_cosine_to_baseline")]
+    c = c.set_index("condition")
+    assert {f"mean:{CAND}", f"mean_activation:{CAND}"} <= set(c.index)
+    assert c.loc[f"mean:{CAND}", "null_pool"] == c.loc[K.cond_prune(CAND), "null_pool"] == PARAM
+    v = verdicts(res.collapse, primary_metric="gepc_mse", alpha=ALPHA).set_index("ablation")
+    assert v.loc["prune", "passes"], v.loc["prune", "reason"]
+    assert v.loc["prune", "p_value"] == pytest.approx(1 / 11)
+    assert not v.loc["mean", "passes"] and v.loc["mean", "cond_p"] is False
+    assert abs(v.loc["mean", "delta"]) < 0.01 * abs(v.loc["prune", "delta"])
+    assert v.loc["mean", "n_random"] == 10  # the same draws as zeroing
+    kinds = dict(zip(res.conditions["condition"], res.conditions["kind"]))
+    assert kinds[f"mean_activation:{CAND}"] == "mean_activation"
+    assert res.conditions.set_index("condition").loc[f"mean_activation:{CAND}", "patch"].startswith("L1.ffn_out[5]")
+
+
+def test_prune_neuron_passes_where_its_scalar_does_not():
+    """A unit that writes +-3 into every channel: one of its 32 writes matters little (and less than zeroing the
+    largest other weights, which are its other writes), the unit ablated in and out matters beyond 10 random
+    units of the block."""
+    import torch
+
+    from scsuperweight.prune import prune
+
+    m, masked, plain = _planted(2, 0.3, 2.0, lambda w, g: w.__setitem__(
+        (slice(None), 10), 3.0 * torch.sign(torch.randn(32, generator=g))))
+    res = prune(m, masked, plain, _cands(), options=_opts(granularities=("scalar", "neuron", "channel"),
+                                                          mean_ablation=False))
+    v = verdicts(res.collapse, primary_metric="cls_cosine_to_baseline", alpha=ALPHA).set_index("ablation")
+    assert not v.loc["prune", "passes"]
+    assert v.loc["neuron", "passes"], v.loc["neuron", "reason"]
+    assert v.loc["neuron", "null_pool"] == "neuron:L1" and v.loc["neuron", "n_random"] == 10
+    assert v.loc["channel", "null_pool"] == "channel:L1"
+    draws = res.conditions[res.conditions["condition"].str.startswith("random_neuron:L1:")]
+    assert len(draws) == 10 and (draws["control_for"] == "neuron:L1").all()
+
+
+def test_prune_p_matched_from_the_candidates_bin():
+    """p_matched of zeroing is the empirical p against the matched draws, which all come from the candidate's
+    own |w| bin; p_value stays the uniform draws'."""
+    import torch
+
+    from scsuperweight.ablation import magnitude_bin
+    from scsuperweight.metrics import empirical_p
+    from scsuperweight.prune import prune
+
+    m, masked, plain = _planted(0, 0.01, 1.0, lambda w, g: w.__setitem__((5, 10), 50.0))
+    res = prune(m, masked, plain, _cands(), options=_opts(mean_ablation=False, n_matched=8, n_random=4))
+    lo, hi = magnitude_bin(m.get_parameter(PARAM).detach(), (5, 10), 20)
+    conds = res.conditions[res.conditions["condition"].str.startswith(f"matched:{CAND}:")]
+    assert len(conds) == 8 and (conds["control_for"] == CAND).all()
+    w = m.get_parameter(PARAM).detach()
+    for e in conds["edits"]:
+        idx = tuple(int(i) for i in e.split("[")[1].split("]")[0].split(","))
+        assert lo <= float(w[idx].abs()) <= hi and idx != (5, 10)
+    c = res.collapse[(res.collapse["group"] == K.GROUP_ALL) & (res.collapse["metric"] == "gep_mse")]
+    row = c[c["condition"] == K.cond_prune(CAND)].iloc[0]
+    null = c.loc[c["condition"].str.startswith(f"matched:{CAND}:"), "delta"].to_numpy()
+    assert row["p_matched"] == pytest.approx(empirical_p(row["delta"], null, alternative="two-sided"))
+    uni = c.loc[c["condition"].str.startswith("random:"), "delta"].to_numpy()
+    assert row["p_value"] == pytest.approx(empirical_p(row["delta"], uni, alternative="two-sided"))
+    assert torch.isfinite(torch.tensor(row["p_matched"]))

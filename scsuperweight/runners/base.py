@@ -8,7 +8,9 @@ from ``get_adapter(model).family``.
 
 A condition given to an evaluator is any object with ``.edits`` (a list of `scsuperweight.instrument.ScalarEdit`)
 and ``.restore`` (``(site, channel, token_id)`` whose baseline activation is put back where the input token is
-``token_id``, or None), such as `scsuperweight.prune.Condition`.
+``token_id``, or None), such as `scsuperweight.prune.Condition`; optionally ``.patch``, a constant activation
+patch ``(site, channel, value, token_id or None)`` (`scsuperweight.instrument.targets.constant_patches`: a
+mean-activation ablation), and ``.name``.
 """
 
 from __future__ import annotations

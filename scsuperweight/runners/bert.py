@@ -17,6 +17,7 @@ import torch
 from ..adapters.hf import lm_head
 from ..errors import DataError
 from ..instrument import ActivationPatch, edit
+from ..instrument.targets import constant_patches
 from .base import Inputs, capture_channel
 from .hf import HFRunner, embed_cells, evaluate_mlm
 
@@ -71,11 +72,14 @@ class HFEvaluator:
                                                      lambda: self.model.base_model(**kw))
         return self._site_values[key]
 
-    def _patches(self, which: str, i: int, batch, restore) -> list[ActivationPatch]:
-        site, channel, token_id = restore
-        base = self._baseline_channel(which, i, batch, site, channel)
+    def _patches(self, which: str, i: int, batch, cond) -> list[ActivationPatch]:
         ids = self.adapter.forward_kwargs({"input_ids": batch["input_ids"]})["input_ids"]
-        return [ActivationPatch(site, channel, base, ids.eq(token_id))]
+        out = constant_patches(cond.name, getattr(cond, "patch", None), ids)
+        if cond.restore is not None:
+            site, channel, tid = cond.restore
+            base = self._baseline_channel(which, i, batch, site, channel)
+            out.append(ActivationPatch(site, channel, base, ids.eq(tid)))
+        return out
 
     @torch.no_grad()
     def run(self, cond) -> dict[str, np.ndarray]:
@@ -85,13 +89,13 @@ class HFEvaluator:
                 for i, b in enumerate(batches):
                     self._baseline_channel(which, i, b, cond.restore[0], cond.restore[1])
         with edit(self.model, cond.edits, verify=False):
-            if cond.restore is None:
+            if cond.restore is None and getattr(cond, "patch", None) is None:
                 rec = evaluate_mlm(self.model, self.masked, n_cells=n)
                 emb = embed_cells(self.model, self.plain, emb=self.emb, n_cells=n)
             else:  # a patch holds one batch's values: one call per batch
                 rec = {"loss": np.full(n, np.nan), "accuracy": np.full(n, np.nan)}
                 for i, b in enumerate(self.masked):
-                    r = evaluate_mlm(self.model, [b], patches=self._patches("masked", i, b, cond.restore),
+                    r = evaluate_mlm(self.model, [b], patches=self._patches("masked", i, b, cond),
                                      n_cells=n)
                     for k in rec:
                         ok = ~np.isnan(r[k])
@@ -99,7 +103,7 @@ class HFEvaluator:
                 emb = None
                 for i, b in enumerate(self.plain):
                     e = embed_cells(self.model, [b], emb=self.emb, n_cells=n,
-                                    patches=self._patches("plain", i, b, cond.restore))
+                                    patches=self._patches("plain", i, b, cond))
                     if emb is None:
                         emb = np.full_like(e, np.nan)
                     rows = ~np.isnan(e).all(1)  # this batch's cells

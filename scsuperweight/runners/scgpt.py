@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..data.batches import Batch, iter_batches
 from ..data.tokenize import TokenizedCells
 from ..instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
+from ..instrument.targets import constant_patches
 from .base import Inputs, Runner, capture_channel, l2_normalise
 
 
@@ -124,10 +125,11 @@ class ScGPTEvaluator:
         self.forwards = 0  # blocks recomputed, for the efficiency benchmark
         self._site_values: dict = {}
 
-    def first_layer(self, edits: Sequence[ScalarEdit], restore=None) -> int:
+    def first_layer(self, edits: Sequence[ScalarEdit], restore=None, patch=None) -> int:
         layers = [self.adapter.first_layer_of(e.param) for e in edits]
-        if restore is not None:
-            layers.append(self.adapter.sites[restore[0]].layer)
+        for at in (restore, patch):  # an activation patch: rerun from its site's block
+            if at is not None:
+                layers.append(self.adapter.sites[at[0]].layer)
         return min(layers) if layers else self.adapter.n_layers
 
     def _baseline_channel(self, cache: dict, site: str, channel: int) -> torch.Tensor:
@@ -142,7 +144,8 @@ class ScGPTEvaluator:
 
     @torch.no_grad()
     def run(self, cond) -> dict[str, np.ndarray]:
-        layer = self.first_layer(cond.edits, cond.restore)
+        patch = getattr(cond, "patch", None)  # a constant (site, channel, value, token_id): mean_activation
+        layer = self.first_layer(cond.edits, cond.restore, patch)
         out: dict[str, np.ndarray] = {}
         if cond.restore is not None:  # baseline values are captured before any edit is applied
             for cache in (*self.masked, *self.plain):
@@ -156,6 +159,8 @@ class ScGPTEvaluator:
                         base = self._baseline_channel(cache, site, channel)
                         positions = cache["batch"].src.eq(token_id)
                         patches = [ActivationPatch(site, channel, base, positions)]
+                    if patch is not None:
+                        patches = [*(patches or []), *constant_patches(cond.name, patch, cache["batch"].src)]
                     decoders = name == "masked"  # the plain batches give the cell embedding only
                     if patches:
                         with edit(self.model, patches=patches, verify=False):
