@@ -33,7 +33,9 @@ EXAMPLES = {
   scsuperweight scan --model scGPT_brain/ --data-free --out run_out     # one synthetic cell, no data""",
     "prune": """examples:
   scsuperweight prune --model demo --out run_out --label-key cell_type --condition-key condition --donor-key donor
-  (reads run_out/results.h5ad written by `scan`, or --data FILE.h5ad that holds uns['ssw'] from a scan)""",
+  (reads run_out/results.h5ad written by `scan`, or --data FILE.h5ad that holds uns['ssw'] from a scan)
+  scsuperweight prune --model demo --out run_out --label-key cell_type --granularities scalar neuron \
+      --no-mean-ablation --n-matched 0          # zeroing and neurons only, no |w|-matched draws""",
     "genes": """examples:
   scsuperweight genes --model demo --out run_out --label-key cell_type""",
     "enrich": """examples:
@@ -195,6 +197,26 @@ def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
                    help="random-scalar draws per parameter (default 40: the smallest empirical p is 1/41)")
     p.add_argument("--max-candidates", type=int, default=6, help="candidates pruned (default 6)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200)")
+    p.add_argument("--granularities", nargs="+", choices=("scalar", "neuron", "channel"),
+                   default=["scalar", "neuron", "channel"],
+                   help="what to ablate besides the scalar: its FFN neuron, its residual channel in the block, each "
+                        "against random ones of the same block (default: all three)")
+    p.add_argument("--no-mean-ablation", action="store_true",
+                   help="skip mean:<cand> / mean_activation:<cand> (the contribution or spike set to its mean)")
+    p.add_argument("--no-joint", action="store_true",
+                   help="skip the joint ablation of the candidates that pass (a second phase after the verdicts)")
+    p.add_argument("--n-unit-random", type=int, default=20,
+                   help="random neurons / channels per block, the null of neuron: and channel: (default 20)")
+    p.add_argument("--n-matched", type=int, default=20,
+                   help="random scalars from each candidate's |w| quantile bin, for p_matched (default 20; 0: none)")
+    p.add_argument("--n-joint", type=int, default=20, help="random scalar sets, the null of joint (default 20)")
+
+
+def _ablation_opts(args) -> dict:
+    """tl.prune's ablation options from the flags of `_pipeline_knobs`."""
+    return dict(granularities=tuple(args.granularities), mean_ablation=not args.no_mean_ablation,
+                joint=not args.no_joint, n_unit_random=args.n_unit_random, n_matched=args.n_matched,
+                n_joint=args.n_joint)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -287,7 +309,7 @@ def cmd_run(args) -> int:
                         donor_key=args.donor_key, gene_sets=args.gene_sets, seed=args.seed,
                         batch_size=args.batch_size, max_cells_per_label=args.max_cells_per_label,
                         n_random=args.n_random, max_candidates=args.max_candidates, n_boot=args.n_boot,
-                        gene_key=args.gene_key, layer=args.layer,
+                        gene_key=args.gene_key, layer=args.layer, prune_options=_ablation_opts(args),
                         progress=not args.no_progress, data_path=str(path), model_path=str(args.model),
                         overwrite=args.overwrite, **_gf(args))
     _summary(adata, out, time.perf_counter() - t0, info)
@@ -355,7 +377,7 @@ def cmd_prune(args) -> int:
              donor_key=args.donor_key, gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
              max_candidates=args.max_candidates, batch_size=args.batch_size, seed=args.seed,
-             progress=not args.no_progress, **_gf(args))
+             progress=not args.no_progress, **_ablation_opts(args), **_gf(args))
     _write(adata, out, "prune", log, t0)
     _say(f"wrote {out / R.spec('collapse').file}")
     return 0
@@ -416,6 +438,9 @@ def _summary(adata, out: Path, seconds: float, info: dict) -> None:
     _say(f"done in {seconds / 60:.1f} min. {len(above)} candidate(s) above threshold "
          f"({get.params(adata, 'scan')['stop_reason']}).")
     ver = get.verdicts(adata)
+    zero = ver[ver["ablation"].astype(str).isin(["prune", ""])] if "ablation" in ver.columns else ver
+    other = ver.drop(index=zero.index)
+    ver = zero
     if len(ver):
         _say(f"{int(ver['passes'].sum())} of {len(ver)} pruned candidate(s) pass the controls on "
              f"{ver['metric'].iloc[0]} (p < {ver['alpha'].iloc[0]:g} vs random scalars of the same parameter, "
@@ -423,6 +448,10 @@ def _summary(adata, out: Path, seconds: float, info: dict) -> None:
     for r in ver.head(5).itertuples():
         _say(f"  {K.cond_prune(r.candidate)}: {r.status} (delta {r.delta:+.3g}, {1 - r.alpha:.0%} CI "
              f"{r.ci_low:+.3g} to {r.ci_high:+.3g}, p={r.p_value:.3g})" + ("" if r.passes else f": {r.reason}"))
+    if len(other):
+        _say("beside zeroing (the same rule, each against its own null; the report's 'Zero vs mean' section):")
+    for r in other.head(12).itertuples():
+        _say(f"  {r.condition}: {r.status} (delta {r.delta:+.3g}, p={r.p_value:.3g} vs {r.null_pool})")
     _say(f"report: {out / R.REPORT.file}")
     tables = [R.spec(n).file for n in ("superweights", "collapse", "verdicts", "genes", "enrichment")]
     _say(f"tables: {', '.join(tables)} in {out}")

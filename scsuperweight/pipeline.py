@@ -81,7 +81,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                  max_candidates: int = 6, n_boot: int = 200, permutations: int = 1000,
                  gene_key: str | None = None, layer: str | None = None,
                  token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
-                 max_seq_len: int | None = None, primary_metric: str | None = None, data_path: str | None = None,
+                 max_seq_len: int | None = None, primary_metric: str | None = None,
+                 prune_options: dict | None = None, data_path: str | None = None,
                  model_path: str | None = None, progress: bool = True, extra_info: dict | None = None,
                  overwrite: bool = False) -> dict:
     """Run every step on `adata` with `model`, writing the DESIGN.md output files into `out_dir`.
@@ -93,7 +94,9 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     The output files have the same columns for both families; only the reconstruction metrics differ
     (``gep*_`` for scGPT, ``mlm_loss``/``mlm_accuracy`` for masked LMs). `primary_metric` (default the family's:
     ``gepc_mse`` / ``mlm_loss``, see `scsuperweight.tl.prune`) is recorded in run.json's params, where the report
-    reads the metric it judges candidates on.
+    reads the metric it judges candidates on. `prune_options`: the ablations beside zeroing, as keyword arguments
+    of `scsuperweight.tl.prune` (``mean_ablation``, ``granularities``, ``joint``, ``n_unit_random``, ``n_matched``,
+    ``n_joint``), recorded in the params.
 
     `out_dir` holds one run: a directory that already holds a run's files is refused (RunDirError) unless
     `overwrite`, which removes exactly those files first. run.json records a ``run_id`` and the data and model
@@ -111,7 +114,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                   max_cells_per_label=max_cells_per_label, n_random=n_random, max_candidates=max_candidates,
                   n_boot=n_boot,
                   permutations=permutations, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len,
-                  primary_metric=primary_metric)
+                  primary_metric=primary_metric, prune_options=dict(prune_options or {}))
     params.update(runner.describe(**family_options))
     m_hash, d_hash = model_hash(model), data_hash(adata)
     log = R.RunLog(out, {"versions": _versions(), "seed": seed, "params": params, "data_hash": d_hash,
@@ -127,7 +130,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
         ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,
                                    donor_key=donor_key, max_cells_per_label=max_cells_per_label, n_random=n_random,
                                    max_candidates=max_candidates, n_boot=n_boot, primary_metric=primary_metric,
-                                   **common)),
+                                   **(prune_options or {}), **common)),
         ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,
                                    **common)),
         ("enrich", lambda: tl.enrich(adata, gene_sets=gene_sets, permutations=permutations, seed=seed,

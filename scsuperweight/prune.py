@@ -241,7 +241,7 @@ def joint_conditions(model, cands: pd.DataFrame, collapse: pd.DataFrame, opts: P
 
     if not opts.joint or collapse.empty:
         return []
-    metric = opts.primary_metric or R.primary_metric(get_adapter(model).family, set(collapse["metric"]))
+    metric = opts.primary_metric or get_runner(model).primary_metric(set(collapse["metric"]))
     v = verdicts(collapse, primary_metric=metric, alpha=opts.alpha, ablations=())
     passing = cands[cands["candidate"].astype(str).isin(set(v.loc[v["passes"], "candidate"].astype(str)))]
     if len(passing) < 2:

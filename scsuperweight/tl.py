@@ -223,6 +223,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
           max_cells_per_label: int | None = 200, mask_ratio: float | None = None, batch_size: int = 32,
           max_seq_len: int | None = None, n_random: int = 40, max_candidates: int = 6, n_boot: int = 200,
           scale_factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), primary_metric: str | None = None,
+          mean_ablation: bool = True, granularities: Sequence[str] = ("scalar", "neuron", "channel"),
+          joint: bool = True, n_unit_random: int = 20, n_matched: int = 20, n_joint: int = 20,
           token_dictionary=None, gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None,
           key: str = K.UNS_KEY, copy: bool = False, progress: bool = True):
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
@@ -247,6 +249,20 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     primary_metric
         The metric the report judges candidates on, recorded in the params; default ``gepc_mse`` for scGPT
         (``gep_mse`` when the model has no MVC decoder) and ``mlm_loss`` for a BERT-family model.
+    mean_ablation
+        Also ``mean:<cand>`` (the candidate's contribution set to its mean over the evaluated cells and tokens) and
+        ``mean_activation:<cand>`` (the spike channel set to its mean at the spike token), judged against the same
+        parameter's random draws as zeroing.
+    granularities
+        ``scalar`` (zeroing, always), ``neuron`` (``neuron:<cand>``, the FFN unit in and out) and ``channel``
+        (``channel:<cand>``, every write to the residual channel in the block), each against `n_unit_random`
+        random neurons / channels of the same block.
+    joint
+        After the zeroing verdicts, ``joint``: the candidates that pass, zeroed together, against `n_joint` random
+        sets of as many scalars of the same parameters (when two or more pass).
+    n_matched
+        Random scalars per candidate from its own |w| quantile bin (``matched:<cand>:<k>``): the ``p_matched``
+        column beside the uniform ``p_value``; 0 for none.
 
     Examples
     --------
@@ -278,7 +294,9 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
                             batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot,
-                        scale_factors=tuple(scale_factors), seed=seed)
+                        scale_factors=tuple(scale_factors), seed=seed, mean_ablation=mean_ablation,
+                        granularities=tuple(granularities), joint=joint, n_unit_random=n_unit_random,
+                        n_matched=n_matched, n_joint=n_joint, primary_metric=primary_metric)
     cand = _candidate_frame(candidates)
     res = _prune(model, inputs.masked, inputs.plain, cand, labels=labels[cells],
                  conditions=None if conditions is None else conditions[cells],

@@ -41,7 +41,8 @@ def test_run_writes_every_output(files, capsys):
     out = files / "run"
     rc = main(["run", "--model", str(files / "model"), "--data", str(files / "data.h5ad"), "--label-key",
                "cell_type", "--condition-key", "condition", "--donor-key", "donor", "--out", str(out),
-               "--max-cells-per-label", "8", "--n-random", "10", "--n-boot", "20", "--no-progress"])
+               "--max-cells-per-label", "8", "--n-random", "10", "--n-boot", "20", "--no-progress",
+               "--n-unit-random", "5", "--n-matched", "5", "--n-joint", "5", "--granularities", "scalar", "neuron"])
     assert rc == 0
     for f in (K.FILE_SUPERWEIGHTS, K.FILE_ACTIVATIONS, K.FILE_COLLAPSE, K.FILE_VERDICTS, K.FILE_GENES,
               K.FILE_ENRICHMENT, K.FILE_RESULTS, K.FILE_REPORT, K.FILE_RUN):
@@ -54,8 +55,17 @@ def test_run_writes_every_output(files, capsys):
     # the summary prints each candidate's verdict as verdicts.tsv holds it
     ver = pd.read_csv(out / K.FILE_VERDICTS, sep="\t")
     assert f"pruned candidate(s) pass the controls on {ver['metric'].iloc[0]}" in text
-    for r in ver.head(5).itertuples():
+    zero = ver[ver["ablation"] == "prune"]
+    for r in zero.head(5).itertuples():
         assert f"prune:{r.candidate}: {r.status} (delta {r.delta:+.3g}" in text
+    # and each other ablation's, against its own null; the flags reached prune
+    other = ver[ver["ablation"] != "prune"]
+    assert {"mean", "neuron"} <= set(other["ablation"]) and "channel" not in set(other["ablation"])
+    for r in other.head(12).itertuples():
+        assert f"{r.condition}: {r.status} (delta {r.delta:+.3g}" in text
+    assert run["params"]["prune_options"]["n_matched"] == 5
+    col = pd.read_csv(out / K.FILE_COLLAPSE, sep="\t")
+    assert col["condition"].str.startswith("random_neuron:").any() and "p_matched" in col.columns
 
 
 def test_step_commands(files, capsys):
