@@ -214,3 +214,37 @@ def test_prune_p_matched_from_the_candidates_bin():
     uni = c.loc[c["condition"].str.startswith("random:"), "delta"].to_numpy()
     assert row["p_value"] == pytest.approx(empirical_p(row["delta"], uni, alternative="two-sided"))
     assert torch.isfinite(torch.tensor(row["p_matched"]))
+
+
+def test_prune_joint_phase_zeroes_the_passing_candidates_together():
+    """Two constant units (10 and 20) writing 50 into channels 5 and 7: both zeroings pass, so the second phase
+    zeroes them together against random pairs of scalars of the same matrix."""
+    from scsuperweight.prune import prune
+
+    def write(w, g):
+        w[5, 10] = 50.0
+        w[7, 20] = 50.0
+        w[:, 20] = w[:, 20] * (w[:, 20].abs() >= 50.0)  # unit 20 writes channel 7 only
+
+    m, masked, plain = _planted(0, 0.0, 1.0, write)
+    with __import__("torch").no_grad():
+        blk = m.transformer_encoder.layers[1]
+        blk.linear1.weight[20] = 0.0
+        blk.linear1.bias[20] = 1.0
+    second = _cands().assign(candidate="L1.linear2.w[7,20]", row=7, col=20, channel=7)
+    cands = pd.concat([_cands(), second], ignore_index=True)
+    res = prune(m, masked, plain, cands, options=_opts(mean_ablation=False, joint=True, n_joint=10,
+                                                       primary_metric="gepc_mse", alpha=ALPHA))
+    conds = res.conditions.set_index("condition")
+    joint = conds.loc[K.COND_JOINT]
+    assert joint["edits"].count(PARAM) == 2 and "[5, 10]" in joint["edits"] and "[7, 20]" in joint["edits"]
+    draws = conds[conds.index.str.startswith("random_joint:")]
+    assert len(draws) == 10 and (draws["n_edits"] == 2).all() and (draws["control_for"] == K.COND_JOINT).all()
+    assert not any("[5, 10]" in e or "[7, 20]" in e for e in draws["edits"])
+    v = verdicts(res.collapse, primary_metric="gepc_mse", alpha=ALPHA).set_index("ablation")
+    assert v.loc["joint", "null_pool"] == K.COND_JOINT and v.loc["joint", "n_random"] == 10
+    assert v.loc["joint", "passes"], v.loc["joint", "reason"]
+    assert v.loc["joint", "candidate"] == f"{CAND};L1.linear2.w[7,20]"
+    # without the second phase nothing joint is run
+    off = prune(m, masked, plain, cands, options=_opts(mean_ablation=False, joint=False))
+    assert not off.conditions["condition"].str.startswith(("joint", "random_joint:")).any()
