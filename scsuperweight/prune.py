@@ -25,6 +25,7 @@ they can be averaged over any group and bootstrapped over donors) and per set ot
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,13 +42,16 @@ from ._log import logger
 from .adapters import get_adapter
 from .data.batches import Batch
 from .errors import DataError
+from .firstorder import first_order_effects, rank_correlation, rank_of
 from .instrument import ScalarEdit
 from .instrument.targets import restore_target as _restore_target
 from .instrument.targets import token_id as _token_id
 from .metrics import registry as R
+from .precision import forward_precision
 from .runners import get_runner, l2_normalise
 from .runners.bert import HFEvaluator  # noqa: F401 - re-exported: the evaluators used to live here
 from .runners.scgpt import ScGPTEvaluator  # noqa: F401
+from .sequential import SequentialPool, decision_h
 
 GRANULARITIES = ("scalar", "neuron", "channel")
 
@@ -75,7 +79,14 @@ class PruneOptions:
     n_matched: int = 20  # |w|-bin-matched random scalars per candidate (p_matched); 0: none
     n_joint: int = 20  # random sets of scalars: the joint ablation's null
     n_bins: int = 20  # |w| quantile bins of a matrix for the matched draws
-    primary_metric: str | None = None  # what the joint phase judges on (None: the family's, metrics.registry)
+    # what the joint phase and the sequential nulls judge on (None: the family's primary, metrics.registry)
+    primary_metric: str | None = None
+
+    # random draws in rounds, each parameter's stopping once its candidates' decisions on the primary metric are
+    # settled (Besag & Clifford 1991, `scsuperweight.sequential`); False: all n_random draws, as before
+    sequential: bool = True
+    first_order: bool = True  # the first-order null over every scalar of each candidate's matrix (firstorder.tsv)
+    dtype: str = "fp32"  # the evaluator forwards' precision (autocast); metrics are float32/float64 either way
 
     def __post_init__(self):
         bad = sorted(set(self.granularities) - set(GRANULARITIES))
@@ -91,6 +102,7 @@ class PruneResult:
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> (n, d) normalised
     conditions: pd.DataFrame | None = None  # what each condition edited
     params: dict = field(default_factory=dict)
+    firstorder: pd.DataFrame | None = None  # each candidate among all scalars of its matrix (firstorder.tsv)
 
     def to_frame(self) -> pd.DataFrame:
         return self.collapse
@@ -398,8 +410,12 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     cands = select_candidates(candidates, opts.max_candidates)
     conds = build_conditions(model, cands, opts, batches=plain)
     logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
-    ev = evaluator_for(model, masked, plain, n_cells, emb=opts.embedding, progress=progress)
-    results = run_conditions(ev, conds, progress=progress)
+    with forward_precision(get_adapter(model).model, opts.dtype):
+        ev = evaluator_for(model, masked, plain, n_cells, emb=opts.embedding, progress=progress)
+        if opts.sequential:
+            conds, results, nulls = _run_sequential(ev, conds, model, opts, progress=progress)
+        else:
+            results, nulls = run_conditions(ev, conds, progress=progress), {}
     # the metrics are many small matrix operations: multi-threaded BLAS only spins on them (measured 200x slower
     # on a busy 2-core machine), so they run on one BLAS thread
     with threadpool_limits(limits=1, user_api="blas"):
@@ -467,6 +483,8 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             rows += [r for cond in extra for r in rows_of(cond)]
             conds = [*conds, *extra]
             collapse = _add_p_values(pd.DataFrame(rows))
+    collapse = _add_null_columns(collapse, conds, nulls)
+    firstorder = _first_order_table(model, masked, conds, collapse, nulls, opts) if opts.first_order else None
     contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts) \
         if conditions is not None and labels is not None else pd.DataFrame()
     cond_table = pd.DataFrame([{"condition": c.name, "candidate": c.candidate, "control_for": c.control_for,
@@ -477,10 +495,11 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                                 "patch": "" if c.patch is None else "{}[{}]={:.6g}@{}".format(*c.patch)}
                                for c in conds])
     params = {**opts.__dict__, "n_cells": n_cells, "n_conditions": len(conds), "blocks_recomputed": ev.forwards,
-              "candidates": list(cands["candidate"])}
+              "candidates": list(cands["candidate"]),
+              "null_draws": {p: n.draws for p, n in nulls.items()} if nulls else None}
     params["scale_factors"] = list(opts.scale_factors)
     params["granularities"] = list(opts.granularities)
-    return PruneResult(collapse, contrasts, embeddings, cond_table, params)
+    return PruneResult(collapse, contrasts, embeddings, cond_table, params, firstorder)
 
 
 def run_conditions(ev, conds: Sequence[Condition], *, progress: bool = False) -> dict[str, dict]:
@@ -493,6 +512,139 @@ def run_conditions(ev, conds: Sequence[Condition], *, progress: bool = False) ->
     for cond in tqdm(conds, desc="prune conditions", disable=not progress):
         results[cond.name] = ev.run(cond)
     return results
+
+
+@dataclass(frozen=True)
+class NullRecord:
+    """How one parameter's random draws went: draws made, whether they stopped before `n_random`, and each of its
+    candidates' sequential p (Besag & Clifford 1991; NaN for a candidate with no finite delta)."""
+
+    param: str
+    draws: int
+    stopped_early: bool
+    h: int
+    max_draws: int
+    p: dict  # candidate -> sequential p
+
+
+def _all_delta(res: dict, base: dict, metric: str) -> float:
+    """The all-cells delta of a per-cell metric, as the collapse table computes it (mean of v - b where both are
+    finite)."""
+    v, b = np.asarray(res[metric], dtype=float), np.asarray(base[metric], dtype=float)
+    ok = ~np.isnan(v) & ~np.isnan(b)
+    return float(np.mean(v[ok] - b[ok])) if ok.sum() >= 2 else float("nan")
+
+
+def _run_sequential(ev, conds: Sequence[Condition], model, opts: PruneOptions, *, progress: bool = False
+                    ) -> tuple[list[Condition], dict[str, dict], dict[str, NullRecord]]:
+    """Run every non-random condition, then each parameter's random draws in rounds until settled.
+
+    The draws are `build_conditions`'s, in its order, so a sequential run measures a prefix of the fixed run's
+    draws. Per parameter a `SequentialPool` holds its candidates' all-cells deltas on the primary metric and stops
+    after ``h = decision_h(alpha, n_random)`` draws at least as extreme (two-sided, about 0) as a candidate, for
+    every candidate of that parameter, or at `n_random` (Besag & Clifford 1991). On the sequential statistic the
+    decision p < alpha is then the full-draw decision; the collapse p-values are still `_add_p_values` on the
+    draws made (same formula for every metric). A round gives each unsettled parameter `h` more draws (no
+    parameter can stop sooner). Returns the conditions run (in `conds` order), their results and one `NullRecord`
+    per parameter.
+    """
+    fixed = [c for c in conds if c.kind != "random"]  # other controls (neurons, channels, matched) run in full
+    results = run_conditions(ev, fixed, progress=progress)
+    base = results[K.COND_BASELINE]
+    measured = reconstruction_metrics(base)
+    metric = opts.primary_metric or R.primary_metric(get_adapter(model).family, measured)
+    draws: dict[str, list[Condition]] = {}
+    for c in conds:
+        if c.kind == "random":
+            draws.setdefault(c.control_for, []).append(c)
+    if metric not in measured:  # a set-level primary metric cannot be scored per draw: every draw, as before
+        logger.warning("sequential nulls need a per-cell primary metric; %r is not one: all %d draws are run",
+                       metric, opts.n_random)
+        results.update(run_conditions(ev, [c for c in conds if c.kind == "random"], progress=progress))
+        return list(conds), results, {}
+    h = decision_h(opts.alpha, opts.n_random)
+    pools, used = {}, {p: 0 for p in draws}
+    for param in draws:
+        cands = {c.candidate: _all_delta(results[c.name], base, metric) for c in fixed
+                 if c.name.startswith("prune:") and c.edits and c.edits[0].param == param}
+        cands = {k: v for k, v in cands.items() if np.isfinite(v)}
+        pools[param] = SequentialPool(cands, h=h, max_draws=opts.n_random) if cands else None
+    while True:
+        todo = {p: draws[p][used[p]:used[p] + h] for p in draws
+                if used[p] < len(draws[p]) and (pools[p] is None or not pools[p].done)}
+        if not todo:
+            break
+        batch = [c for cs in todo.values() for c in cs]
+        results.update(run_conditions(ev, batch, progress=progress))
+        for p, cs in todo.items():  # deltas on the host once per round, not per condition
+            used[p] += len(cs)
+            for c in cs:
+                if pools[p] is not None and not pools[p].done:
+                    pools[p].add(_all_delta(results[c.name], base, metric))
+    nulls = {p: NullRecord(p, used[p], used[p] < len(draws[p]), h, opts.n_random,
+                           {} if pools[p] is None else pools[p].p) for p in draws}
+    for n in nulls.values():
+        logger.info("null of %s: %d of %d draws%s", n.param, n.draws, n.max_draws,
+                    " (stopped early: decision settled)" if n.stopped_early else "")
+    ran = [c for c in conds if c.name in results]
+    return ran, results, nulls
+
+
+def _add_null_columns(df: pd.DataFrame, conds: Sequence[Condition], nulls: dict[str, NullRecord]) -> pd.DataFrame:
+    """``null_draws`` (draws in the row's null pool; all draws for a row with no pool), ``null_stopped_early``
+    and, on a candidate's ``prune:`` rows, ``p_sequential`` (its Besag-Clifford p on the primary metric; the same
+    value on every metric's row, since only the primary metric decided when to stop)."""
+    if df.empty:
+        return df
+    n_pool = Counter(c.control_for for c in conds if c.control_for)
+    total = sum(1 for c in conds if c.kind == "random")
+    df["null_draws"] = [n_pool.get(p, 0) if p else total for p in df["null_pool"]]
+    df["null_stopped_early"] = [bool(nulls[p].stopped_early) if p in nulls else False for p in df["null_pool"]]
+    p_seq = {K.cond_prune(c): p for n in nulls.values() for c, p in n.p.items()}
+    df["p_sequential"] = [p_seq.get(c, np.nan) for c in df["condition"]]
+    return df
+
+
+def _first_order_table(model, masked: Sequence, conds: Sequence[Condition], collapse: pd.DataFrame,
+                       nulls: dict[str, NullRecord], opts: PruneOptions) -> pd.DataFrame | None:
+    """Per candidate: its first-order effect, rank and percentile among all scalars of its matrix, its exact
+    delta, and per parameter the Spearman correlation of the first-order estimates with the exact deltas of the
+    random draws (`scsuperweight.firstorder`). None when the family has no first-order metric (it informs; the
+    exact draws decide)."""
+    measured = set(collapse["metric"]) if len(collapse) else set()
+    try:
+        metric = opts.primary_metric or R.primary_metric(get_adapter(model).family, measured or None)
+    except DataError:
+        return None
+    if metric not in _FIRST_ORDER_METRICS or get_adapter(model).family != "scgpt":
+        logger.info("no first-order null: it is implemented for scGPT's %s", sorted(_FIRST_ORDER_METRICS))
+        return None
+    cand_conds = [c for c in conds if c.name.startswith("prune:") and c.edits]
+    params = list(dict.fromkeys(c.edits[0].param for c in cand_conds))
+    if not params:
+        return None
+    with forward_precision(get_adapter(model).model, opts.dtype):
+        effects = first_order_effects(model, masked, params, metric=metric)
+    all_rows = collapse[(collapse["metric"] == metric) & (collapse["group"] == K.GROUP_ALL)]
+    exact = dict(zip(all_rows["condition"], all_rows["delta"]))
+    corr, n_draws = {}, {}
+    for p in params:
+        rand = [c for c in conds if c.kind == "random" and c.control_for == p and c.name in exact]
+        fo = [float(effects[p][tuple(c.edits[0].index)]) for c in rand]
+        corr[p] = rank_correlation(fo, [exact[c.name] for c in rand])
+        n_draws[p] = len(rand)
+    rows = []
+    for c in cand_conds:
+        e = c.edits[0]
+        rank, pct = rank_of(effects[e.param], e.index)
+        rows.append({"candidate": c.candidate, "param": e.param, "metric": metric,
+                     "first_order": float(effects[e.param][tuple(e.index)]), "rank": rank, "percentile": pct,
+                     "n_scalars": int(effects[e.param].numel()), "exact_delta": exact.get(c.name, np.nan),
+                     "rank_correlation": corr[e.param], "n_draws": n_draws[e.param]})
+    return pd.DataFrame(rows)
+
+
+_FIRST_ORDER_METRICS = ("gepc_mse", "gep_mse")
 
 
 def _null_pool(cond: Condition) -> str:

@@ -104,7 +104,8 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
           "Long table: each condition's metric per group, its change from baseline, interval and p vs random "
           "scalars.",
           extra={"ci_of": STR, "bootstrap_unit": STR, "candidate": STR, "control_for": STR, "null_pool": STR,
-                 "factor": FLOAT, "p_matched": FLOAT}),
+                 "factor": FLOAT, "p_matched": FLOAT, "null_draws": INT, "null_stopped_early": BOOL,
+                 "p_sequential": FLOAT}),
     _spec("contrasts", "contrasts.tsv", "prune",
           {"condition": STR, "metric": STR, "group": STR, "difference": FLOAT, "ci_low": FLOAT, "ci_high": FLOAT},
           "Per cell type: the change in case cells minus the change in control cells, with a bootstrap interval.",
@@ -115,6 +116,14 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
            "restore": STR},
           "What each pruning condition edited (parameters and indices, the activation restored).",
           extra={"kind": STR, "null_pool": STR, "patch": STR}),
+    _spec("firstorder", "firstorder.tsv", "prune",
+          {"candidate": STR, "param": STR, "metric": STR, "first_order": FLOAT, "rank": INT, "percentile": FLOAT,
+           "n_scalars": INT, "exact_delta": FLOAT, "rank_correlation": FLOAT, "n_draws": INT},
+          "First-order null (gradient x weight, one backward pass): each candidate's predicted change when zeroed, "
+          "its rank (1 = largest) and percentile among all scalars of its matrix, its exact change, and the "
+          "Spearman correlation of first-order with exact changes over that matrix's random draws. It informs; "
+          "the exact draws decide.",
+          empty_means_no_rows=True),
     _spec("genes", "genes.tsv", "genes",
           {"candidate": STR, "gene": STR, "score": FLOAT, "rank": INT},
           "Gene scores per candidate with the evidence behind each score.",

@@ -28,6 +28,10 @@ def _stored(tmp_path):
     R.store(a, "conditions", pd.DataFrame({"condition": ["baseline", f"prune:{STRONG}"], "candidate": ["", STRONG],
                                            "control_for": ["", ""], "factor": [np.nan, 0.0], "n_edits": [0, 1],
                                            "edits": ["", "w[17]"], "restore": ["", ""]}))
+    R.store(a, "firstorder", pd.DataFrame({"candidate": [STRONG], "param": ["w"], "metric": ["gepc_mse"],
+                                           "first_order": [0.5], "rank": [1], "percentile": [100.0],
+                                           "n_scalars": [64], "exact_delta": [0.7], "rank_correlation": [0.6],
+                                           "n_draws": [40]}))
     R.set_run_record(a, {**res[K.UNS_RUN], "run_id": "r1", "data_hash": "d1", "model_hash": "m1"})
     a.write_h5ad(tmp_path / "a.h5ad")
     return a, ad.read_h5ad(tmp_path / "a.h5ad"), res
@@ -49,7 +53,8 @@ def test_schema_names_each_table_and_file_once():
 
 def test_store_h5ad_table_round_trip_is_typed_and_identical(tmp_path):
     a, b, res = _stored(tmp_path)
-    for name in ("superweights", "activations", "collapse", "contrasts", "conditions", "genes", "enrichment"):
+    for name in ("superweights", "activations", "collapse", "contrasts", "conditions", "genes", "enrichment",
+                 "firstorder"):
         pd.testing.assert_frame_equal(R.table(b, name), R.table(a, name), obj=name)
     sw = ssw.get.superweights(b)
     assert str(sw["col"].dtype) == "Int64" and sw["col"].isna().tolist() == [True, False]

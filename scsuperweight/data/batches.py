@@ -29,7 +29,18 @@ class Batch:
         return {"src": self.src, "values": self.values, "src_key_padding_mask": self.padding_mask}
 
     def to(self, device) -> Batch:
-        move = (lambda t: None if t is None else t.to(device))
+        """The batch on `device`. Host tensors bound for a GPU are pinned and copied without blocking, so the
+        copy overlaps the work already queued (the first kernel that reads them waits for it, not the host)."""
+        dev = torch.device(device)
+        gpu = dev.type == "cuda"
+
+        def move(t):
+            if t is None or t.device == dev:
+                return t
+            if gpu and t.device.type == "cpu":
+                return t.pin_memory().to(dev, non_blocking=True)
+            return t.to(dev)
+
         return Batch(self.cells, move(self.src), move(self.values), move(self.padding_mask), move(self.target),
                      move(self.mask))
 

@@ -1,0 +1,103 @@
+"""Cost without loss of validity, through `prune` on a planted model: sequential nulls (Besag & Clifford 1991) give
+the full-draw verdicts for a planted strong candidate and for null candidates while a null candidate's parameter
+costs a handful of draws; the first-order null ranks the planted scalar first in its matrix and predicts the exact
+draws' effects in rank order; a bf16 forward ranks the candidates as fp32 does."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from _plant import plant_cls_superweight, tiny_model, tiny_tokens
+
+from scsuperweight import _keys as K
+from scsuperweight import results as R
+from scsuperweight.data import iter_batches
+from scsuperweight.judge import verdicts
+from scsuperweight.prune import PruneOptions, prune
+from scsuperweight.sequential import decision_h
+
+N = 24
+PLANTED = "transformer_encoder.layers.0.linear2.weight"
+NULLS = ("transformer_encoder.layers.1.linear1.weight", "transformer_encoder.layers.2.linear1.weight")
+
+
+@pytest.fixture(scope="module")
+def planted():
+    m = tiny_model(21, nlayers=3)
+    tok = tiny_tokens(m, n_cells=N, seed=21)
+    plain = list(iter_batches(tok, 12))
+    masked = list(iter_batches(tok, 12, mask_ratio=0.3, seed=0))
+    # layer 0: the spike on <cls> reaches every gene through attention, so the primary metric (gepc_mse) moves
+    plant_cls_superweight(m, plain, 0, 6, 17, magnitude=300.0)
+    cands = pd.DataFrame([{"candidate": cid, "param": p, "row": r, "col": c, "screen": "activation",
+                           "above_threshold": True}
+                          for cid, p, r, c in (("planted", PLANTED, 6, 17), ("null_a", NULLS[0], 7, 2),
+                                               ("null_b", NULLS[1], 4, 9))])
+    labels = np.array(["astro", "micro", "neuron"])[np.arange(N) % 3]
+    return m, plain, masked, cands, labels
+
+
+def _run(planted, **kw):
+    m, plain, masked, cands, labels = planted
+    opts = PruneOptions(n_random=20, n_boot=20, n_boot_set=0, max_candidates=3, n_scale=0, n_restore=0, seed=3,
+                        **kw)
+    res = prune(m, masked, plain, cands, labels=labels, options=opts)
+    v = verdicts(res.collapse, primary_metric="gepc_mse", candidates=res.params["candidates"])
+    return res, v.set_index("candidate")
+
+
+@pytest.fixture(scope="module")
+def both(planted):
+    return _run(planted, sequential=False, first_order=False), _run(planted)
+
+
+def test_sequential_verdicts_equal_full_draw_verdicts(both):
+    (_, full), (_, seq) = both
+    assert full.loc["planted", "passes"] and not full.loc["null_a", "passes"] and not full.loc["null_b", "passes"]
+    assert seq["passes"].to_dict() == full["passes"].to_dict()
+    # the strong candidate used every draw, so its p is the full-draw p exactly
+    assert seq.loc["planted", "p_value"] == full.loc["planted", "p_value"] == pytest.approx(1 / 21)
+
+
+def test_null_candidates_stop_after_a_handful_of_draws(both):
+    (full_res, _), (res, _) = both
+    draws = res.params["null_draws"]
+    h = decision_h(0.05, 20)
+    assert draws[PLANTED] == 20 and full_res.params["null_draws"] is None
+    assert all(h <= draws[p] <= 2 * h for p in NULLS)  # a round is h draws; nulls settle in the first or second
+    c = res.collapse
+    prim = c[(c["metric"] == "gepc_mse") & (c["group"] == K.GROUP_ALL)].set_index("condition")
+    assert prim.loc["prune:planted", "null_draws"] == 20 and not prim.loc["prune:planted", "null_stopped_early"]
+    assert prim.loc["prune:null_a", "null_draws"] == draws[NULLS[0]] and prim.loc["prune:null_a", "null_stopped_early"]
+    assert prim.loc["prune:planted", "p_sequential"] == pytest.approx(1 / 21)
+    assert prim.loc["prune:null_a", "p_sequential"] >= 0.05
+    # the draws made are a prefix of the fixed run's draws: same conditions, same deltas
+    fc = full_res.collapse
+    fprim = fc[(fc["metric"] == "gepc_mse") & (fc["group"] == K.GROUP_ALL)].set_index("condition")
+    rand = [i for i in prim.index if i.startswith("random:")]
+    assert len(rand) == sum(draws.values()) < 3 * 20
+    np.testing.assert_allclose(prim.loc[rand, "delta"], fprim.loc[rand, "delta"])
+    # the columns are part of the schema, typed on the way back
+    typed = R.typed(c, "collapse")
+    assert str(typed["null_draws"].dtype) == "Int64" and typed["null_stopped_early"].dtype == bool
+
+
+def test_first_order_null_ranks_the_planted_scalar_and_predicts_the_draws(both):
+    _, (res, _) = both
+    fo = res.firstorder.set_index("candidate")
+    assert list(fo.columns) == list(R.spec("firstorder").columns)[1:]
+    print("\n" + fo[["rank", "percentile", "first_order", "exact_delta", "rank_correlation", "n_draws"]].to_string())
+    # a super weight's removal is no small perturbation (the post-norm saturates): first order still places it in
+    # the top few percent of its 2,048 scalars, far above a null candidate, but not necessarily first
+    assert fo.loc["planted", "percentile"] > 95 and fo.loc["planted", "rank"] < fo.loc["null_a", "rank"]
+    assert fo.loc["planted", "n_scalars"] == 32 * 64 and fo.loc["planted", "n_draws"] == 20
+    # small perturbations are first-order: the random draws' exact effects follow the estimate in rank order
+    assert fo.loc["planted", "rank_correlation"] > 0.8
+    assert fo.loc["null_a", "rank"] > 10
+
+
+def test_bf16_forward_ranks_candidates_as_fp32(planted, both):
+    _, (_, full) = both
+    res, v = _run(planted, first_order=False, dtype="bf16")
+    order = lambda t: list(t["delta"].abs().sort_values(ascending=False).index)  # noqa: E731
+    assert order(v) == order(full)
+    assert v["passes"].to_dict() == full["passes"].to_dict()
