@@ -1,9 +1,10 @@
-"""Mixed precision for forwards, float32 for everything computed from them; and the device check.
+"""Mixed precision for forwards, float32 for everything computed from them.
 
 On a GPU a bf16 forward runs on the tensor cores at several times the fp32 rate. Only the forward is autocast: the
 weights stay float32 (so edits and restores stay exact), and every output is cast to float32 before a metric,
 reduction or comparison sees it. `--dtype fp32` is the reference; bf16 keeps fp32's exponent range (the large
-activations super weights make do not overflow), fp16 does not and is offered for GPUs without bf16.
+activations super weights make do not overflow), fp16 does not and is offered for GPUs without bf16. The device
+itself is checked by `scsuperweight.checks.check_device` (one error for --device cuda on a CPU-only torch).
 """
 
 from __future__ import annotations
@@ -27,17 +28,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         msg = f"`dtype` must be one of {list(DTYPES)}; got {name!r}. bf16 on a recent GPU, fp32 on a CPU."
         raise DataError(msg)
     return DTYPES[key]
-
-
-def check_device(device: str | torch.device | None) -> torch.device:
-    """The torch device for `device` ("cpu", "cuda", "cuda:1", None = cpu), with one clear error when CUDA is
-    asked of a torch built without it or a machine without a GPU."""
-    dev = torch.device("cpu" if device is None else device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        msg = f"--device {device} was asked but {why}; run with --device cpu or install a CUDA build of torch."
-        raise DataError(msg)
-    return dev
 
 
 def autocast_forward(device: str | torch.device, dtype: str | torch.dtype = "fp32"):
