@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -198,7 +199,8 @@ def _lengths(tokens, max_seq_len: int | None) -> np.ndarray:
 
 def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, tokens, max_seq_len: int | None = None,
               scan_cells: int = 0, scan_rounds: int = 2, embed: bool = False, flop_rate: float | None = None,
-              overhead_seconds: float = 0.0, device: str = "", notes: Sequence[str] = ()) -> Plan:
+              overhead_seconds: float = 0.0, device: str = "", notes: Sequence[str] = (),
+              embed_cells: int | None = None) -> Plan:
     """Plan a run.
 
     Parameters
@@ -217,7 +219,8 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
     scan_cells, scan_rounds
         Cells and rounds of the activation scan (0: no scan in this run).
     embed
-        Whether the run embeds every cell once more (the embed step).
+        Whether the run embeds cells once more (the embed step): `embed_cells` cells (default `n_cells`; prune
+        embeds every cell of the data twice, baseline and pruned).
     flop_rate
         FLOP/s on this device (`calibrate`); without it the plan has FLOPs but no time.
     """
@@ -236,7 +239,7 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
         cond_flops[kind] += n_cells * (per_cell(first, True) + per_cell(first, False))
     stages = {}
     if embed:
-        stages["embed"] = n_cells * per_cell(-1, False)
+        stages["embed"] = (n_cells if embed_cells is None else int(embed_cells)) * per_cell(-1, False)
     if scan_cells:
         stages["scan"] = scan_rounds * scan_cells * per_cell(-1, True)
     if conditions:
@@ -362,7 +365,7 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                   scan_cells: int = 1000, scan_rounds: int = 2, cells_per_label: int | None = None,
                   min_cells_per_label: int = 20, min_seq_len: int = 256, min_boot: int = 100,
                   min_scan_cells: int = 64, seconds_per_boot_cell: float = 2e-7,
-                  seconds_per_condition: float = 0.0) -> BudgetChoice:
+                  seconds_per_condition: float = 0.0, embed_cells: int = 0) -> BudgetChoice:
     """Pick cells per label, tokens per cell, random draws, bootstrap resamples and scan cells to fit a budget.
 
     Knobs give way in `BUDGET_ORDER`: scan cells, bootstrap resamples, tokens per cell (max_seq_len), cells per
@@ -376,7 +379,8 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
     `fixed_conditions` are the ``(kind, first_layer)`` of every condition but the random draws; `null_layers`
     the first layer of each parameter whose null is drawn (`n_random` draws each). `label_counts` are the cells
     available per label, `tokens` each cell's token count (or one number). Non-forward work is modelled as
-    `seconds_per_boot_cell` per resample per cell per condition plus `seconds_per_condition`.
+    `seconds_per_boot_cell` per resample per cell per condition plus `seconds_per_condition`. `embed_cells`
+    cells are embedded once at the chosen length besides (prune's embeddings of every cell).
     """
     budget = float(budget_seconds)
     if not budget > 0:
@@ -400,7 +404,8 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
         overhead = len(conds) * (seconds_per_condition + seconds_per_boot_cell * k["n_boot"] * n_cells)
         return make_plan(config, conds, n_cells=n_cells, tokens=L_all, max_seq_len=k["max_seq_len"],
                          scan_cells=min(k["scan_cells"], int(counts.sum())), scan_rounds=scan_rounds,
-                         flop_rate=flop_rate, overhead_seconds=overhead)
+                         flop_rate=flop_rate, overhead_seconds=overhead, embed=embed_cells > 0,
+                         embed_cells=embed_cells)
 
     cost = lambda k: plan_of(k).est_seconds  # noqa: E731
     knobs = dict(req)
@@ -435,3 +440,42 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
     return BudgetChoice(budget, int(knobs["cells_per_label"]), int(knobs["max_seq_len"]), int(knobs["n_random"]),
                         int(knobs["n_boot"]), int(knobs["scan_cells"]), float(est), bool(feasible), tuple(reasons),
                         plan)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# before the work: one hour needs a budget or a yes
+# ------------------------------------------------------------------------------------------------------------
+LONG_RUN_SECONDS = 3600.0  # a plan estimated above this asks for --budget or --yes
+
+
+class LongRunWarning(UserWarning):
+    """A run was started whose plan is estimated above `LONG_RUN_SECONDS` without a budget or a confirmation."""
+
+
+def long_run_message(plan: Plan, *, cli: bool = True) -> str:
+    """One line: the estimate and both ways on (a budget that fits, or a confirmation)."""
+    est = format_duration(plan.est_seconds)
+    if cli:
+        return (f"this run is estimated at about {est} on {plan.device or 'this device'} (over 1 hour); pass "
+                f"--budget 15m (or any duration) to fit the run to a time, or --yes to run the plan as printed.")
+    return (f"this run is estimated at about {est} on {plan.device or 'this device'} (over 1 hour); pass "
+            f"budget='15m' (or any duration) to fit it to a time, or yes=True to run the plan as estimated.")
+
+
+def is_long(plan: Plan) -> bool:
+    return bool(np.isfinite(plan.est_seconds) and plan.est_seconds > LONG_RUN_SECONDS)
+
+
+def warn_if_long(plan: Plan, *, confirmed: bool) -> None:
+    """The Python faces' answer to a long plan: a `LongRunWarning` with the estimate (never an error)."""
+    if is_long(plan) and not confirmed:
+        warnings.warn(long_run_message(plan, cli=False), LongRunWarning, stacklevel=3)
+
+
+def has_flops(config) -> bool:
+    """Whether the FLOP model applies (an scGPT config: d_model, d_hid, nlayers)."""
+    try:
+        _arch(config)
+    except (TypeError, ValueError, KeyError):
+        return False
+    return True

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,7 @@ from .instrument import ScalarEdit
 from .instrument.targets import restore_target as _restore_target
 from .instrument.targets import token_id as _token_id
 from .metrics import registry as R
+from .plan import BudgetChoice, Plan, choose_budget, make_plan
 from .precision import forward_precision
 from .runners import get_runner, l2_normalise
 from .runners.bert import HFEvaluator  # noqa: F401 - re-exported: the evaluators used to live here
@@ -243,6 +244,86 @@ def ablation_conditions(model, cands: pd.DataFrame, opts: PruneOptions, batches:
     abl = A.build_ablations(model, cands, batches, n_random=opts.n_unit_random, n_bins=opts.n_bins, seed=opts.seed,
                             kinds=kinds, n_matched=opts.n_matched)
     return [Condition.of(a) for a in abl]
+
+
+def condition_layers(model, conds: Sequence[Condition]) -> list[tuple[str, int]]:
+    """``(name, first block rerun)`` per condition, for `scsuperweight.plan.make_plan`: the first block any of its
+    edits (or its restored site) enters; -1 (a full forward) where the family cannot rerun from a middle block."""
+    adapter = get_adapter(model)
+    cached = hasattr(adapter, "encode_cache")  # only scGPT reruns from cached block inputs
+    out = []
+    for c in conds:
+        if not cached:
+            out.append((c.name, -1))
+            continue
+        layers = [adapter.first_layer_of(e.param) for e in c.edits]
+        if c.restore is not None:
+            layers.append(adapter.sites[c.restore[0]].layer)
+        out.append((c.name, min(layers) if layers else adapter.n_layers))
+    return out
+
+
+def _planned_layers(model, candidates: pd.DataFrame | None, opts: PruneOptions
+                    ) -> tuple[list[tuple[str, int]], list[int], list[str]]:
+    """(fixed conditions' (name, first layer), each null pool's first layer, notes) of the run `opts` describes.
+
+    With candidates, the conditions `build_conditions` makes for them. Without (a whole run plans before its scan
+    has found any), an assumed layout, stated in the notes: `max_candidates` prune conditions, the restores and
+    scaling curves, in 3 parameters, all in block 0 (every block rerun: the most a condition can cost).
+    """
+    if candidates is not None:
+        conds = build_conditions(model, select_candidates(candidates, opts.max_candidates), opts)
+        layers = condition_layers(model, conds)
+        fixed = [lay for lay, c in zip(layers, conds) if c.kind != "random"]
+        first = {}
+        for (_, lay), c in zip(layers, conds):
+            if c.kind == "random":
+                first.setdefault(c.control_for, lay)
+        return fixed, list(first.values()), []
+    n = opts.max_candidates
+    fixed = [(K.COND_BASELINE, get_adapter(model).n_layers)] + [("prune", 0)] * n + [(K.COND_TOP_OUTLIERS, 0)] \
+        + [("restore", 0)] * min(n, opts.n_restore) + [("scale", 0)] * (min(n, opts.n_scale) * len(opts.scale_factors))
+    pools = min(3, n)
+    return fixed, [0] * pools, [f"candidates not found yet: assumed {n} in {pools} parameters of block 0 (the "
+                                f"costliest place: every block rerun)"]
+
+
+def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_cells: int, tokens,
+               max_seq_len: int | None = None, flop_rate: float | None = None, device: str = "",
+               scan_cells: int = 0, scan_rounds: int = 2, embed_cells: int = 0,
+               seconds_per_boot_cell: float = 2e-7) -> Plan:
+    """The plan of a prune run (`scsuperweight.plan.make_plan`) over `n_cells` cells of `tokens` tokens each (an
+    array of per-cell counts, or one number), before any forward: the conditions by kind, the blocks each reruns,
+    forward FLOPs and, with `flop_rate` (`scsuperweight.plan.calibrate`), the estimated time. With sequential
+    nulls the random draws are counted at their maximum (a strong candidate uses them all)."""
+    fixed, null_layers, notes = _planned_layers(model, candidates, opts)
+    conds = fixed + [("random", lay) for lay in null_layers for _ in range(opts.n_random)]
+    if opts.sequential:
+        notes.append("random draws counted at their maximum: sequential nulls (Besag & Clifford 1991) stop a "
+                     "parameter's draws as soon as its candidates' decisions are settled")
+    overhead = len(conds) * seconds_per_boot_cell * opts.n_boot * n_cells
+    return make_plan(get_adapter(model).model.config, conds, n_cells=n_cells, tokens=tokens,
+                     max_seq_len=max_seq_len, scan_cells=scan_cells, scan_rounds=scan_rounds,
+                     embed=embed_cells > 0, embed_cells=embed_cells, flop_rate=flop_rate,
+                     overhead_seconds=overhead, device=device, notes=notes)
+
+
+def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, budget_seconds: float, *,
+                 label_counts: dict, tokens, max_seq_len: int, flop_rate: float,
+                 cells_per_label: int | None = None, scan_cells: int = 0, scan_rounds: int = 2,
+                 embed_cells: int = 0) -> BudgetChoice:
+    """`scsuperweight.plan.choose_budget` for the prune run `opts` describes (its conditions as `plan_prune`
+    counts them): cells per label, tokens per cell, random draws, bootstrap resamples and scan cells that fit
+    `budget_seconds`, validity floors first, with the reasons."""
+    fixed, null_layers, notes = _planned_layers(model, candidates, opts)
+    choice = choose_budget(budget_seconds, config=get_adapter(model).model.config, flop_rate=flop_rate,
+                           label_counts=label_counts, tokens=tokens, fixed_conditions=fixed,
+                           null_layers=null_layers, alpha=opts.alpha, n_random=opts.n_random, n_boot=opts.n_boot,
+                           max_seq_len=max_seq_len, scan_cells=scan_cells, scan_rounds=scan_rounds,
+                           cells_per_label=cells_per_label, embed_cells=embed_cells)
+    if notes and choice.plan is not None:
+        choice = replace(choice, plan=replace(choice.plan, notes=(*notes, *choice.plan.notes)))
+    return choice
 
 
 def joint_conditions(model, cands: pd.DataFrame, collapse: pd.DataFrame, opts: PruneOptions) -> list[Condition]:
