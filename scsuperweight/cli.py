@@ -15,13 +15,15 @@ from pathlib import Path
 from . import _keys as K
 from . import results as R
 from ._log import logger
-from .errors import SSWError
+from .errors import OptionError, SSWError
 
 EXAMPLES = {
     "demo": """examples:
   scsuperweight demo --out demo_out            # shipped demo model on seeded AD-like data, ~5 min on 2 cores
   scsuperweight demo --out demo_out --retrain  # pretrain the demo model afresh first (long)""",
     "run": """examples:
+  scsuperweight run --model scGPT_brain/ --data cells.h5ad --label-key cell_type --out run_out --dry-run
+  scsuperweight run --model scGPT_brain/ --data cells.h5ad --label-key cell_type --out run_out --budget 15m
   scsuperweight run --model scGPT_brain/ --data seaad_donor.h5ad --label-key Subclass \\
       --condition-key condition --donor-key "Donor ID" --layer UMIs --gene-sets bundled h.all.v7.0.symbols.gmt \\
       --out run_out""",
@@ -30,8 +32,13 @@ EXAMPLES = {
   scsuperweight embed --model scGPT_brain/ --data cells.h5ad --gene-key feature_name --out embedded.h5ad""",
     "scan": """examples:
   scsuperweight scan --model demo --data cells.h5ad --label-key cell_type --out run_out
+  scsuperweight scan --model scGPT_brain/ --data cells.h5ad --screen activation weight_only gradient --out run_out
+  scsuperweight scan --model scGPT_brain/ --data cells.h5ad --max-seq-len 600 --max-tokens 16384 --out run_out
   scsuperweight scan --model scGPT_brain/ --data-free --out run_out     # one synthetic cell, no data""",
     "prune": """examples:
+  scsuperweight prune --model scGPT_brain/ --out run_out --label-key cell_type --dry-run   # the plan only
+  scsuperweight prune --model scGPT_brain/ --out run_out --label-key cell_type --budget 15m
+  scsuperweight prune --model scGPT_brain/ --out run_out --label-key cell_type --device cuda --dtype bf16 --yes
   scsuperweight prune --model demo --out run_out --label-key cell_type --condition-key condition --donor-key donor
   (reads run_out/results.h5ad written by `scan`, or --data FILE.h5ad that holds uns['ssw'] from a scan)
   scsuperweight prune --model demo --out run_out --label-key cell_type --granularities scalar neuron \
@@ -115,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     _overwrite_arg(p)
     _pipeline_knobs(p)
+    _cost_args(p)
     _gf_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -136,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-abs", type=float, default=0.0, help="absolute spike threshold (default 0)")
     p.add_argument("--max-rounds", type=int, default=10, help="iterative rounds (default 10)")
     p.add_argument("--max-cells", type=int, default=1000, help="cells scanned (default 1000)")
+    p.add_argument("--screen", nargs="+", default=["activation", "weight_only"],
+                   choices=["activation", "weight_only", "gradient"],
+                   help="screens, in the table's order (default: activation weight_only); gradient: the scalars "
+                        "one backward pass predicts to move the primary metric most (first-order null)")
+    _fidelity_args(p)
     p.add_argument("--out", required=True, help="output directory")
     _overwrite_arg(p)
     _gf_args(p)
@@ -148,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _keys_args(p, label_required=True)
     p.add_argument("--out", required=True, help="output directory (holds results.h5ad from scan)")
     _pipeline_knobs(p)
+    _cost_args(p)
     _gf_args(p)
     p.set_defaults(func=cmd_prune)
 
@@ -189,6 +203,47 @@ def build_parser() -> argparse.ArgumentParser:
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its tables, results.h5ad, report.html, run.json)")
+
+
+def _fidelity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="genes per cell at most, a random subset as scGPT samples them (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="build batches to at most this many padded tokens (cells x longest) instead of "
+                        "--batch-size cells")
+
+
+def _cost_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cost: plan, budget, sequential nulls, precision")
+    g.add_argument("--dry-run", action="store_true", help="print the plan (conditions, FLOPs, estimated time) "
+                                                          "and stop")
+    g.add_argument("--budget", default=None, metavar="DURATION",
+                   help="fit the run to a time (15m, 2h, 1h30m): cells per label, tokens per cell, random draws, "
+                        "bootstrap resamples and scan cells are chosen, validity floors first")
+    g.add_argument("--yes", action="store_true", help="run a plan estimated above one hour as planned")
+    g.add_argument("--fixed-draws", action="store_true",
+                   help="all --n-random draws per parameter (default: sequential nulls that stop once the "
+                        "decision is settled, Besag & Clifford 1991)")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="forward precision (autocast; metrics stay float32): bf16 on a recent GPU (default fp32)")
+    _fidelity_args(g)
+
+
+def _plan_gate(args):
+    """The CLI's answer to a plan: print it; stop with exit 2 above one hour without --budget or --yes."""
+    from .plan import format_plan, is_long, long_run_message
+
+    def on_plan(plan) -> None:
+        _say(format_plan(plan))
+        if is_long(plan) and not (args.budget or args.yes or args.dry_run):
+            raise OptionError(long_run_message(plan))
+
+    return on_plan
+
+
+def _cost_kwargs(args) -> dict:
+    return dict(sequential=not args.fixed_draws, budget=args.budget, yes=args.yes, dry_run=args.dry_run,
+                dtype=args.dtype, max_tokens=args.max_tokens, on_plan=_plan_gate(args))
 
 
 def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
@@ -239,9 +294,10 @@ def _load_data(path: str | None, out: Path | None = None):
 
 
 def _load_model(args):
+    from .checks import check_device
     from .loading import load_model
 
-    return load_model(args.model, device=args.device)
+    return load_model(args.model, device=check_device(args.device))  # --device cuda on CPU torch: one line
 
 
 def _step_log(step: str, out: Path, adata, model=None):
@@ -310,8 +366,12 @@ def cmd_run(args) -> int:
                         batch_size=args.batch_size, max_cells_per_label=args.max_cells_per_label,
                         n_random=args.n_random, max_candidates=args.max_candidates, n_boot=args.n_boot,
                         gene_key=args.gene_key, layer=args.layer, prune_options=_ablation_opts(args),
+                        max_seq_len=args.max_seq_len,
                         progress=not args.no_progress, data_path=str(path), model_path=str(args.model),
-                        overwrite=args.overwrite, **_gf(args))
+                        overwrite=args.overwrite, **_cost_kwargs(args), **_gf(args))
+    if args.dry_run:
+        _say(f"dry run: nothing computed; the plan is in {out / R.RUN.file}")
+        return 0
     _summary(adata, out, time.perf_counter() - t0, info)
     return 0
 
@@ -348,6 +408,7 @@ def cmd_scan(args) -> int:
     tl.scan(adata, model, mode="data_free" if args.data_free else "data", label_key=args.label_key,
             gene_key=args.gene_key, layer=args.layer, max_cells=args.max_cells, batch_size=args.batch_size,
             min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, seed=args.seed,
+            screen=args.screen, max_seq_len=args.max_seq_len, max_tokens=args.max_tokens,
             progress=not args.no_progress, **_gf(args))
     if args.data_free:  # no cells to keep: the tables and run.json only
         R.write_run_dir(adata, out, steps=("scan",), run_id=log.run_id)
@@ -366,7 +427,7 @@ def cmd_scan(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from . import tl
+    from . import get, tl
 
     out = Path(args.out)
     adata, _ = _load_data(args.data, out)
@@ -377,7 +438,15 @@ def cmd_prune(args) -> int:
              donor_key=args.donor_key, gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
              max_candidates=args.max_candidates, batch_size=args.batch_size, seed=args.seed,
-             progress=not args.no_progress, **_ablation_opts(args), **_gf(args))
+             max_seq_len=args.max_seq_len, progress=not args.no_progress, **_cost_kwargs(args), **_ablation_opts(args),
+             **_gf(args))
+    done = get.params(adata, "prune")
+    log.info.update({k: done[k] for k in ("plan", "budget") if done.get(k) is not None})
+    if args.dry_run:  # run.json gets the plan; no table, no results.h5ad
+        log.info["dry_run_of"] = "prune"
+        log.write()
+        _say(f"dry run: nothing computed; the plan is in {out / R.RUN.file}")
+        return 0
     _write(adata, out, "prune", log, t0)
     _say(f"wrote {out / R.spec('collapse').file}")
     return 0

@@ -84,7 +84,9 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                  max_seq_len: int | None = None, primary_metric: str | None = None,
                  prune_options: dict | None = None, data_path: str | None = None,
                  model_path: str | None = None, progress: bool = True, extra_info: dict | None = None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, sequential: bool = True, budget: str | float | None = None,
+                 yes: bool = False, dry_run: bool = False, dtype: str = "fp32", max_tokens: int | None = None,
+                 screen=("activation", "weight_only"), on_plan=None) -> dict:
     """Run every step on `adata` with `model`, writing the DESIGN.md output files into `out_dir`.
 
     `model` is an scGPT model or a BERT-family masked LM (Geneformer-like); the latter reads the cells through
@@ -101,12 +103,33 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     `out_dir` holds one run: a directory that already holds a run's files is refused (RunDirError) unless
     `overwrite`, which removes exactly those files first. run.json records a ``run_id`` and the data and model
     hashes, and every table written carries the run id in a ``run_id`` column.
+
+    Before any step, the run is planned (`scsuperweight.tl.plan_cost`: scan and prune conditions by kind, cells,
+    tokens, FLOPs, the time estimated from a calibration forward; candidates not found yet are assumed in block
+    0, the costliest place) and the plan is logged, or handed to ``on_plan(plan)``, and recorded in run.json
+    (``plan``). Above one hour without `budget` or ``yes=True`` a `scsuperweight.plan.LongRunWarning` gives the
+    estimate. ``dry_run=True`` writes run.json (status ``dry-run``, the plan) and stops. `budget` (``"15m"``)
+    picks scan cells, cells per label, `max_seq_len`, `n_random` and `n_boot` to fit (validity floors first);
+    run.json records the choices and the reasons (``budget``), and the report shows them. `sequential`, `dtype`,
+    `max_tokens` and `screen` are passed to `scsuperweight.tl.prune` / `scsuperweight.tl.scan`.
     """
+    from .prune import PruneOptions
     from .report import report
     from .runners import get_runner
 
     out = R.prepare_run_dir(out_dir, overwrite=overwrite)
     runner = get_runner(model)
+    opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot, seed=seed,
+                        sequential=sequential, primary_metric=primary_metric, dtype=dtype)
+    labels = tl._obs_column(adata, label_key, "label_key")
+    cost = tl.plan_cost(adata, model, None, opts, labels=labels, max_cells_per_label=max_cells_per_label,
+                        max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
+                        batch_size=batch_size, scan_cells=min(max_cells_scan or adata.n_obs, adata.n_obs))
+    if cost.budget is not None:  # the budget's choices are the parameters every step uses
+        b = cost.budget
+        max_cells_scan, max_cells_per_label, max_seq_len, n_random, n_boot = \
+            b.scan_cells, b.cells_per_label, b.max_seq_len, b.n_random, b.n_boot
+    tl._announce(cost.plan, on_plan, confirmed=yes or budget is not None)
     family_options = runner.accepted(dict(token_dictionary=token_dictionary, gene_medians=gene_medians,
                                           symbol_key=symbol_key))
     params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, gene_sets=list(gene_sets),
@@ -114,22 +137,31 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                   max_cells_per_label=max_cells_per_label, n_random=n_random, max_candidates=max_candidates,
                   n_boot=n_boot,
                   permutations=permutations, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len,
-                  primary_metric=primary_metric, prune_options=dict(prune_options or {}))
+                  primary_metric=primary_metric, prune_options=dict(prune_options or {}), sequential=sequential,
+                  budget=budget, dtype=dtype, max_tokens=max_tokens,
+                  screen=[screen] if isinstance(screen, str) else list(screen))
     params.update(runner.describe(**family_options))
     m_hash, d_hash = model_hash(model), data_hash(adata)
     log = R.RunLog(out, {"versions": _versions(), "seed": seed, "params": params, "data_hash": d_hash,
                          "model_hash": m_hash,
                          "model": {"path": model_path, "sha256_state": m_hash, **_model_info(model)},
                          "data": {"path": data_path, "sha256": d_hash, "n_cells": int(adata.n_obs),
-                                  "n_genes": int(adata.n_vars)}, **(extra_info or {})})
+                                  "n_genes": int(adata.n_vars)}, **cost.params(), **(extra_info or {})})
+    if dry_run:
+        log.info["status"] = "dry-run"
+        log.write()
+        return log.info
     common = dict(gene_key=gene_key, layer=layer, batch_size=batch_size, max_seq_len=max_seq_len, seed=seed,
                   progress=progress)
     common.update(family_options)
     steps = [
-        ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, **common)),
+        ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, screen=screen,
+                                 max_tokens=max_tokens, **common)),
+        # the run's plan was announced above: prune's own (with the candidates found) is logged and recorded
         ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,
                                    donor_key=donor_key, max_cells_per_label=max_cells_per_label, n_random=n_random,
                                    max_candidates=max_candidates, n_boot=n_boot, primary_metric=primary_metric,
+                                   sequential=sequential, dtype=dtype, max_tokens=max_tokens, yes=True,
                                    **(prune_options or {}), **common)),
         ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,
                                    **common)),

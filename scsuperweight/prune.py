@@ -148,8 +148,9 @@ def _edit_of(row) -> ScalarEdit:
 
 def select_candidates(candidates: pd.DataFrame, max_candidates: int) -> pd.DataFrame:
     """What to prune, in this order of preference: activation candidates above threshold (primary before their LN
-    companions); else the activation near-misses (the strongest sub-threshold spikes, so that the question "does
-    even the largest activation's parameter matter?" is still answered); else the weight-only screen's rows."""
+    companions); else the gradient screen's rows above its threshold (when the scan ran it); else the activation
+    near-misses (the strongest sub-threshold spikes, so that the question "does even the largest activation's
+    parameter matter?" is still answered); else the other screens' rows (weight-only, gradient)."""
     if candidates is None or len(candidates) == 0:
         msg = "no candidates to prune: run the scan first (ssw.tl.scan / scsuperweight scan)."
         raise DataError(msg)
@@ -157,9 +158,11 @@ def select_candidates(candidates: pd.DataFrame, max_candidates: int) -> pd.DataF
     screen = c["screen"].astype(str) if "screen" in c else pd.Series("activation", index=c.index)
     above = c["above_threshold"].astype(bool) if "above_threshold" in c else pd.Series(True, index=c.index)
     act = screen.str.startswith("activation")
+    grad = screen == "gradient"
     for mask, why in ((act & above, "activation candidates above threshold"),
+                      (grad & above, "gradient screen rows above threshold (no activation candidate passed)"),
                       (act, "activation near-misses (nothing passed the thresholds)"),
-                      (~act, "weight-only screen rows (no activation spike was found)")):
+                      (~act, "weight-only or gradient screen rows (no activation spike was found)")):
         if mask.any():
             logger.info("pruning %s", why)
             return c[mask].head(max_candidates).reset_index(drop=True)
@@ -633,7 +636,7 @@ def _run_sequential(ev, conds: Sequence[Condition], model, opts: PruneOptions, *
     results = run_conditions(ev, fixed, progress=progress)
     base = results[K.COND_BASELINE]
     measured = reconstruction_metrics(base)
-    metric = opts.primary_metric or R.primary_metric(get_adapter(model).family, measured)
+    metric = opts.primary_metric or get_runner(model).primary_metric(set(measured))
     draws: dict[str, list[Condition]] = {}
     for c in conds:
         if c.kind == "random":
@@ -694,11 +697,11 @@ def _first_order_table(model, masked: Sequence, conds: Sequence[Condition], coll
     exact draws decide)."""
     measured = set(collapse["metric"]) if len(collapse) else set()
     try:
-        metric = opts.primary_metric or R.primary_metric(get_adapter(model).family, measured or None)
+        metric = opts.primary_metric or get_runner(model).primary_metric(measured or None)
     except DataError:
         return None
-    if metric not in _FIRST_ORDER_METRICS or get_adapter(model).family != "scgpt":
-        logger.info("no first-order null: it is implemented for scGPT's %s", sorted(_FIRST_ORDER_METRICS))
+    if metric not in _FIRST_ORDER_METRICS:  # the differentiable metrics firstorder implements (scGPT's decoders)
+        logger.info("no first-order null for %s: it is implemented for %s", metric, list(_FIRST_ORDER_METRICS))
         return None
     cand_conds = [c for c in conds if c.name.startswith("prune:") and c.edits]
     params = list(dict.fromkeys(c.edits[0].param for c in cand_conds))

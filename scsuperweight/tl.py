@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +26,9 @@ from . import _keys as K
 from . import results as R
 from ._log import logger
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .plan import BudgetChoice, Calibration, Plan
 
 # ------------------------------------------------------------------------------------------------------------
 # shared helpers
@@ -164,7 +169,8 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
          min_ratio: float = 20.0, min_abs: float = 0.0, max_rounds: int = 10, stop_fraction: float = 0.1,
          include_ln: bool = True, include_attn: bool = True, weight_only: bool = True, token_dictionary=None,
          gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None, key: str = K.UNS_KEY,
-         copy: bool = False, progress: bool = True):
+         copy: bool = False, progress: bool = True, screen: str | Sequence[str] = ("activation", "weight_only"),
+         max_tokens: int | None = None):
     """Find super-weight-like parameters from activation spikes over the cells (and a weight-only screen).
 
     Writes ``uns[key]["superweights"]`` (the `superweights.tsv` table: activation candidates, then the weight-only
@@ -174,14 +180,30 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     (Geneformer-like) model reads the cells through ``token_dictionary`` and ``gene_medians`` (see `embed`); its
     ``token`` column then names genes by symbol.
 
+    `screen` picks the screens, in the table's order: ``"activation"`` (spikes over the cells), ``"weight_only"``
+    (the largest weights of each matrix; also switched off by ``weight_only=False``) and ``"gradient"`` (the
+    first-order null: the scalars whose removal one backward pass predicts to move the primary metric most,
+    `scsuperweight.firstorder.gradient_screen`; scGPT, with data). `max_seq_len` caps each cell's genes (scGPT's
+    own random gene subsampling); `max_tokens` builds batches to at most that many padded tokens.
+
     Examples
     --------
     >>> ssw.tl.scan(adata, "demo", label_key="cell_type")
     >>> ssw.get.superweights(adata).head()
+    >>> ssw.tl.scan(adata, "demo", screen=("activation", "weight_only", "gradient"))
     """
     from .detect import scan as _scan
     from .detect import weight_screen
 
+    screens = (screen,) if isinstance(screen, str) else tuple(screen)
+    unknown = set(screens) - {"activation", "weight_only", "gradient"}
+    if unknown or not screens:
+        msg = (f"screen={screen!r}: each screen must be one of 'activation', 'weight_only', 'gradient' (at least "
+               f"one); e.g. screen=('activation', 'gradient').")
+        raise DataError(msg)
+    if "gradient" in screens and mode != "data":
+        msg = "screen='gradient' needs cells (a backward pass over masked cells); use mode='data'."
+        raise DataError(msg)
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
     runner, described = _runner(model, "scan", required=mode == "data", token_dictionary=token_dictionary,
@@ -191,18 +213,33 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     cells = stratified_subsample(labels, adata.n_obs, per_label, seed, max_cells)
     groups = group_names = None
     batches = None
+    masked = None
     if mode == "data":
-        batches = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                                 batch_size=batch_size, cells=cells).plain
+        extra = {"max_tokens": max_tokens} if max_tokens else {}
+        inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                                batch_size=batch_size, cells=cells,
+                                mask_ratio=runner.mask_ratio if "gradient" in screens else None, **extra)
+        batches, masked = inputs.plain, inputs.masked
         if labels is not None:
             group_names, groups = np.unique(labels[cells], return_inverse=True)
     res = _scan(model, batches, mode=mode, min_ratio=min_ratio, min_abs=min_abs, max_rounds=max_rounds,
                 stop_fraction=stop_fraction, include_ln=include_ln, include_attn=include_attn, groups=groups,
-                group_names=None if group_names is None else list(group_names), seed=seed, progress=progress)
-    table = res.candidates
-    if weight_only:
-        ws = weight_screen(model)
-        table = pd.concat([table, ws], ignore_index=True) if len(table) else ws
+                group_names=None if group_names is None else list(group_names), seed=seed, progress=progress) \
+        if "activation" in screens else None
+    parts = [] if res is None else [res.candidates]
+    if weight_only and "weight_only" in screens:
+        parts.append(weight_screen(model))
+    if "gradient" in screens:
+        from .firstorder import gradient_screen
+
+        parts.append(gradient_screen(model, masked))
+    parts = [t for t in parts if len(t)]
+    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else pd.DataFrame())
+    if res is None:  # no activation scan: no activation table, no rounds
+        from types import SimpleNamespace
+
+        res = SimpleNamespace(candidates=pd.DataFrame(), activations=pd.DataFrame(), params={},
+                              stop_reason="no activation screen", rounds=0)
     _store(adata, key, "superweights", table)
     act = res.activations
     first = R.spec("activations").contract
@@ -212,6 +249,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     _record(adata, key, "scan", {**res.params, "label_key": label_key, "max_cells": max_cells,
                                  "n_cells_scanned": int(len(cells)) if mode == "data" else 1,
                                  "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only,
+                                 "screen": list(screens), "max_seq_len": max_seq_len, "max_tokens": max_tokens,
                                  "family": runner.family, **described})
     n_above = int(res.candidates["above_threshold"].sum()) if len(res.candidates) else 0
     logger.info("scan: %d candidates above threshold; %s", n_above, res.stop_reason)
@@ -226,7 +264,9 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
           mean_ablation: bool = True, granularities: Sequence[str] = ("scalar", "neuron", "channel"),
           joint: bool = True, n_unit_random: int = 20, n_matched: int = 20, n_joint: int = 20,
           token_dictionary=None, gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None,
-          key: str = K.UNS_KEY, copy: bool = False, progress: bool = True):
+          key: str = K.UNS_KEY, copy: bool = False, progress: bool = True, sequential: bool = True,
+          budget: str | float | None = None, yes: bool = False, dry_run: bool = False, dtype: str = "fp32",
+          max_tokens: int | None = None, first_order: bool = True, on_plan=None):
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
 
     Writes ``uns[key]["collapse"]`` (the long `collapse.tsv` table with intervals and p-values vs random scalars),
@@ -249,6 +289,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     primary_metric
         The metric the report judges candidates on, recorded in the params; default ``gepc_mse`` for scGPT
         (``gep_mse`` when the model has no MVC decoder) and ``mlm_loss`` for a BERT-family model.
+<<<<<<< HEAD
     mean_ablation
         Also ``mean:<cand>`` (the candidate's contribution set to its mean over the evaluated cells and tokens) and
         ``mean_activation:<cand>`` (the spike channel set to its mean at the spike token), judged against the same
@@ -263,16 +304,41 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     n_matched
         Random scalars per candidate from its own |w| quantile bin (``matched:<cand>:<k>``): the ``p_matched``
         column beside the uniform ``p_value``; 0 for none.
+=======
+    sequential
+        Draw each parameter's random scalars in rounds and stop once its candidates' decisions on the primary
+        metric are settled (Besag & Clifford 1991; `scsuperweight.sequential`): a candidate inside its null costs
+        a handful of draws, a strong one all `n_random`. False: all `n_random` draws, as before. collapse.tsv
+        records ``null_draws``, ``null_stopped_early`` and ``p_sequential``.
+    budget
+        A time budget (``"15m"``, ``"2h"``, seconds): cells per label, `max_seq_len`, `n_random` and `n_boot` are
+        chosen to fit it from a calibration forward (`scsuperweight.plan.choose_budget`: validity floors first);
+        the choices and reasons are recorded under ``params["prune"]["budget"]``.
+    yes, dry_run, on_plan
+        The plan (conditions, cells, tokens, FLOPs, estimated time; ``params["prune"]["plan"]``) is made before
+        any work and logged, or handed to ``on_plan(plan)``. Above one hour without `budget` or ``yes=True`` a
+        `scsuperweight.plan.LongRunWarning` gives the estimate. ``dry_run=True`` records the plan and stops.
+    dtype
+        ``"bf16"``/``"fp16"``: the evaluator forwards autocast (GPU tensor cores); metrics stay float32/64.
+    max_tokens
+        Build batches to at most this many padded tokens (cells x longest) instead of `batch_size` cells.
+    first_order
+        The first-order null (``uns[key]["firstorder"]``, firstorder.tsv): each candidate's rank among all
+        scalars of its matrix from one backward pass, and its rank correlation with the exact draws.
+>>>>>>> cf07cab (cost wired into the faces: tl.prune (sequential, budget, yes, dry_run, dtype, max_tokens, first_order, on_plan; plan before the work in params), tl.plan_cost, tl.scan screen=gradient and max_tokens, run_pipeline (plan in run.json, dry-run, budget choices applied to every step), CLI prune/run --dry-run --budget --yes --fixed-draws --dtype --max-seq-len --max-tokens (exit 2 above 1 h), scan --screen --max-seq-len --max-tokens, --device checked by checks.check_device; evaluator results stay on the device per condition (one host copy per array); scGPT runner builds token-budget batches)
 
     Examples
     --------
     >>> ssw.tl.prune(adata, "demo", label_key="cell_type", condition_key="condition", donor_key="donor")
     >>> ssw.get.collapse(adata).query("group == 'all' and metric == 'gepc_mse'")
+    >>> ssw.tl.prune(adata, model, label_key="cell_type", budget="15m")  # fit the run to 15 minutes
     """
     from .judge import verdicts
+    from .precision import parse_dtype
     from .prune import PruneOptions
     from .prune import prune as _prune
 
+    parse_dtype(dtype)  # a bad name fails now, not after the plan
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
     runner, described = _runner(model, "prune", reconstruction=True, token_dictionary=token_dictionary,
@@ -290,14 +356,31 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     if conditions is not None and len(set(conditions)) < 2:
         msg = f"condition_key={condition_key!r} has a single value {set(conditions)}; it cannot contrast conditions."
         raise DataError(msg)
-    cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
-    inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                            batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot,
+<<<<<<< HEAD
                         scale_factors=tuple(scale_factors), seed=seed, mean_ablation=mean_ablation,
                         granularities=tuple(granularities), joint=joint, n_unit_random=n_unit_random,
                         n_matched=n_matched, n_joint=n_joint, primary_metric=primary_metric)
+=======
+                        scale_factors=tuple(scale_factors), seed=seed, sequential=sequential,
+                        primary_metric=primary_metric, first_order=first_order, dtype=dtype)
+>>>>>>> cf07cab (cost wired into the faces: tl.prune (sequential, budget, yes, dry_run, dtype, max_tokens, first_order, on_plan; plan before the work in params), tl.plan_cost, tl.scan screen=gradient and max_tokens, run_pipeline (plan in run.json, dry-run, budget choices applied to every step), CLI prune/run --dry-run --budget --yes --fixed-draws --dtype --max-seq-len --max-tokens (exit 2 above 1 h), scan --screen --max-seq-len --max-tokens, --device checked by checks.check_device; evaluator results stay on the device per condition (one host copy per array); scGPT runner builds token-budget batches)
     cand = _candidate_frame(candidates)
+    cost = plan_cost(adata, model, cand, opts, labels=labels, max_cells_per_label=max_cells_per_label,
+                     max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
+                     batch_size=batch_size)
+    if cost.budget is not None:  # the budget's choices are the parameters this run uses
+        max_cells_per_label, max_seq_len = cost.budget.cells_per_label, cost.budget.max_seq_len
+        opts = replace(opts, n_random=cost.budget.n_random, n_boot=cost.budget.n_boot)
+    _announce(cost.plan, on_plan, confirmed=yes or budget is not None)
+    cost_params = cost.params()
+    if dry_run:
+        _record(adata, key, "prune", {**cost_params, "dry_run": True, "label_key": label_key})
+        return adata if copy else None
+    cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
+    extra = {"max_tokens": max_tokens} if max_tokens else {}
+    inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                            batch_size=batch_size, cells=cells, mask_ratio=mask_ratio, **extra)
     res = _prune(model, inputs.masked, inputs.plain, cand, labels=labels[cells],
                  conditions=None if conditions is None else conditions[cells],
                  donors=None if donors is None else donors[cells], options=opts, n_cells=len(cells),
@@ -314,9 +397,11 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                                             candidates=res.params["candidates"], ci_level=1 - opts.alpha))
     _store(adata, key, "contrasts", res.contrasts)
     _store(adata, key, "conditions", res.conditions)
+    if res.firstorder is not None:
+        _store(adata, key, "firstorder", res.firstorder)
     # embeddings of every cell: baseline, and with the top candidate zeroed
     full = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                          batch_size=batch_size)
+                          batch_size=batch_size, **extra)
     adata.obsm[K.OBSM_EMB] = runner.embed(full)
     top = res.params["candidates"][0]
     row = cand[cand["candidate"] == top].iloc[0]
@@ -325,8 +410,87 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                                   "donor_key": donor_key, "mask_ratio": mask_ratio, "max_cells_per_label":
                                   max_cells_per_label, "n_cells_evaluated": int(len(cells)), "pruned_embedding_of":
                                   top, "pruned_param": str(row["param"]), "primary_metric": primary_metric,
-                                  "family": runner.family, **described})
+                                  "family": runner.family, "max_seq_len": max_seq_len, "max_tokens": max_tokens,
+                                  **cost_params, **described})
     return adata if copy else None
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A step's plan before the work and, with a budget, what the budget chose (`plan_cost`)."""
+
+    plan: Plan | None
+    budget: BudgetChoice | None = None
+    calibration: Calibration | None = None
+
+    def params(self) -> dict:
+        """``plan`` and ``budget`` as the params and run.json record them."""
+        out: dict = {"plan": None if self.plan is None else self.plan.to_dict()}
+        if self.budget is not None:
+            out["budget"] = {k: v for k, v in self.budget.to_dict().items() if k != "plan"}
+        return out
+
+
+def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np.ndarray | None,
+              max_cells_per_label: int | None, max_seq_len: int | None = None, budget=None,
+              gene_key: str | None = None, layer: str | None = None, seed: int = 0, batch_size: int = 32,
+              scan_cells: int = 0, scan_rounds: int = 2) -> Cost:
+    """Plan a prune (and, with `scan_cells`, a scan before it) on this data and device, before any work.
+
+    Tokenises the cells prune would measure (their token counts), times one short calibration forward
+    (`scsuperweight.plan.calibrate`), and, with `budget`, lets `scsuperweight.prune.budget_prune` choose cells
+    per label, tokens per cell, draws, bootstrap resamples and scan cells. `candidates` None plans an assumed
+    layout (a whole run plans before its scan). A family without the FLOP model (not scGPT) gets no plan.
+    """
+    from .plan import calibrate, has_flops, parse_budget
+    from .prune import budget_prune, plan_prune
+    from .runners import get_runner
+
+    net = getattr(model, "model", model)
+    if not has_flops(getattr(net, "config", None)):
+        if budget is not None:
+            logger.warning("budget=%r ignored: the time model is implemented for scGPT architectures", budget)
+        return Cost(None)
+    runner = get_runner(model)
+    model_max = int(net.args.get("max_seq_len", 1200)) if hasattr(net, "args") else 1200
+    cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
+    tok = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len or model_max, seed=seed,
+                         batch_size=batch_size, cells=cells).tok
+    lengths = np.asarray(tok.lengths, dtype=float)
+    n_tok = int(min(256, max(8, np.median(lengths))))
+    cal = calibrate(net, n_tokens=n_tok, n_cells=max(1, min(16, 4096 // n_tok)))
+    embed_cells = 2 * int(adata.n_obs)  # tl.prune embeds every cell, baseline and pruned
+    choice = None
+    if budget is not None:
+        counts = pd.Series(labels).value_counts().to_dict() if labels is not None else {"all": int(adata.n_obs)}
+        choice = budget_prune(model, candidates, opts, parse_budget(budget), label_counts=counts, tokens=lengths,
+                              max_seq_len=int(max_seq_len or model_max), flop_rate=cal.flop_rate,
+                              cells_per_label=max_cells_per_label, scan_cells=scan_cells, scan_rounds=scan_rounds,
+                              embed_cells=embed_cells)
+        if not choice.feasible:
+            logger.warning("budget %s cannot be met: %s", budget, choice.reasons[-2])
+        cells = stratified_subsample(labels, adata.n_obs, choice.cells_per_label, seed)
+        opts = replace(opts, n_random=choice.n_random, n_boot=choice.n_boot)
+        max_seq_len, scan_cells = choice.max_seq_len, choice.scan_cells
+    plan = plan_prune(model, candidates, opts, n_cells=len(cells), tokens=lengths,
+                      max_seq_len=max_seq_len or model_max, flop_rate=cal.flop_rate, device=cal.device,
+                      scan_cells=scan_cells, scan_rounds=scan_rounds, embed_cells=embed_cells)
+    if choice is not None:
+        plan = replace(plan, notes=(*plan.notes, *choice.reasons))
+    return Cost(plan, choice, cal)
+
+
+def _announce(plan: Plan | None, on_plan, *, confirmed: bool) -> None:
+    """Hand the plan to `on_plan` (the CLI prints it and may stop there), else log it and warn above one hour."""
+    from .plan import format_plan, warn_if_long
+
+    if plan is None:
+        return
+    if on_plan is not None:
+        on_plan(plan)
+        return
+    logger.info("%s", format_plan(plan))
+    warn_if_long(plan, confirmed=confirmed)
 
 
 def _candidate_frame(df: pd.DataFrame) -> pd.DataFrame:

@@ -180,6 +180,11 @@ class BertRunner(HFRunner):
                 mask_ratio=None, **options) -> Inputs:
         from ..data.geneformer import geneformer_batches, tokenize_geneformer
 
+        if options.pop("max_tokens", None):  # rank-value cells are one fixed length: batch_size cells per batch
+            from .._log import logger
+
+            logger.info("max_tokens is not used for %s models: batches of batch_size=%d cells", self.family,
+                        batch_size)
         dicts = self._gene_dictionaries(step="prepare", **options)
         sub = adata[cells] if cells is not None else adata
         tok = tokenize_geneformer(sub, dicts["token_dictionary"], dicts["gene_medians"], gene_id_key=gene_key,

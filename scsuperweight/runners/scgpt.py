@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.batches import Batch, iter_batches
+from ..data.token_batches import iter_token_batches
 from ..data.tokenize import TokenizedCells
 from ..instrument import ActivationPatch, ScalarEdit, edit, no_fastpath
 from ..instrument.targets import constant_patches
@@ -55,6 +56,13 @@ def masked_batches(tok: TokenizedCells, *, mask_ratio: float = 0.25, mask_value:
 
 def _per_cell_mse_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
                           ) -> tuple[np.ndarray, np.ndarray]:
+    mse, r = _per_cell_mse_pearson_t(pred, target, mask)
+    return mse.double().cpu().numpy(), r.double().cpu().numpy()
+
+
+def _per_cell_mse_pearson_t(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell masked MSE and Pearson as tensors on the outputs' device (no host synchronisation)."""
     m = mask.float()
     n = m.sum(1).clamp(min=1)
     mse = (((pred - target) ** 2) * m).sum(1) / n
@@ -64,17 +72,23 @@ def _per_cell_mse_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.
     tc = (target - tm[:, None]) * m
     denom = torch.sqrt((pc ** 2).sum(1) * (tc ** 2).sum(1))
     r = torch.where(denom > 0, (pc * tc).sum(1) / denom.clamp(min=1e-12), torch.full_like(denom, float("nan")))
-    return mse.double().cpu().numpy(), r.double().cpu().numpy()
+    return mse, r
+
+
+def reconstruction_tensors(outputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
+    """`reconstruction_from_outputs` as float32 tensors left on the outputs' device."""
+    res = {}
+    dev = outputs["mlm_output"].device
+    target, mask = batch.target.to(dev, non_blocking=True), batch.mask.to(dev, non_blocking=True)
+    res["gep_mse"], res["gep_pearson"] = _per_cell_mse_pearson_t(outputs["mlm_output"].float(), target, mask)
+    if "mvc_output" in outputs:
+        res["gepc_mse"], res["gepc_pearson"] = _per_cell_mse_pearson_t(outputs["mvc_output"].float(), target, mask)
+    return res
 
 
 def reconstruction_from_outputs(outputs: dict, batch: Batch) -> dict[str, np.ndarray]:
     """Per-cell masked MSE and Pearson of GEP (`mlm_output`) and, when present, GEPC (`mvc_output`)."""
-    res = {}
-    target, mask = batch.target.to(outputs["mlm_output"].device), batch.mask.to(outputs["mlm_output"].device)
-    res["gep_mse"], res["gep_pearson"] = _per_cell_mse_pearson(outputs["mlm_output"].float(), target, mask)
-    if "mvc_output" in outputs:
-        res["gepc_mse"], res["gepc_pearson"] = _per_cell_mse_pearson(outputs["mvc_output"].float(), target, mask)
-    return res
+    return {k: v.double().cpu().numpy() for k, v in reconstruction_tensors(outputs, batch).items()}
 
 
 @torch.no_grad()
@@ -147,6 +161,8 @@ class ScGPTEvaluator:
         patch = getattr(cond, "patch", None)  # a constant (site, channel, value, token_id): mean_activation
         layer = self.first_layer(cond.edits, cond.restore, patch)
         out: dict[str, np.ndarray] = {}
+        parts: dict[str, list[torch.Tensor]] = {}
+        cells: dict[str, list[np.ndarray]] = {"masked": [], "plain": []}
         if cond.restore is not None:  # baseline values are captured before any edit is applied
             for cache in (*self.masked, *self.plain):
                 self._baseline_channel(cache, cond.restore[0], cond.restore[1])
@@ -168,15 +184,18 @@ class ScGPTEvaluator:
                     else:
                         o = self.adapter.run_from(cache, layer, decoders=decoders)
                     self.forwards += self.adapter.n_layers - max(layer, 0)
-                    cells = cache["batch"].cells
+                    cells[name].append(cache["batch"].cells)
                     if name == "masked":
-                        for k, v in reconstruction_from_outputs(o, cache["batch"]).items():
-                            out.setdefault(k, np.full(self.n_cells, np.nan))[cells] = v
+                        for k, v in reconstruction_tensors(o, cache["batch"]).items():
+                            parts.setdefault(k, []).append(v)
                     else:
-                        emb = o["cell_emb"].double().cpu().numpy()
-                        if "cls" not in out:
-                            out["cls"] = np.full((self.n_cells, emb.shape[1]), np.nan)
-                        out["cls"][cells] = emb
+                        parts.setdefault("cls", []).append(o["cell_emb"].float())
+        # results stay on the device while the condition's batches are queued; one copy to the host per array
+        # (on a GPU the per-batch .cpu() calls would each wait for the kernels before them)
+        for k, vs in parts.items():
+            v = torch.cat(vs).double().cpu().numpy()
+            out[k] = np.full((self.n_cells, *v.shape[1:]), np.nan)
+            out[k][np.concatenate(cells["plain" if k == "cls" else "masked"])] = v
         return out
 
 
@@ -196,9 +215,15 @@ class ScGPTRunner(Runner):
         tok = tokenize_anndata(sub, model.vocab, gene_key=gene_key, layer=layer, n_bins=cfg.n_bins,
                                max_seq_len=max_len, pad_value=cfg.pad_value, seed=seed,
                                pad_token=model.args.get("pad_token", "<pad>"))
-        plain = list(iter_batches(tok, batch_size))
-        masked = list(iter_batches(tok, batch_size, mask_ratio=mask_ratio, mask_value=cfg.mask_value,
-                                   seed=seed)) if mask_ratio else None
+        max_tokens = options.get("max_tokens")
+        if max_tokens:  # batches of at most max_tokens padded tokens: many short cells, few long ones
+            plain = list(iter_token_batches(tok, max_tokens))
+            masked = list(iter_token_batches(tok, max_tokens, mask_ratio=mask_ratio,
+                                             mask_value=cfg.mask_value, seed=seed)) if mask_ratio else None
+        else:
+            plain = list(iter_batches(tok, batch_size))
+            masked = list(iter_batches(tok, batch_size, mask_ratio=mask_ratio, mask_value=cfg.mask_value,
+                                       seed=seed)) if mask_ratio else None
         return Inputs(tok, plain, masked, tok.n_cells, np.asarray(tok.genes.genes, dtype=str),
                       {"genes_matched": len(tok.genes.var_index), "genes_total": tok.genes.n_total})
 
