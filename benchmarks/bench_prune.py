@@ -23,6 +23,10 @@ process CPU time (the machine is shared: the ratios are the figures).
 
 Usage: python benchmarks/bench_prune.py [--cells 128] [--reps 3] [--threads 1] [--darmanis] [--n-random 10]
            [--plant-layers 1 3]
+
+Cost (issue 14), see `bench_cost` and `bench_standin`:
+       python benchmarks/bench_prune.py cost [--quick] [--cells N]      old defaults vs the new default plan
+       python benchmarks/bench_prune.py standin [--quick] [--budget 15m]  human-sized stand-in under a budget
 """
 
 from __future__ import annotations
@@ -236,5 +240,152 @@ def main() -> None:
               f"(medians: naive {res[f'a_{kind}']:.2f} s, cached {res[f'b_{kind}']:.2f} s)")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# cost (issue 14): `python benchmarks/bench_prune.py cost ...` and `... standin ...`
+# ---------------------------------------------------------------------------------------------------------------
+def _darmanis(n_cells: int | None, seed: int = 0):
+    """The Darmanis cells (all 466, or a label-stratified, seeded subsample of `n_cells`)."""
+    import anndata as ad
+
+    from scsuperweight.tl import stratified_subsample
+
+    if not bt.DARMANIS.is_file():
+        sys.exit(f"{bt.DARMANIS} is missing: these benchmarks run on the real Darmanis cells")
+    adata = ad.read_h5ad(bt.DARMANIS)
+    if n_cells and n_cells < adata.n_obs:
+        labels = adata.obs["cell_type"].astype(str).to_numpy()
+        per = max(1, -(-n_cells // len(set(labels))))  # ceil: small labels leave room for the others
+        idx = stratified_subsample(labels, adata.n_obs, per, seed, max_cells=n_cells)
+        adata = adata[idx].copy()
+    return adata
+
+
+def _official(model, out: Path):
+    """Save `model` in the official format and load it back as a user would (a directory, not an object)."""
+    from scsuperweight.loading import load_model
+    from scsuperweight.models import save_scgpt
+
+    save_scgpt(model, out)
+    return load_model(str(out))
+
+
+def _planted(model, adata, layer: int, row: int, col: int, n_cells: int = 64):
+    """Plant one super weight calibrated on real cells (`scsuperweight.standin.plant_superweight`)."""
+    from scsuperweight.runners import get_runner
+    from scsuperweight.standin import plant_superweight
+
+    plain = get_runner(model).prepare(adata[: min(n_cells, adata.n_obs)], seed=0, batch_size=16).plain
+    return plant_superweight(model, layer=layer, row=row, col=col, batches=plain)
+
+
+def bench_cost(argv) -> None:
+    """(a) The planted 4-layer official-format model over the Darmanis cells: the old defaults (fixed 40 draws per
+    parameter, full length, no first-order null) against the new default plan (sequential nulls, first-order
+    null), through `tl.prune` after one shared `tl.scan`: wall-time ratio and identical verdicts."""
+    import tempfile
+    import time
+
+    import scsuperweight as ssw
+
+    ap = argparse.ArgumentParser(prog="bench_prune.py cost", description=bench_cost.__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="90 cells, 20 per label: about a minute")
+    ap.add_argument("--cells", type=int, default=None, help="subsample the 466 cells (label-stratified)")
+    ap.add_argument("--max-cells-per-label", type=int, default=200, help="as tl.prune (default 200)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plant-layer", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cells = a.cells or (90 if a.quick else None)
+    per_label = 20 if a.quick else a.max_cells_per_label
+    adata = _darmanis(cells)
+    opts = argparse.Namespace(d_model=64, d_hid=128, layers=4, heads=4, seed=0, max_seq_len=1200)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = bt.build_model(adata.var_names.tolist(), opts)
+        pw = _planted(model, adata, a.plant_layer, 9, 21)
+        model = _official(model, Path(tmp) / "model")
+        print(f"{bt.machine_line()}\n{bt.describe_model(model)}, planted {pw.candidate} = {pw.value:.3g}; "
+              f"{adata.n_obs} Darmanis cells, at most {per_label} per label")
+        ssw.tl.scan(adata, model, label_key="cell_type", progress=False)
+        arms = {"old": dict(sequential=False, first_order=False), "new": {}}
+        out, wall = {}, {}
+        for name, kw in arms.items():
+            b = adata.copy()
+            t0 = time.perf_counter()
+            ssw.tl.prune(b, model, label_key="cell_type", max_cells_per_label=per_label, n_random=40, yes=True,
+                         progress=False, **kw)
+            wall[name] = time.perf_counter() - t0
+            out[name] = b
+    for name, b in out.items():
+        col = ssw.get.collapse(b)
+        rand = col[col["condition"].str.startswith("random:")].drop_duplicates("condition")
+        draws = rand.groupby("control_for").size().to_dict()
+        plan = ssw.get.params(b, "prune")["plan"]
+        print(f"\n{name}: {wall[name]:.1f} s wall; {len(set(col['condition']))} conditions run "
+              f"(planned {plan['n_conditions']}, estimated {plan['est_seconds']:.0f} s); draws per parameter "
+              f"{draws}")
+        v = ssw.get.verdicts(b)
+        print(v[["candidate", "delta", "p_value", "passes"]].to_string(index=False))
+    va, vb = (ssw.get.verdicts(out[k]).set_index("candidate")["passes"] for k in ("old", "new"))
+    same = va.to_dict() == vb.to_dict()
+    fo = ssw.get.firstorder(out["new"])
+    if len(fo):
+        print("\nfirst-order null (new):\n" + fo[["candidate", "rank", "percentile", "rank_correlation",
+                                                  "n_draws"]].to_string(index=False))
+    print(f"\nwall-time ratio old / new: {wall['old'] / wall['new']:.2f}x; verdicts "
+          f"{'identical' if same else 'DIFFERENT'}; planted {pw.candidate} passes: "
+          f"{bool(vb.get(pw.candidate, False))}")
+
+
+def bench_standin(argv) -> None:
+    """(b) The planted whole-human-sized stand-in (official format) over the Darmanis cells with a budget: the
+    plan `run` prints, what the budget chose and why, wall time against the budget, and whether the planted
+    scalar is ranked first and passes the controls."""
+    import json
+    import tempfile
+    import time
+
+    import scsuperweight as ssw
+    from scsuperweight.plan import format_plan
+    from scsuperweight.standin import parameter_count, standin_model
+
+    ap = argparse.ArgumentParser(prog="bench_prune.py standin", description=bench_standin.__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the tiny stand-in, 60 cells, budget 90s")
+    ap.add_argument("--budget", default=None, help="default 15m (quick: 90s)")
+    ap.add_argument("--cells", type=int, default=None, help="subsample the 466 cells (label-stratified)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plant", type=int, nargs=3, default=(2, 9, 21), metavar=("LAYER", "ROW", "COL"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    budget = a.budget or ("90s" if a.quick else "15m")
+    adata = _darmanis(a.cells or (60 if a.quick else None))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = standin_model("tiny" if a.quick else "human", genes=adata.var_names.tolist())
+        pw = _planted(model, adata, *a.plant)
+        model = _official(model, Path(tmp) / "model")
+        print(f"{bt.machine_line()}\nstand-in {'tiny' if a.quick else 'human'}: {parameter_count(model) / 1e6:.1f} M "
+              f"parameters, planted {pw.candidate} = {pw.value:.3g}; {adata.n_obs} Darmanis cells; budget {budget}")
+        t0 = time.perf_counter()
+        info = ssw.pipeline.run_pipeline(adata, model, Path(tmp) / "run", label_key="cell_type", budget=budget,
+                                         progress=False, on_plan=lambda p: print(format_plan(p)))
+        wall = time.perf_counter() - t0
+        run = json.loads((Path(tmp) / "run" / "run.json").read_text())
+        sw = pd.read_csv(Path(tmp) / "run" / "superweights.tsv", sep="\t")
+        ver = pd.read_csv(Path(tmp) / "run" / "verdicts.tsv", sep="\t")
+    b = run["budget"]
+    print(f"\nbudget {budget} chose: " + ", ".join(f"{k} {b[k]}" for k in ("scan_cells", "cells_per_label",
+                                                                          "max_seq_len", "n_random", "n_boot")))
+    for r in b["reasons"]:
+        print(f"  - {r}")
+    limit = b["budget_seconds"] * 1.1
+    print(f"wall time {wall:.0f} s of {b['budget_seconds']:.0f} s budget (+10%: {limit:.0f} s): "
+          f"{'within' if wall <= limit else 'OVER'}; step timings {info['timings']}")
+    top = sw.iloc[0]["candidate"] if len(sw) else None
+    passes = bool(ver.set_index("candidate")["passes"].get(pw.candidate, False)) if len(ver) else False
+    print(f"planted {pw.candidate}: ranked first {top == pw.candidate} (top: {top}); passes the controls {passes}")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] in ("cost", "standin"):
+        {"cost": bench_cost, "standin": bench_standin}[sys.argv[1]](sys.argv[2:])
+    else:
+        main()

@@ -1146,6 +1146,44 @@ def _summary(res: dict, source: str, verdicts: list[_Verdict], metric: str | Non
     return "<div class='cards'>" + "".join(cards) + "</div>" + txt
 
 
+def _cost(res: dict) -> str:
+    """What the run planned and, with a budget, what it chose and why (run.json's ``plan`` and ``budget``); the
+    draws each null pool used (collapse ``null_draws``) and the first-order null's agreement with the exact draws
+    (firstorder.tsv). Presentation only: every figure is read from the run's record and tables."""
+    from .plan import format_duration
+
+    run = _plain(res.get(_keys.UNS_RUN) or {})
+    plan, budget = run.get("plan"), run.get("budget")
+    out = []
+    if isinstance(plan, Mapping) and plan:
+        kinds = ", ".join(f"{k} {v}" for k, v in (plan.get("conditions_by_kind") or {}).items())
+        out.append(f"<p>Planned before the work: {_e(plan.get('n_conditions'))} conditions ({_e(kinds)}) over "
+                   f"{_e(plan.get('n_cells'))} cells of about {float(plan.get('tokens_per_cell') or 0):.0f} tokens, "
+                   f"estimated at {_e(format_duration(float(plan.get('est_seconds') or float('nan'))))} on "
+                   f"{_e(plan.get('device') or 'this device')}.</p>")
+    else:
+        out.append("<p class='skip'>No plan recorded (a run made before plans, or a family without the time "
+                   "model).</p>")
+    if isinstance(budget, Mapping) and budget:
+        chosen = {k: budget.get(k) for k in ("cells_per_label", "max_seq_len", "n_random", "n_boot", "scan_cells")}
+        out.append(f"<p>Budget {_e(format_duration(float(budget.get('budget_seconds') or 0)))}: "
+                   + ", ".join(f"{_e(k)} {_e(v)}" for k, v in chosen.items())
+                   + ("" if budget.get("feasible", True) else " (<b>even the floors exceed it</b>)") + ".</p>")
+        out.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in budget.get("reasons") or []) + "</ul>")
+    col = res.get("collapse")
+    if isinstance(col, pd.DataFrame) and "null_draws" in col.columns and len(col):
+        rand = col[col["condition"].astype(str).str.startswith("random:")]
+        if len(rand):
+            per = rand.drop_duplicates("condition").groupby("control_for").size()
+            out.append("<p>Random draws per parameter (sequential nulls stop once the decision is settled, Besag "
+                       "&amp; Clifford 1991): " + ", ".join(f"{_e(k)} {int(v)}" for k, v in per.items()) + ".</p>")
+    fo = res.get("firstorder")
+    if isinstance(fo, pd.DataFrame) and len(fo):
+        out.append(_html_table(fo, caption="First-order null: each candidate among all scalars of its matrix, "
+                                           "and the rank correlation of first-order with exact draws"))
+    return "\n".join(out)
+
+
 def _provenance(res: dict) -> str:
     run = _plain(res.get(_keys.UNS_RUN) or {})
     if not run:
@@ -1160,7 +1198,8 @@ def _provenance(res: dict) -> str:
         out.append(_html_table(pd.DataFrame(rows, columns=["step", "time"]), max_rows=100, caption="Timings"))
     else:
         out.append(_kv_table(t, "Timings"))
-    rest = {k: v for k, v in run.items() if k not in ("versions", "model", "data", "params", "seed", "timings")}
+    rest = {k: v for k, v in run.items() if k not in ("versions", "model", "data", "params", "seed", "timings",
+                                                       "plan", "budget")}  # plan, budget: the cost section
     if rest:
         out.append(_kv_table(rest, "Other"))
     out.append("</div>")
@@ -1284,6 +1323,7 @@ def report(
         f"<p class='sub'>Generated {now}" + (f" by scsuperweight {_e(ver)}" if ver else "") + "</p>",
         "<nav><a href='#summary'>Summary</a><a href='#hypotheses'>Hypotheses</a><a href='#figures'>Figures</a>"
         "<a href='#ablations'>Zero vs mean</a><a href='#tables'>Tables</a><a href='#caveats'>Caveats</a>"
+        "<a href='#cost'>Cost</a>"
         "<a href='#provenance'>Provenance</a></nav>",
         "<section id='summary'><h2>Run summary</h2>", _summary(res, source, verdicts, metric),
         "".join(f"<p class='bad'>Note: {_e(p)}.</p>" for p in problems), "</section>",
@@ -1293,6 +1333,7 @@ def report(
         "<section id='figures'><h2>Figures</h2>", _figures(res, adata, metric, top), "</section>",
         "<section id='tables'><h2>Tables</h2>", _tables(res, verdicts, metric, alpha, n_top), "</section>",
         "<section id='caveats'><h2>Caveats</h2>", _caveats(res, verdicts, metric, alpha), "</section>",
+        "<section id='cost'><h2>Cost: plan and budget</h2>", _cost(res), "</section>",
         "<section id='provenance'><h2>Provenance</h2>", _provenance(res), "</section>",
     ]
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
