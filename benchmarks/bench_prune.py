@@ -288,15 +288,19 @@ def bench_cost(argv) -> None:
     import scsuperweight as ssw
 
     ap = argparse.ArgumentParser(prog="bench_prune.py cost", description=bench_cost.__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="90 cells, 20 per label: about a minute")
+    ap.add_argument("--quick", action="store_true", help="40 cells, 10 per label, 256 tokens, 20 draws: minutes")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="both arms (default: full length, 1200)")
+    ap.add_argument("--n-random", type=int, default=40, help="draws per parameter, both arms (default 40)")
     ap.add_argument("--cells", type=int, default=None, help="subsample the 466 cells (label-stratified)")
     ap.add_argument("--max-cells-per-label", type=int, default=200, help="as tl.prune (default 200)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plant-layer", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cells = a.cells or (90 if a.quick else None)
-    per_label = 20 if a.quick else a.max_cells_per_label
+    cells = a.cells or (40 if a.quick else None)
+    per_label = 10 if a.quick else a.max_cells_per_label
+    max_len = a.max_seq_len or (256 if a.quick else None)
+    n_random = 20 if a.quick else a.n_random
     adata = _darmanis(cells)
     opts = argparse.Namespace(d_model=64, d_hid=128, layers=4, heads=4, seed=0, max_seq_len=1200)
     with tempfile.TemporaryDirectory() as tmp:
@@ -304,15 +308,16 @@ def bench_cost(argv) -> None:
         pw = _planted(model, adata, a.plant_layer, 9, 21)
         model = _official(model, Path(tmp) / "model")
         print(f"{bt.machine_line()}\n{bt.describe_model(model)}, planted {pw.candidate} = {pw.value:.3g}; "
-              f"{adata.n_obs} Darmanis cells, at most {per_label} per label")
-        ssw.tl.scan(adata, model, label_key="cell_type", progress=False)
+              f"{adata.n_obs} Darmanis cells, at most {per_label} per label, max_seq_len {max_len or 'full'}, "
+              f"{n_random} draws per parameter at most")
+        ssw.tl.scan(adata, model, label_key="cell_type", max_seq_len=max_len, progress=False)
         arms = {"old": dict(sequential=False, first_order=False), "new": {}}
         out, wall = {}, {}
         for name, kw in arms.items():
             b = adata.copy()
             t0 = time.perf_counter()
-            ssw.tl.prune(b, model, label_key="cell_type", max_cells_per_label=per_label, n_random=40, yes=True,
-                         progress=False, **kw)
+            ssw.tl.prune(b, model, label_key="cell_type", max_cells_per_label=per_label, n_random=n_random,
+                         max_seq_len=max_len, yes=True, progress=False, **kw)
             wall[name] = time.perf_counter() - t0
             out[name] = b
     for name, b in out.items():
