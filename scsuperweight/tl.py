@@ -289,7 +289,6 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     primary_metric
         The metric the report judges candidates on, recorded in the params; default ``gepc_mse`` for scGPT
         (``gep_mse`` when the model has no MVC decoder) and ``mlm_loss`` for a BERT-family model.
-<<<<<<< HEAD
     mean_ablation
         Also ``mean:<cand>`` (the candidate's contribution set to its mean over the evaluated cells and tokens) and
         ``mean_activation:<cand>`` (the spike channel set to its mean at the spike token), judged against the same
@@ -304,7 +303,6 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     n_matched
         Random scalars per candidate from its own |w| quantile bin (``matched:<cand>:<k>``): the ``p_matched``
         column beside the uniform ``p_value``; 0 for none.
-=======
     sequential
         Draw each parameter's random scalars in rounds and stop once its candidates' decisions on the primary
         metric are settled (Besag & Clifford 1991; `scsuperweight.sequential`): a candidate inside its null costs
@@ -325,7 +323,6 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     first_order
         The first-order null (``uns[key]["firstorder"]``, firstorder.tsv): each candidate's rank among all
         scalars of its matrix from one backward pass, and its rank correlation with the exact draws.
->>>>>>> cf07cab (cost wired into the faces: tl.prune (sequential, budget, yes, dry_run, dtype, max_tokens, first_order, on_plan; plan before the work in params), tl.plan_cost, tl.scan screen=gradient and max_tokens, run_pipeline (plan in run.json, dry-run, budget choices applied to every step), CLI prune/run --dry-run --budget --yes --fixed-draws --dtype --max-seq-len --max-tokens (exit 2 above 1 h), scan --screen --max-seq-len --max-tokens, --device checked by checks.check_device; evaluator results stay on the device per condition (one host copy per array); scGPT runner builds token-budget batches)
 
     Examples
     --------
@@ -357,14 +354,10 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
         msg = f"condition_key={condition_key!r} has a single value {set(conditions)}; it cannot contrast conditions."
         raise DataError(msg)
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot,
-<<<<<<< HEAD
                         scale_factors=tuple(scale_factors), seed=seed, mean_ablation=mean_ablation,
                         granularities=tuple(granularities), joint=joint, n_unit_random=n_unit_random,
-                        n_matched=n_matched, n_joint=n_joint, primary_metric=primary_metric)
-=======
-                        scale_factors=tuple(scale_factors), seed=seed, sequential=sequential,
-                        primary_metric=primary_metric, first_order=first_order, dtype=dtype)
->>>>>>> cf07cab (cost wired into the faces: tl.prune (sequential, budget, yes, dry_run, dtype, max_tokens, first_order, on_plan; plan before the work in params), tl.plan_cost, tl.scan screen=gradient and max_tokens, run_pipeline (plan in run.json, dry-run, budget choices applied to every step), CLI prune/run --dry-run --budget --yes --fixed-draws --dtype --max-seq-len --max-tokens (exit 2 above 1 h), scan --screen --max-seq-len --max-tokens, --device checked by checks.check_device; evaluator results stay on the device per condition (one host copy per array); scGPT runner builds token-budget batches)
+                        n_matched=n_matched, n_joint=n_joint, primary_metric=primary_metric,
+                        sequential=sequential, first_order=first_order, dtype=dtype)
     cand = _candidate_frame(candidates)
     cost = plan_cost(adata, model, cand, opts, labels=labels, max_cells_per_label=max_cells_per_label,
                      max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
