@@ -330,7 +330,8 @@ def bench_cost(argv) -> None:
               f"{draws}")
         v = ssw.get.verdicts(b)
         print(v[["candidate", "delta", "p_value", "passes"]].to_string(index=False))
-    va, vb = (ssw.get.verdicts(out[k]).set_index("candidate")["passes"] for k in ("old", "new"))
+    va, vb = (ssw.get.verdicts(out[k]).query("ablation == 'prune'").set_index("candidate")["passes"]
+              for k in ("old", "new"))
     same = va.to_dict() == vb.to_dict()
     fo = ssw.get.firstorder(out["new"])
     if len(fo):
@@ -375,7 +376,7 @@ def bench_standin(argv) -> None:
         wall = time.perf_counter() - t0
         run = json.loads((Path(tmp) / "run" / "run.json").read_text())
         sw = pd.read_csv(Path(tmp) / "run" / "superweights.tsv", sep="\t")
-        ver = pd.read_csv(Path(tmp) / "run" / "verdicts.tsv", sep="\t")
+        ver = pd.read_csv(Path(tmp) / "run" / "verdicts.tsv", sep="\t").query("ablation == 'prune'")
     b = run["budget"]
     print(f"\nbudget {budget} chose: " + ", ".join(f"{k} {b[k]}" for k in ("scan_cells", "cells_per_label",
                                                                           "max_seq_len", "n_random", "n_boot")))

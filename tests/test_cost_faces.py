@@ -39,7 +39,8 @@ def small():
 def _prune(small, **kw):
     adata, model, cands = small
     a = adata.copy()
-    kw = {"max_cells_per_label": 6, "n_random": 20, "n_boot": 20, "first_order": False, **kw}
+    kw = {"max_cells_per_label": 6, "n_random": 20, "n_boot": 20, "first_order": False, "mean_ablation": False,
+          "granularities": ("scalar",), "joint": False, "n_matched": 0, **kw}
     ssw.tl.prune(a, model, label_key="cell_type", candidates=cands, progress=False, **kw)
     return a
 
@@ -94,7 +95,8 @@ def test_bf16_through_tl_prune_ranks_candidates_as_fp32(small):
     for dt in ("fp32", "bf16"):
         a = _prune(small, dtype=dt, max_cells_per_label=4, n_boot=10)
         assert ssw.get.params(a, "prune")["dtype"] == dt
-        ver[dt] = ssw.get.verdicts(a).set_index("candidate")
+        v = ssw.get.verdicts(a)
+        ver[dt] = v[v["ablation"] == "prune"].set_index("candidate")
     order = {dt: list(v["delta"].abs().sort_values(ascending=False).index) for dt, v in ver.items()}
     assert order["bf16"] == order["fp32"] == ["planted", "null"]
     assert ver["bf16"]["passes"].to_dict() == ver["fp32"]["passes"].to_dict()

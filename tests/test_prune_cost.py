@@ -39,10 +39,10 @@ def planted():
 def _run(planted, **kw):
     m, plain, masked, cands, labels = planted
     opts = PruneOptions(n_random=20, n_boot=20, n_boot_set=0, max_candidates=3, n_scale=0, n_restore=0, seed=3,
-                        **kw)
+                        mean_ablation=False, granularities=("scalar",), joint=False, n_matched=0, **kw)
     res = prune(m, masked, plain, cands, labels=labels, options=opts)
     v = verdicts(res.collapse, primary_metric="gepc_mse", candidates=res.params["candidates"])
-    return res, v.set_index("candidate")
+    return res, v[v["ablation"] == "prune"].set_index("candidate")
 
 
 @pytest.fixture(scope="module")
