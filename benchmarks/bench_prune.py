@@ -329,10 +329,10 @@ def bench_cost(argv) -> None:
               f"(planned {plan['n_conditions']}, estimated {plan['est_seconds']:.0f} s); draws per parameter "
               f"{draws}")
         v = ssw.get.verdicts(b)
-        print(v[["candidate", "delta", "p_value", "passes"]].to_string(index=False))
-    va, vb = (ssw.get.verdicts(out[k]).query("ablation == 'prune'").set_index("candidate")["passes"]
-              for k in ("old", "new"))
-    same = va.to_dict() == vb.to_dict()
+        print(v[["candidate", "ablation", "delta", "p_value", "passes"]].to_string(index=False))
+    va, vb = (ssw.get.verdicts(out[k]).set_index(["candidate", "ablation"])["passes"] for k in ("old", "new"))
+    same = va.to_dict() == vb.to_dict()  # every judged row: zeroing, mean ablations, neurons, channels, joint
+    vb = vb.xs("prune", level="ablation")
     fo = ssw.get.firstorder(out["new"])
     if len(fo):
         print("\nfirst-order null (new):\n" + fo[["candidate", "rank", "percentile", "rank_correlation",

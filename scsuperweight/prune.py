@@ -600,15 +600,15 @@ def run_conditions(ev, conds: Sequence[Condition], *, progress: bool = False) ->
 
 @dataclass(frozen=True)
 class NullRecord:
-    """How one parameter's random draws went: draws made, whether they stopped before `n_random`, and each of its
-    candidates' sequential p (Besag & Clifford 1991; NaN for a candidate with no finite delta)."""
+    """How one parameter's random draws went: draws made, whether they stopped before `n_random`, and the
+    sequential p (Besag & Clifford 1991) of each condition judged against them, by condition name."""
 
     param: str
     draws: int
     stopped_early: bool
     h: int
     max_draws: int
-    p: dict  # candidate -> sequential p
+    p: dict  # condition name -> sequential p
 
 
 def _all_delta(res: dict, base: dict, metric: str) -> float:
@@ -624,9 +624,10 @@ def _run_sequential(ev, conds: Sequence[Condition], model, opts: PruneOptions, *
     """Run every non-random condition, then each parameter's random draws in rounds until settled.
 
     The draws are `build_conditions`'s, in its order, so a sequential run measures a prefix of the fixed run's
-    draws. Per parameter a `SequentialPool` holds its candidates' all-cells deltas on the primary metric and stops
-    after ``h = decision_h(alpha, n_random)`` draws at least as extreme (two-sided, about 0) as a candidate, for
-    every candidate of that parameter, or at `n_random` (Besag & Clifford 1991). On the sequential statistic the
+    draws. Per parameter a `SequentialPool` holds the all-cells primary-metric delta of every condition judged
+    against that parameter's draws (its candidates' zeroing, mean ablations, restores, scaling) and stops after
+    ``h = decision_h(alpha, n_random)`` draws at least as extreme (two-sided, about 0) as each of them, or at
+    `n_random` (Besag & Clifford 1991). On the sequential statistic the
     decision p < alpha is then the full-draw decision; the collapse p-values are still `_add_p_values` on the
     draws made (same formula for every metric). A round gives each unsettled parameter `h` more draws (no
     parameter can stop sooner). Returns the conditions run (in `conds` order), their results and one `NullRecord`
@@ -649,8 +650,10 @@ def _run_sequential(ev, conds: Sequence[Condition], model, opts: PruneOptions, *
     h = decision_h(opts.alpha, opts.n_random)
     pools, used = {}, {p: 0 for p in draws}
     for param in draws:
-        cands = {c.candidate: _all_delta(results[c.name], base, metric) for c in fixed
-                 if c.name.startswith("prune:") and c.edits and c.edits[0].param == param}
+        # every condition whose p is taken against this parameter's draws (zeroing, mean ablations, restores,
+        # scaling): drawing stops only when all of them are settled, so no judged p rests on a truncated pool
+        cands = {c.name: _all_delta(results[c.name], base, metric) for c in fixed
+                 if c.name != K.COND_BASELINE and _null_pool(c) == param}
         cands = {k: v for k, v in cands.items() if np.isfinite(v)}
         pools[param] = SequentialPool(cands, h=h, max_draws=opts.n_random) if cands else None
     while True:
@@ -676,7 +679,8 @@ def _run_sequential(ev, conds: Sequence[Condition], model, opts: PruneOptions, *
 
 def _add_null_columns(df: pd.DataFrame, conds: Sequence[Condition], nulls: dict[str, NullRecord]) -> pd.DataFrame:
     """``null_draws`` (draws in the row's null pool; all draws for a row with no pool), ``null_stopped_early``
-    and, on a candidate's ``prune:`` rows, ``p_sequential`` (its Besag-Clifford p on the primary metric; the same
+    and, on the rows of every condition judged against a pool, ``p_sequential`` (its Besag-Clifford p on the
+    primary metric; the same
     value on every metric's row, since only the primary metric decided when to stop)."""
     if df.empty:
         return df
@@ -684,7 +688,7 @@ def _add_null_columns(df: pd.DataFrame, conds: Sequence[Condition], nulls: dict[
     total = sum(1 for c in conds if c.kind == "random")
     df["null_draws"] = [n_pool.get(p, 0) if p else total for p in df["null_pool"]]
     df["null_stopped_early"] = [bool(nulls[p].stopped_early) if p in nulls else False for p in df["null_pool"]]
-    p_seq = {K.cond_prune(c): p for n in nulls.values() for c, p in n.p.items()}
+    p_seq = {c: p for n in nulls.values() for c, p in n.p.items()}
     df["p_sequential"] = [p_seq.get(c, np.nan) for c in df["condition"]]
     return df
 

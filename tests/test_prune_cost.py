@@ -93,3 +93,25 @@ def test_first_order_null_ranks_the_planted_scalar_and_predicts_the_draws(both):
     # small perturbations are first-order: the random draws' exact effects follow the estimate in rank order
     assert fo.loc["planted", "rank_correlation"] > 0.8
     assert fo.loc["null_a", "rank"] > 10
+
+
+def test_every_ablation_judged_against_a_pool_keeps_its_full_draw_verdict(planted):
+    """A mean ablation is judged against the same parameter's draws as zeroing: the pool must not stop on the
+    zeroing decision alone (a null zeroing with a strong mean ablation would leave it 1 draw)."""
+    m, plain, masked, cands, labels = planted
+    # the LayerNorm bias at the planted channel: zeroing it changes nothing (it is 0), its mean ablation a lot
+    bias = {"candidate": "L0.norm2.b[6]", "param": "transformer_encoder.layers.0.norm2.bias", "row": 6,
+            "col": None, "screen": "activation", "above_threshold": True}
+    cands = pd.concat([cands, pd.DataFrame([bias])], ignore_index=True)
+    out = {}
+    for seq in (False, True):
+        opts = PruneOptions(n_random=20, n_boot=20, n_boot_set=0, max_candidates=4, n_scale=0, n_restore=0, seed=3,
+                            mean_ablation=True, granularities=("scalar",), joint=False, n_matched=0,
+                            sequential=seq, first_order=False)
+        res = prune(m, masked, plain, cands, labels=labels, options=opts)
+        v = verdicts(res.collapse, primary_metric="gepc_mse", candidates=res.params["candidates"])
+        out[seq] = v.set_index(["candidate", "ablation"])["passes"].to_dict()
+    assert set(k[1] for k in out[True]) >= {"prune", "mean"}
+    assert not out[False][("L0.norm2.b[6]", "prune")]
+    assert any(ok for (c, a), ok in out[False].items() if c == "L0.norm2.b[6]" and a != "prune")
+    assert out[True] == out[False]
