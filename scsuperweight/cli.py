@@ -30,7 +30,8 @@ EXAMPLES = {
   scsuperweight embed --model scGPT_brain/ --data cells.h5ad --gene-key feature_name --out embedded.h5ad""",
     "scan": """examples:
   scsuperweight scan --model demo --data cells.h5ad --label-key cell_type --out run_out
-  scsuperweight scan --model scGPT_brain/ --data-free --out run_out     # one synthetic cell, no data""",
+  scsuperweight scan --model scGPT_brain/ --data-free --out run_out     # one synthetic cell, no data
+  scsuperweight scan --model demo --data cells.h5ad --null-k 50 --null-method gaussian --out run_out""",
     "prune": """examples:
   scsuperweight prune --model demo --out run_out --label-key cell_type --condition-key condition --donor-key donor
   (reads run_out/results.h5ad written by `scan`, or --data FILE.h5ad that holds uns['ssw'] from a scan)
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-abs", type=float, default=0.0, help="absolute spike threshold (default 0)")
     p.add_argument("--max-rounds", type=int, default=10, help="iterative rounds (default 10)")
     p.add_argument("--max-cells", type=int, default=1000, help="cells scanned (default 1000)")
+    p.add_argument("--null-k", type=int, default=20,
+                   help="detection-null copies: perm_p, perm_q per candidate (default 20: p down to 1/21; 0: none)")
+    p.add_argument("--null-method", default="both", choices=["gaussian", "permute", "both"],
+                   help="gaussian (no outlier: calls a lone super weight), permute (shuffled: tests the arrangement) "
+                        "or both (default both; permute into *_permute columns)")
     p.add_argument("--out", required=True, help="output directory")
     _overwrite_arg(p)
     _gf_args(p)
@@ -177,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="HTML path (default RUN/report.html)")
     p.set_defaults(func=cmd_report)
 
+    from ._cli_science import add_science_parsers
+
+    add_science_parsers(sub, sys.modules[__name__])
     from ._cli_pretrain import add_pretrain_parser
 
     add_pretrain_parser(sub)
@@ -347,11 +356,11 @@ def cmd_scan(args) -> int:
     log = _step_log("scan", out, None if args.data_free else adata, model)
     tl.scan(adata, model, mode="data_free" if args.data_free else "data", label_key=args.label_key,
             gene_key=args.gene_key, layer=args.layer, max_cells=args.max_cells, batch_size=args.batch_size,
-            min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, seed=args.seed,
-            progress=not args.no_progress, **_gf(args))
-    if args.data_free:  # no cells to keep: the tables and run.json only
+            min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, null_k=args.null_k,
+            null_method=args.null_method, seed=args.seed, progress=not args.no_progress, **_gf(args))
+    if args.data_free:  # no cells to keep: the tables and run.json (with the scan's params) only
         R.write_run_dir(adata, out, steps=("scan",), run_id=log.run_id)
-        log.step("scan", time.perf_counter() - t0)
+        log.step("scan", time.perf_counter() - t0, scan=get.params(adata, "scan"))
     else:
         _write(adata, out, "scan", log, t0)
     sw = get.superweights(adata)

@@ -163,8 +163,9 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
          layer: str | None = None, max_cells: int | None = 1000, batch_size: int = 32, max_seq_len: int | None = None,
          min_ratio: float = 20.0, min_abs: float = 0.0, max_rounds: int = 10, stop_fraction: float = 0.1,
          include_ln: bool = True, include_attn: bool = True, weight_only: bool = True, token_dictionary=None,
-         gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None, key: str = K.UNS_KEY,
-         copy: bool = False, progress: bool = True):
+         gene_medians=None, symbol_key: str | None = None, null_k: int = 20, null_method: str = "both",
+         null_cells: int = 64, seed: int = 0, device=None, key: str = K.UNS_KEY, copy: bool = False,
+         progress: bool = True):
     """Find super-weight-like parameters from activation spikes over the cells (and a weight-only screen).
 
     Writes ``uns[key]["superweights"]`` (the `superweights.tsv` table: activation candidates, then the weight-only
@@ -173,6 +174,12 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     (stratified by ``label_key`` when given). ``mode="data_free"`` uses one synthetic cell instead. A BERT-family
     (Geneformer-like) model reads the cells through ``token_dictionary`` and ``gene_medians`` (see `embed`); its
     ``token`` column then names genes by symbol.
+
+    With ``null_k > 0`` (default 20) the detection null runs too (`scsuperweight.detect_null.scan_null`): the
+    same trace through ``null_k`` null copies of the checkpoint (``null_method``: ``"gaussian"``, ``"permute"`` or
+    ``"both"``) on the data-free cell (``mode="data_free"``) or on ``null_cells`` of the scanned cells, adding
+    ``perm_p``, ``perm_q`` and ``perm_p_max`` (and ``*_permute`` with ``"both"``) to the table and recording in
+    ``params["scan"]["null"]`` how often a null copy passes the fixed threshold. 0 skips it.
 
     Examples
     --------
@@ -200,6 +207,12 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
                 stop_fraction=stop_fraction, include_ln=include_ln, include_attn=include_attn, groups=groups,
                 group_names=None if group_names is None else list(group_names), seed=seed, progress=progress)
     table = res.candidates
+    null = None
+    if null_k and len(table):
+        from .detect_null import scan_null
+
+        table, null = scan_null(model, table, batches, k=null_k, method=null_method, seed=seed, data_seed=seed,
+                                null_cells=null_cells, min_ratio=min_ratio, min_abs=min_abs, progress=progress)
     if weight_only:
         ws = weight_screen(model)
         table = pd.concat([table, ws], ignore_index=True) if len(table) else ws
@@ -212,7 +225,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     _record(adata, key, "scan", {**res.params, "label_key": label_key, "max_cells": max_cells,
                                  "n_cells_scanned": int(len(cells)) if mode == "data" else 1,
                                  "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only,
-                                 "family": runner.family, **described})
+                                 "family": runner.family, "null": null or {"k": 0}, **described})
     n_above = int(res.candidates["above_threshold"].sum()) if len(res.candidates) else 0
     logger.info("scan: %d candidates above threshold; %s", n_above, res.stop_reason)
     return adata if copy else None
@@ -428,3 +441,73 @@ def enrich(adata, *, gene_sets=("bundled",), key: str = K.UNS_KEY, top_n: int = 
 def _torch_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
+
+
+def quantize(adata, model="demo", *, candidates: pd.DataFrame | None = None, label_key: str | None = None,
+             bits: Sequence[int] = (8, 4), granularities: Sequence[str] = ("tensor", "row", "block"),
+             block_sizes: Sequence[int] = (64, 256, 1024, 4096), clips: Sequence[str] = ("none", "mse"),
+             max_candidates: int = 6, max_cells_per_label: int | None = 100, max_cells: int | None = 500,
+             mask_ratio: float | None = None, batch_size: int = 32, max_seq_len: int | None = None, k: int = 10,
+             gene_key: str | None = None, layer: str | None = None, token_dictionary=None, gene_medians=None,
+             symbol_key: str | None = None, seed: int = 0, device=None, key: str = K.UNS_KEY, copy: bool = False,
+             progress: bool = True):
+    """Round-to-nearest quantisation of every linear weight, with and without the candidates held out in full
+    precision (the super-weight paper's practical result; see `scsuperweight.quantize`).
+
+    Every combination of `bits` x `granularities` (block sizes for ``"block"``) x `clips` runs twice, rounding
+    everything and keeping the top `max_candidates` scalar candidates of the scan (``uns[key]["superweights"]``,
+    those above threshold first; or `candidates`) exact and out of the scales. Each setting is measured on a
+    stratified subsample of cells: ``<cls>`` cosine to full precision, the family's reconstruction error on fixed
+    masked batches and its change, and leave-one-out kNN accuracy on ``label_key``.
+
+    Writes ``uns[key]["quantize"]`` (the `quantize.tsv` table) and ``uns[key]["params"]["quantize"]`` (settings,
+    the scalars held out, cells).
+
+    Examples
+    --------
+    >>> ssw.tl.scan(adata, "demo", label_key="cell_type")
+    >>> ssw.tl.quantize(adata, "demo", label_key="cell_type", bits=[4], clips=["none"])
+    >>> ssw.get.quantize(adata).query("granularity == 'block'")
+    """
+    from .quantize import default_settings, quantize_sweep
+
+    adata = adata.copy() if copy else adata
+    model = _resolve_model(model, device)
+    runner, described = _runner(model, "quantize", reconstruction=True, token_dictionary=token_dictionary,
+                                gene_medians=gene_medians, symbol_key=symbol_key)
+    mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
+    if candidates is None:
+        ns = adata.uns.get(key, {})
+        if R.spec("superweights").uns_key not in ns:
+            msg = (f"no candidates under uns[{key!r}] to hold out: run ssw.tl.scan first (CLI: scsuperweight scan), "
+                   "or pass candidates=.")
+            raise DataError(msg)
+        candidates = ns[R.spec("superweights").uns_key]
+    held = _holdout_candidates(_candidate_frame(candidates), max_candidates)
+    labels = _obs_column(adata, label_key, "label_key")
+    cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label if labels is not None else None, seed,
+                                 max_cells)
+    inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                            batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
+    settings = default_settings(bits=bits, block_sizes=block_sizes, clips=clips, granularities=granularities)
+    table = quantize_sweep(model, inputs.plain, inputs.masked, held, settings,
+                           None if labels is None else labels[cells], k=k, n_cells=len(cells), progress=progress)
+    _store(adata, key, "quantize", table)
+    _record(adata, key, "quantize", dict(bits=list(bits), granularities=list(granularities),
+                                         block_sizes=list(block_sizes), clips=list(clips), label_key=label_key,
+                                         max_candidates=max_candidates, held_out=held["candidate"].tolist(),
+                                         n_cells=int(len(cells)), mask_ratio=mask_ratio, k=k, seed=seed,
+                                         family=runner.family, **described))
+    return adata if copy else None
+
+
+def _holdout_candidates(cand: pd.DataFrame, max_candidates: int) -> pd.DataFrame:
+    """The scalars to hold out: activation-screen candidates with a column index (not LayerNorm dimensions), those
+    above threshold first, at most `max_candidates`."""
+    c = cand
+    if "screen" in c.columns:
+        c = c[~c["screen"].astype(str).str.startswith("weight")]
+    c = c[c["col"].notna()] if "col" in c.columns else c.iloc[:0]
+    if "above_threshold" in c.columns:
+        c = c.assign(_a=~c["above_threshold"].astype(bool)).sort_values("_a", kind="stable").drop(columns="_a")
+    return c.drop_duplicates("candidate").head(int(max_candidates)).reset_index(drop=True)
