@@ -108,3 +108,12 @@ def test_census_cli_two_planted_copies_coincide(planted_dir, tmp_path):
     assert not c.loc[c["model"] == "clean", "coincides"].any()
     page = (out / "census.html").read_text()
     assert "1 recur in more than one" in page and (out / "census.png").is_file()
+
+
+def test_quantize_and_census_have_help_with_examples():
+    from scsuperweight.cli import build_parser
+
+    cmds = build_parser()._subparsers._group_actions[0].choices
+    for name in ("quantize", "census"):
+        assert "examples:" in cmds[name].format_help(), name
+    assert "--null-k" in cmds["scan"].format_help() and "--null-method" in cmds["scan"].format_help()
