@@ -502,12 +502,15 @@ def quantize(adata, model="demo", *, candidates: pd.DataFrame | None = None, lab
 
 
 def _holdout_candidates(cand: pd.DataFrame, max_candidates: int) -> pd.DataFrame:
-    """The scalars to hold out: activation-screen candidates with a column index (not LayerNorm dimensions), those
-    above threshold first, at most `max_candidates`."""
+    """The scalars to hold out: activation-screen candidates with a column index (not LayerNorm dimensions), only
+    those above threshold when any is (else the strongest near-misses, logged), at most `max_candidates`."""
     c = cand
     if "screen" in c.columns:
         c = c[~c["screen"].astype(str).str.startswith("weight")]
     c = c[c["col"].notna()] if "col" in c.columns else c.iloc[:0]
-    if "above_threshold" in c.columns:
-        c = c.assign(_a=~c["above_threshold"].astype(bool)).sort_values("_a", kind="stable").drop(columns="_a")
+    if "above_threshold" in c.columns and c["above_threshold"].astype(bool).any():
+        c = c[c["above_threshold"].astype(bool)]
+    elif len(c):
+        logger.warning("quantize: no scalar candidate passes the scan's threshold; holding out the %d strongest "
+                       "near-misses", min(len(c), int(max_candidates)))
     return c.drop_duplicates("candidate").head(int(max_candidates)).reset_index(drop=True)
