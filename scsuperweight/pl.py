@@ -350,9 +350,9 @@ def _new_axes(ax: Axes | None, figsize) -> tuple[Figure, Axes, bool]:
 
 def _finish(fig: Figure, ret, own: bool, save, show: bool):
     if save is not None:
-        save = Path(save)
-        save.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, bbox_inches="tight", facecolor="white")
+        from ._io import atomic_savefig
+
+        save = atomic_savefig(fig, save, bbox_inches="tight", facecolor="white")
         logger.info("saved figure to %s", save)
     if show:
         plt.show()
