@@ -320,8 +320,12 @@ def _cell_type_text(res: dict, col: pd.DataFrame, cand: str, metric: str, ci: st
 
 
 def _contrast_names(con: pd.DataFrame) -> tuple[str, str]:
-    """(case, control) as the contrasts table names them: its ``contrast`` column ("AD - control"), else its two
-    ``delta_<condition>`` columns in order."""
+    """(case, control) as the contrasts table names them: its ``case`` / ``control`` columns, else its
+    ``contrast`` column ("AD - control"), else its two ``delta_<condition>`` columns in order."""
+    if {"case", "control"} <= set(con.columns):
+        pairs = con[["case", "control"]].dropna().astype(str).drop_duplicates()
+        if len(pairs) == 1 and all(pairs.iloc[0]):
+            return pairs.iloc[0]["case"], pairs.iloc[0]["control"]
     if "contrast" in con.columns:
         for c in con["contrast"].dropna().astype(str):
             parts = c.split(" - ")
@@ -343,8 +347,23 @@ def _contrast_ci(con: pd.DataFrame) -> str:
     return "bootstrap CI"
 
 
+def _contrast_title(res: dict, sep: str = "-vs-") -> str:
+    """'<case>-vs-<control>' (or '<case> − <control>' with ``sep=" − "``) as the run named them: the contrasts
+    table, else the case and control the prune step recorded; 'AD-vs-control' when neither says."""
+    con = res.get(UNS_CONTRASTS)
+    if isinstance(con, pd.DataFrame) and len(con):
+        case, ctrl = _contrast_names(con)
+    else:
+        case, ctrl = _step_param(res, "prune", "case"), _step_param(res, "prune", "control")
+        if case is None or ctrl is None:
+            case, ctrl = _param(res, "case"), _param(res, "control")
+        if case is None or ctrl is None:
+            case, ctrl = "AD", "control"
+    return f"{_e(str(case))}{sep}{_e(str(ctrl))}"
+
+
 def _no_contrast_reason(res: dict) -> str | None:
-    """Why there is no AD-vs-control contrast to report, or None when the contrasts table has rows."""
+    """Why there is no case-vs-control contrast to report, or None when the contrasts table has rows."""
     con = res.get(UNS_CONTRASTS)
     if isinstance(con, pd.DataFrame) and len(con):
         return None
@@ -367,11 +386,11 @@ def _contrast_text(res: dict, cand: str, metric: str) -> list[str]:
     """Sentences on whether disease cells lose more than control cells, read off the prune step's contrasts."""
     why = _no_contrast_reason(res)
     if why is not None:
-        return [f"No AD-vs-control contrast: {why}."]
+        return [f"No {_contrast_title(res)} contrast: {why}."]
     con = res[UNS_CONTRASTS]
     lack = sorted({"condition", "metric", "group", "difference", "ci_low", "ci_high"} - set(con.columns))
     if lack:
-        return [f"No AD-vs-control contrast: the contrasts table lacks column(s) {_e(', '.join(lack))}."]
+        return [f"No {_contrast_title(res)} contrast: the contrasts table lacks column(s) {_e(', '.join(lack))}."]
     cond = _keys.cond_prune(cand)
     mine = con[con["condition"].astype(str) == cond]
     sub = mine[mine["metric"].astype(str) == metric]
@@ -379,7 +398,8 @@ def _contrast_text(res: dict, cand: str, metric: str) -> list[str]:
         have = list(dict.fromkeys(mine["metric"].astype(str)))
         where = (f"it has {_e(', '.join(have))} for this candidate, not {_e(metric)}" if have
                  else "this candidate is not in it")
-        return [f"No AD-vs-control contrast on {_e(metric)}: {FILE_CONTRASTS} has {len(con)} row(s), but {where}."]
+        return [f"No {_contrast_title(res)} contrast on {_e(metric)}: {FILE_CONTRASTS} has {len(con)} row(s), but "
+                f"{where}."]
     case, ctrl = _contrast_names(sub)
     ci = _contrast_ci(sub)
     hib = _pl._higher_is_better(metric)
@@ -399,8 +419,8 @@ def _contrast_text(res: dict, cand: str, metric: str) -> list[str]:
         resolved = _finite(lo) and _finite(hi) and (float(lo) > 0 or float(hi) < 0)
         rows.append((str(r["group"]), r, float(d), wg, resolved))
     if not rows:
-        return [f"No AD-vs-control contrast: {FILE_CONTRASTS} has rows for this candidate on {_e(metric)}, but "
-                f"none with a finite difference."]
+        return [f"No {_contrast_title(res)} contrast: {FILE_CONTRASTS} has rows for this candidate on "
+                f"{_e(metric)}, but none with a finite difference."]
     units = sorted({str(r["bootstrap_unit"]) for _, r, *_ in rows
                     if "bootstrap_unit" in sub.columns and isinstance(r["bootstrap_unit"], str)})
     over = f", resampling {' or '.join(_e(u) for u in units)}" if units else ""
@@ -1082,7 +1102,7 @@ def _tables(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: floa
 
 
 def _contrasts_table(res: dict, metric: str | None, n_top: int) -> str:
-    head = "<h3>AD − control contrasts</h3>"
+    head = f"<h3>{_contrast_title(res, ' − ')} contrasts</h3>"
     why = _no_contrast_reason(res)
     if why is not None:
         return head + f"<p class='skip'>Skipped: {why}.</p>"
