@@ -109,7 +109,7 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
           "Long table: each condition's metric per group, its change from baseline, interval and p vs random "
           "scalars.",
           extra={"ci_of": STR, "bootstrap_unit": STR, "candidate": STR, "control_for": STR, "null_pool": STR,
-                 "factor": FLOAT, "p_matched": FLOAT}),
+                 "factor": FLOAT, "p_matched": FLOAT, "note": STR}),
     _spec("contrasts", "contrasts.tsv", "prune",
           {"condition": STR, "metric": STR, "group": STR, "difference": FLOAT, "ci_low": FLOAT, "ci_high": FLOAT},
           "Per cell type: the change in case cells minus the change in control cells, with a bootstrap interval.",
