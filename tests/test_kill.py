@@ -23,6 +23,7 @@ import torch
 from test_tl import synthetic_model
 
 import scsuperweight as ssw
+from scsuperweight import pipeline, report, tl  # noqa: F401 - imported here, before the runs fork
 from scsuperweight import results as R
 from scsuperweight.cli import main
 from scsuperweight.models import save_scgpt
