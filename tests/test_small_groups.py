@@ -103,3 +103,21 @@ def test_knn_accuracy_k_adapts_to_the_smallest_training_fold():
     with pytest.warns(SmallDataWarning, match=r"k=12 \(asked 14\)"):
         acc = M.knn_accuracy(x, labels, k=14)
     assert acc == M.knn_accuracy(x, labels, k=12)
+
+
+def test_prune_records_why_a_metric_adapted_instead_of_warning():
+    import warnings
+
+    from scsuperweight.prune import _note, per_cell_metrics, set_metrics
+
+    x, labels = planted(4)  # 12 cells, 3 labels
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    notes: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallDataWarning)  # recorded for the note column, never raised
+        set_metrics(x, x, labels, True, 0, notes=notes)
+        per_cell_metrics({"cls": x}, None, labels, k=20, notes=notes)
+    assert _note(notes, "leiden") == "n_neighbors=3 (asked 15): on 12 cells more neighbours would join every cluster"
+    assert _note(notes, "knn_accuracy").startswith("k=11 (asked 20)")
+    assert _note(notes, "knn_preservation").startswith("k=11 (asked 20)")
+    assert _note(notes, "cpd") == ""
