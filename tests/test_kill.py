@@ -50,7 +50,9 @@ def setup(tmp_path_factory):
 def argv(d: Path, out: Path, *extra: str) -> list[str]:
     return ["run", "--model", str(d / "model"), "--data", str(d / "data.h5ad"), "--label-key", "cell_type",
             "--condition-key", "condition", "--donor-key", "donor", "--out", str(out), "--max-cells-per-label", "8",
-            "--n-random", "20", "--n-boot", "10", "--max-candidates", "1", "--no-progress", *extra]
+            "--n-random", "20", "--n-boot", "10", "--max-candidates", "1", "--no-progress",
+            "--no-mean-ablation", "--granularities", "scalar", "--no-joint", "--n-matched", "0", "--null-k", "0",
+            *extra]
 
 
 def fork_run(args: list[str], log: Path) -> int:
