@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from scsuperweight._io import atomic_write_h5ad, atomic_write_text
 from scsuperweight.data import manifests
 from scsuperweight.errors import DataError
 
@@ -211,12 +212,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
     print(_summarize(report))
     if args.report:
-        Path(args.report).expanduser().write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(Path(args.report).expanduser(), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"report: {args.report}")
     if args.out:
         out = Path(args.out).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        adata.write_h5ad(out)
+        atomic_write_h5ad(adata, out)
         print(f"wrote {out}")
     return 0
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 UNS_KEY = "ssw"  # default namespace under adata.uns
 OBSM_EMB = "X_scGPT"  # L2-normalised <cls> embedding
 OBSM_EMB_PRUNED = "X_scGPT_pruned"  # embedding of the top candidate pruned
+# obs column: True for a cell with no counts in any gene the model knows (written by a step run with empty="drop"
+# or "keep" when there are such cells; their embedding rows are NaN and no metric counts them)
+OBS_EMPTY = "ssw_no_vocab_counts"
 
 # uns["ssw"][...] sub-keys that are not tables (the tables, their files and columns: scsuperweight.results)
 UNS_PARAMS = "params"

@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from . import results as R
 from ._log import logger
 from .adapters import get_adapter
 from .detect import find_superweights
 from .detect_null import detection_null, empirical_p, site_spikes
 from .errors import DataError
 
-CENSUS_COLUMNS = ["model", "order", "step", "rank", "layer", "site", "kind", "channel", "token", "max_abs",
-                  "median_abs", "ratio", "above_threshold", "perm_p", "n_models", "coincides", "models_sharing"]
+CENSUS_COLUMNS = list(R.spec("census").contract)  # census.tsv, declared once in `results`
 _STEP = re.compile(r"step[_-]?(\d+)$")
 
 
@@ -112,8 +112,9 @@ def census(models: Sequence, batches: Sequence | Callable | None = None, *, name
     >>> res.coincidences[["layer", "kind", "channel", "first_step", "n_models"]]
     """
     items = list(models) if not isinstance(models, (str, Path)) else [models]
-    if len(items) == 1 and isinstance(items[0], (str, Path)) and not (Path(items[0]) / "args.json").is_file() \
-            and not (Path(items[0]) / "config.json").is_file():
+    # one training run: its snapshots (a pretrain output dir holds its final model beside steps/ too)
+    if len(items) == 1 and isinstance(items[0], (str, Path)) and ((Path(items[0]) / "steps").is_dir() or (
+            not (Path(items[0]) / "args.json").is_file() and not (Path(items[0]) / "config.json").is_file())):
         items = checkpoint_dirs(items[0])
     if not items:
         msg = "census needs at least one model (directories or loaded models)."
@@ -157,7 +158,8 @@ def census(models: Sequence, batches: Sequence | Callable | None = None, *, name
     coincide = _coincidences(table)
     key = ["layer", "kind", "channel"]
     table = table.merge(coincide[[*key, "n_models", "models_sharing"]], on=key, how="left")
-    table["n_models"] = table["n_models"].where(table["above_threshold"], 0).fillna(0).astype(int)
+    table["n_models"] = pd.to_numeric(table["n_models"], errors="coerce").where(table["above_threshold"], 0) \
+        .fillna(0).astype(int)
     table["models_sharing"] = table["models_sharing"].where(table["above_threshold"], "").fillna("")
     table["coincides"] = table["n_models"] > 1
     params = {"n_models": len(items), "top": top, "min_ratio": min_ratio, "min_abs": min_abs, "null_k": null_k,

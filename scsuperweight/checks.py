@@ -83,6 +83,77 @@ def check_out_file(path: str | os.PathLike, *, option: str = "--out",
     return p
 
 
+def check_run_dir(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out") -> Path:
+    """An output directory for a new run, checked without touching it: writable, and not holding another run's
+    outputs unless `overwrite` (`results.prepare_run_dir` clears them later, once every other check passed)."""
+    from .errors import RunDirError
+    from .results import existing_outputs, read_run_json
+
+    p = check_out_dir(path, option=option)
+    found = existing_outputs(p) if p.is_dir() else []
+    if found and not overwrite:
+        prev = read_run_json(p) or {}
+        what = f"run {prev['run_id']}" if prev.get("run_id") else "an earlier run"
+        msg = (f"{option} {str(p)!r} already holds {what} ({', '.join(found)}); pass --overwrite (overwrite=True) "
+               "to replace it, or choose another output directory.")
+        raise RunDirError(msg)
+    return p
+
+
+# ---------------------------------------------------------------- input files
+
+def check_data_file(path, *, option: str = "--data") -> Path:
+    """An existing, readable ``.h5ad`` file."""
+    if path is None:
+        msg = f"no data: pass {option} FILE.h5ad."
+        raise DataError(msg)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        msg = f"{option} {str(p)!r} is a directory; pass an .h5ad file."
+        raise DataError(msg)
+    if not p.is_file():
+        msg = f"{option} {str(p)!r}: data file not found; check the path."
+        raise DataError(msg)
+    if p.suffix != ".h5ad":
+        msg = (f"{option} {str(p)!r} is not an .h5ad file; convert it with anndata/scanpy first "
+               "(e.g. sc.read_10x_mtx(...).write_h5ad('data.h5ad')).")
+        raise DataError(msg)
+    if not os.access(p, os.R_OK):
+        msg = f"{option} {str(p)!r}: no permission to read it."
+        raise DataError(msg)
+    return p
+
+
+def read_obs(path, *, option: str = "--data"):
+    """The cells' annotations of an ``.h5ad`` without its matrix: an AnnData with ``obs`` only (n_obs rows, no
+    genes), enough for every check on keys, levels and cell counts before the full load."""
+    import anndata as ad
+    import h5py
+
+    p = check_data_file(path, option=option)
+    try:
+        with h5py.File(p, "r") as f:
+            obs = ad.io.read_elem(f["obs"])
+    except Exception as exc:  # not HDF5, truncated, no obs group: the file is not an AnnData we can read
+        msg = f"{option} {str(p)!r} could not be read as AnnData ({type(exc).__name__}: {exc}); check the file."
+        raise DataError(msg.splitlines()[0]) from None
+    return ad.AnnData(obs=obs)
+
+
+def check_model_path(path, *, option: str = "--model") -> None:
+    """'demo', or an existing model directory (its contents are checked when it loads)."""
+    if str(path) == "demo":
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        msg = (f"{option} {str(p)!r}: model path not found. Pass an official scGPT directory, a transformers "
+               "directory, or 'demo'.")
+        raise DataError(msg)
+    if not p.is_dir():
+        msg = f"{option} {str(p)!r} is a file; pass the model's directory (args.json, vocab.json, best_model.pt)."
+        raise DataError(msg)
+
+
 # ---------------------------------------------------------------- device
 
 def check_device(device, *, option: str = "--device") -> str:

@@ -1,7 +1,9 @@
 """`scsuperweight` command line: the demo, the whole run, each step, pretraining and data manifests.
 
-Every command takes --device, --seed and --batch-size where they apply, shows progress bars on long work, and on
-bad input exits non-zero with a one-line reason (no traceback; --debug shows it).
+Every command takes --device, --seed and --batch-size where they apply, shows progress bars on long work, and
+checks all of its inputs (files, obs keys, condition levels, gene sets, device, output paths, numeric options)
+before loading a model or tokenising a cell. Bad input exits 2 with one line naming the problem, the value and the
+fix; only a bug exits 1, with a hint to rerun with --debug for the traceback.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import _keys as K
+from . import checks as C
 from . import results as R
+from ._io import atomic_write_h5ad
 from ._log import logger
-from .errors import OptionError, SSWError
+from .errors import DataError, OptionError, SmallDataWarning, SSWError
 
 EXAMPLES = {
     "demo": """examples:
@@ -26,22 +31,27 @@ EXAMPLES = {
   scsuperweight run --model scGPT_brain/ --data cells.h5ad --label-key cell_type --out run_out --budget 15m
   scsuperweight run --model scGPT_brain/ --data seaad_donor.h5ad --label-key Subclass \\
       --condition-key condition --donor-key "Donor ID" --layer UMIs --gene-sets bundled h.all.v7.0.symbols.gmt \\
-      --out run_out""",
+      --out run_out
+  scsuperweight run --model demo --data cells.h5ad --label-key cell_type --condition-key diagnosis \\
+      --case disease --control healthy --empty drop --out run_out   # levels named; cells without vocab genes out""",
     "embed": """examples:
   scsuperweight embed --model demo --data cells.h5ad --out cells_embedded.h5ad
-  scsuperweight embed --model scGPT_brain/ --data cells.h5ad --gene-key feature_name --out embedded.h5ad""",
+  scsuperweight embed --model scGPT_brain/ --data cells.h5ad --gene-key feature_name --out embedded.h5ad
+  scsuperweight embed --model demo --data panel.h5ad --empty keep --out e.h5ad   # NaN rows + obs mask""",
     "scan": """examples:
   scsuperweight scan --model demo --data cells.h5ad --label-key cell_type --out run_out
   scsuperweight scan --model scGPT_brain/ --data cells.h5ad --screen activation weight_only gradient --out run_out
   scsuperweight scan --model scGPT_brain/ --data cells.h5ad --max-seq-len 600 --max-tokens 16384 --out run_out
-  scsuperweight scan --model scGPT_brain/ --data-free --out run_out     # one synthetic cell, no data""",
+  scsuperweight scan --model scGPT_brain/ --data-free --out run_out     # one synthetic cell, no data
+  scsuperweight scan --model demo --data cells.h5ad --null-k 50 --null-method gaussian --out run_out""",
     "prune": """examples:
   scsuperweight prune --model scGPT_brain/ --out run_out --label-key cell_type --dry-run   # the plan only
   scsuperweight prune --model scGPT_brain/ --out run_out --label-key cell_type --budget 15m
   scsuperweight prune --model scGPT_brain/ --out run_out --label-key cell_type --device cuda --dtype bf16 --yes
   scsuperweight prune --model demo --out run_out --label-key cell_type --condition-key condition --donor-key donor
+  scsuperweight prune --model demo --out run_out --label-key cell_type --condition-key dx --case AD --control NCI
   (reads run_out/results.h5ad written by `scan`, or --data FILE.h5ad that holds uns['ssw'] from a scan)
-  scsuperweight prune --model demo --out run_out --label-key cell_type --granularities scalar neuron \
+  scsuperweight prune --model demo --out run_out --label-key cell_type --granularities scalar neuron \\
       --no-mean-ablation --n-matched 0          # zeroing and neurons only, no |w|-matched draws""",
     "genes": """examples:
   scsuperweight genes --model demo --out run_out --label-key cell_type""",
@@ -55,6 +65,14 @@ EXAMPLES = {
 
 def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the command's --help has the rest), exit 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
 
 
 def _common(p: argparse.ArgumentParser, *, model: bool = True, batch: bool = True) -> None:
@@ -89,12 +107,22 @@ def _keys_args(p: argparse.ArgumentParser, label_required: bool) -> None:
     p.add_argument("--label-key", required=label_required, help="obs column with cell types")
     p.add_argument("--condition-key", default=None, help="obs column with the condition (AD vs control)")
     p.add_argument("--donor-key", default=None, help="obs column with donors (bootstrap unit)")
+    p.add_argument("--case", default=None, help="condition level contrasted as the case (default: recognised "
+                   "spellings of AD; other levels must be named)")
+    p.add_argument("--control", default=None, help="condition level contrasted as the control (default: "
+                   "recognised spellings of control)")
+
+
+def _empty_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--empty", choices=("error", "drop", "keep"), default="error",
+                   help="cells with no counts in any vocab gene: refuse them (error, default), leave them out "
+                   "(drop), or keep them with NaN embeddings (keep); flagged in obs['ssw_no_vocab_counts']")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scsuperweight", formatter_class=_formatter,
         description="Find, prune and interpret super-weight-like parameters in scGPT on single-cell data.",
         epilog="run `scsuperweight COMMAND --help` for each command's options and examples.")
@@ -122,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     _overwrite_arg(p)
     _pipeline_knobs(p)
+    _empty_arg(p)
     _cost_args(p)
     _gf_args(p)
     p.set_defaults(func=cmd_run)
@@ -131,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_args(p, required=True)
     p.add_argument("--out", required=True, help="output .h5ad")
+    _empty_arg(p)
     _gf_args(p)
     p.set_defaults(func=cmd_embed)
 
@@ -144,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-abs", type=float, default=0.0, help="absolute spike threshold (default 0)")
     p.add_argument("--max-rounds", type=int, default=10, help="iterative rounds (default 10)")
     p.add_argument("--max-cells", type=int, default=1000, help="cells scanned (default 1000)")
+    p.add_argument("--null-k", type=int, default=20,
+                   help="detection-null copies: perm_p, perm_q per candidate (default 20: p down to 1/21; 0: none)")
+    p.add_argument("--null-method", default="both", choices=["gaussian", "permute", "both"],
+                   help="gaussian (no outlier: calls a lone super weight), permute (shuffled: tests the arrangement) "
+                        "or both (default both; permute into *_permute columns)")
     p.add_argument("--screen", nargs="+", default=["activation", "weight_only"],
                    choices=["activation", "weight_only", "gradient"],
                    help="screens, in the table's order (default: activation weight_only); gradient: the scalars "
@@ -151,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fidelity_args(p)
     p.add_argument("--out", required=True, help="output directory")
     _overwrite_arg(p)
+    _empty_arg(p)
     _gf_args(p)
     p.set_defaults(func=cmd_scan)
 
@@ -161,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _keys_args(p, label_required=True)
     p.add_argument("--out", required=True, help="output directory (holds results.h5ad from scan)")
     _pipeline_knobs(p)
+    _empty_arg(p)
     _cost_args(p)
     _gf_args(p)
     p.set_defaults(func=cmd_prune)
@@ -172,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-key", default=None, help="obs column with cell types (per-type evidence)")
     p.add_argument("--max-cells-per-label", type=int, default=200)
     p.add_argument("--out", required=True, help="output directory (holds results.h5ad from scan)")
+    _empty_arg(p)
     _gf_args(p)
     p.set_defaults(func=cmd_genes)
 
@@ -191,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="HTML path (default RUN/report.html)")
     p.set_defaults(func=cmd_report)
 
+    from ._cli_science import add_science_parsers
+
+    add_science_parsers(sub, sys.modules[__name__])
     from ._cli_pretrain import add_pretrain_parser
 
     add_pretrain_parser(sub)
@@ -275,22 +316,47 @@ def _ablation_opts(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def _load_data(path: str | None, out: Path | None = None):
-    import anndata as ad
-
+def _data_path(path: str | None, out: Path | None = None) -> Path:
+    """--data, else OUT/results.h5ad from an earlier step; checked to be a readable .h5ad."""
     if path is None and out is not None and (out / R.RESULTS.file).is_file():
         path = str(out / R.RESULTS.file)
     if path is None:
-        raise SSWError(f"no data: pass --data FILE.h5ad (or run `scan` into {out} first).")
-    p = Path(path)
-    if not p.is_file():
-        raise SSWError(f"data file not found: {p}")
-    if p.suffix != ".h5ad":
-        raise SSWError(f"{p} is not an .h5ad file; convert it with anndata/scanpy first (e.g. sc.read_10x_mtx).")
+        msg = f"no data: pass --data FILE.h5ad (or run `scan` into {out} first)."
+        raise DataError(msg)
+    return C.check_data_file(path)
+
+
+def _load_data(path: str | None, out: Path | None = None):
+    """The full AnnData, after `_data_path`'s checks (and, in the commands, after every other check)."""
+    import anndata as ad
+
+    p = _data_path(path, out)
     try:
         return ad.read_h5ad(p), p
     except Exception as exc:  # corrupt file, wrong format
-        raise SSWError(f"could not read {p} as AnnData: {type(exc).__name__}: {exc}") from None
+        msg = f"could not read {p} as AnnData: {type(exc).__name__}: {exc}"
+        raise DataError(msg.splitlines()[0]) from None
+
+
+def _needs_scan(path: Path) -> None:
+    """Refuse data without a scan's candidates (uns['ssw']['superweights']) before anything loads."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        found = f"uns/{K.UNS_KEY}/{R.spec('superweights').uns_key}" in f
+    if not found:
+        msg = (f"{path} holds no candidates under uns[{K.UNS_KEY!r}]: run ssw.tl.scan first (`scsuperweight scan "
+               "--out DIR`, then pass the same --out, or --data DIR/results.h5ad).")
+        raise DataError(msg)
+
+
+def _check_common(args, **options) -> str:
+    """Numeric options, the device and the model path: returns the device to use."""
+    C.check_options(**options)
+    device = C.check_device(getattr(args, "device", None))
+    if getattr(args, "model", None) is not None:
+        C.check_model_path(args.model)
+    return device
 
 
 def _load_model(args):
@@ -324,14 +390,18 @@ def _write(adata, out: Path, step: str, log, t0: float) -> None:
     R.write_run_dir(adata, out, steps=(step,), run_id=log.run_id)
     log.step(step, time.perf_counter() - t0)
     R.set_run_record(adata, log.info)
-    adata.write_h5ad(out / R.RESULTS.file)
+    atomic_write_h5ad(adata, out / R.RESULTS.file)
 
 
 def cmd_demo(args) -> int:
     from .datasets import synthetic_ad
     from .pipeline import run_pipeline
 
-    out = Path(args.out)
+    out = C.check_run_dir(args.out, overwrite=args.overwrite)
+    _check_common(args, batch_size=args.batch_size, seed=args.seed)
+    if args.n_cells < C.MIN_CELLS_RUN:
+        msg = f"--n-cells {args.n_cells}: at least {C.MIN_CELLS_RUN} cells are needed; pass --n-cells 1500."
+        raise DataError(msg)
     t0 = time.perf_counter()
     if args.retrain:
         from .train import pretrain, recipe_adata
@@ -357,15 +427,24 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
-    adata, path = _load_data(args.data)
+    # every check first: output, options, device, model path, then the data's obs (read without its matrix)
+    out = C.check_run_dir(args.out, overwrite=args.overwrite)
+    knobs = dict(max_cells_per_label=args.max_cells_per_label, n_random=args.n_random,
+                 max_candidates=args.max_candidates, n_boot=args.n_boot, batch_size=args.batch_size, seed=args.seed)
+    _check_common(args, **knobs)
+    path = _data_path(args.data)
+    checked = C.validate_run_inputs(C.read_obs(path), label_key=args.label_key, condition_key=args.condition_key,
+                                    donor_key=args.donor_key, case=args.case, control=args.control,
+                                    gene_sets=args.gene_sets, device=args.device, **knobs)
     model = _load_model(args)
-    out = Path(args.out)
+    adata, path = _load_data(str(path))
     t0 = time.perf_counter()
     info = run_pipeline(adata, model, out, label_key=args.label_key, condition_key=args.condition_key,
-                        donor_key=args.donor_key, gene_sets=args.gene_sets, seed=args.seed,
+                        donor_key=args.donor_key, case=checked.case, control=checked.control,
+                        gene_sets=args.gene_sets, seed=args.seed,
                         batch_size=args.batch_size, max_cells_per_label=args.max_cells_per_label,
                         n_random=args.n_random, max_candidates=args.max_candidates, n_boot=args.n_boot,
-                        gene_key=args.gene_key, layer=args.layer, prune_options=_ablation_opts(args),
+                        gene_key=args.gene_key, layer=args.layer, prune_options=_ablation_opts(args), empty=args.empty,
                         max_seq_len=args.max_seq_len,
                         progress=not args.no_progress, data_path=str(path), model_path=str(args.model),
                         overwrite=args.overwrite, **_cost_kwargs(args), **_gf(args))
@@ -377,22 +456,33 @@ def cmd_run(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from . import tl
+    from . import get, tl
 
+    out = C.check_out_file(args.out, suffixes=(".h5ad",))
+    _check_common(args, batch_size=args.batch_size, seed=args.seed)
+    _data_path(args.data)
+    model = _load_model(args)
     adata, _ = _load_data(args.data)
-    tl.embed(adata, _load_model(args), gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
-             seed=args.seed, progress=not args.no_progress, **_gf(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
-    _say(f"wrote obsm['{K.OBSM_EMB}'] ({adata.obsm[K.OBSM_EMB].shape[1]} dims) for {adata.n_obs} cells to {out}")
+    tl.embed(adata, model, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
+             seed=args.seed, progress=not args.no_progress, empty=args.empty, **_gf(args))
+    atomic_write_h5ad(adata, out)
+    n_empty = get.params(adata, "embed").get("n_empty", 0)
+    _say(f"wrote obsm['{K.OBSM_EMB}'] ({adata.obsm[K.OBSM_EMB].shape[1]} dims) for {adata.n_obs} cells to {out}"
+         + (f"; {n_empty} cells without counts in any vocab gene have NaN rows (obs['{K.OBS_EMPTY}'])"
+            if n_empty else ""))
     return 0
 
 
 def cmd_scan(args) -> int:
     from . import get, tl
 
-    out = Path(args.out)
+    out = C.check_run_dir(args.out, overwrite=args.overwrite)
+    _check_common(args, max_cells=args.max_cells, min_ratio=args.min_ratio, min_abs=args.min_abs,
+                  max_rounds=args.max_rounds, batch_size=args.batch_size, seed=args.seed)
+    if not args.data_free:
+        obs = C.read_obs(_data_path(args.data, out))
+        if args.label_key is not None:
+            C.check_obs_key(obs, args.label_key, option="--label-key")
     model = _load_model(args)
     if args.data_free:
         import anndata as ad
@@ -407,12 +497,12 @@ def cmd_scan(args) -> int:
     log = _step_log("scan", out, None if args.data_free else adata, model)
     tl.scan(adata, model, mode="data_free" if args.data_free else "data", label_key=args.label_key,
             gene_key=args.gene_key, layer=args.layer, max_cells=args.max_cells, batch_size=args.batch_size,
-            min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, seed=args.seed,
-            screen=args.screen, max_seq_len=args.max_seq_len, max_tokens=args.max_tokens,
-            progress=not args.no_progress, **_gf(args))
-    if args.data_free:  # no cells to keep: the tables and run.json only
+            min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, null_k=args.null_k,
+            null_method=args.null_method, seed=args.seed, progress=not args.no_progress, empty=args.empty,
+            screen=args.screen, max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, **_gf(args))
+    if args.data_free:  # no cells to keep: the tables and run.json (with the scan's params) only
         R.write_run_dir(adata, out, steps=("scan",), run_id=log.run_id)
-        log.step("scan", time.perf_counter() - t0)
+        log.step("scan", time.perf_counter() - t0, scan=get.params(adata, "scan"))
     else:
         _write(adata, out, "scan", log, t0)
     sw = get.superweights(adata)
@@ -429,13 +519,21 @@ def cmd_scan(args) -> int:
 def cmd_prune(args) -> int:
     from . import get, tl
 
-    out = Path(args.out)
-    adata, _ = _load_data(args.data, out)
+    out = C.check_out_dir(args.out)
+    knobs = dict(max_cells_per_label=args.max_cells_per_label, n_random=args.n_random,
+                 max_candidates=args.max_candidates, n_boot=args.n_boot, batch_size=args.batch_size, seed=args.seed)
+    _check_common(args, **knobs)
+    path = _data_path(args.data, out)
+    checked = C.validate_run_inputs(C.read_obs(path), label_key=args.label_key, condition_key=args.condition_key,
+                                    donor_key=args.donor_key, case=args.case, control=args.control, **knobs)
+    _needs_scan(path)
     model = _load_model(args)
+    adata, _ = _load_data(str(path))
     t0 = time.perf_counter()
     log = _step_log("prune", out, adata, model)
     tl.prune(adata, model, label_key=args.label_key, condition_key=args.condition_key,
-             donor_key=args.donor_key, gene_key=args.gene_key, layer=args.layer,
+             donor_key=args.donor_key, case=checked.case, control=checked.control, empty=args.empty,
+             gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
              max_candidates=args.max_candidates, batch_size=args.batch_size, seed=args.seed,
              max_seq_len=args.max_seq_len, progress=not args.no_progress, **_cost_kwargs(args), **_ablation_opts(args),
@@ -455,14 +553,19 @@ def cmd_prune(args) -> int:
 def cmd_genes(args) -> int:
     from . import tl
 
-    out = Path(args.out)
-    adata, _ = _load_data(args.data, out)
+    out = C.check_out_dir(args.out)
+    _check_common(args, max_cells_per_label=args.max_cells_per_label, batch_size=args.batch_size, seed=args.seed)
+    path = _data_path(args.data, out)
+    if args.label_key is not None:
+        C.check_obs_key(C.read_obs(path), args.label_key, option="--label-key")
+    _needs_scan(path)
     model = _load_model(args)
+    adata, _ = _load_data(str(path))
     t0 = time.perf_counter()
     log = _step_log("genes", out, adata, model)
     tl.genes(adata, model, label_key=args.label_key, gene_key=args.gene_key, layer=args.layer,
              max_cells_per_label=args.max_cells_per_label, batch_size=args.batch_size, seed=args.seed,
-             progress=not args.no_progress, **_gf(args))
+             progress=not args.no_progress, empty=args.empty, **_gf(args))
     _write(adata, out, "genes", log, t0)
     _say(f"wrote {out / R.spec('genes').file}")
     return 0
@@ -471,7 +574,9 @@ def cmd_genes(args) -> int:
 def cmd_enrich(args) -> int:
     from . import tl
 
-    out = Path(args.out)
+    out = C.check_out_dir(args.out)
+    _check_common(args, permutations=args.permutations, top_n=args.top_n, seed=args.seed)
+    C.check_gene_sets(args.gene_sets)
     adata, _ = _load_data(args.data, out)
     t0 = time.perf_counter()
     log = _step_log("enrich", out, adata)
@@ -486,8 +591,10 @@ def cmd_report(args) -> int:
 
     run = Path(args.run)
     if not run.is_dir():
-        raise SSWError(f"run directory not found: {run}")
-    path = report(run, Path(args.out) if args.out else run / R.REPORT.file)
+        msg = f"run directory not found: {run}; pass the --out directory of a run."
+        raise DataError(msg)
+    out = C.check_out_file(args.out if args.out else run / R.REPORT.file, suffixes=(".html", ".htm"))
+    path = report(run, out)
     _say(f"wrote {path}")
     return 0
 
@@ -526,9 +633,21 @@ def _summary(adata, out: Path, seconds: float, info: dict) -> None:
     _say(f"tables: {', '.join(tables)} in {out}")
 
 
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error's message; an OS error as what failed on which path and what to check."""
+    if isinstance(exc, OSError) and not isinstance(exc, SSWError) and exc.strerror:
+        where = f" {exc.filename!s}" if exc.filename else ""
+        return f"{exc.strerror}:{where}; check that the path exists, is the kind expected and can be written."
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error already printed in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -537,19 +656,25 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) < 1:
-        parser.error("--batch-size must be >= 1")
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            # a metric adapted to a small group says so in the table's note column, not on the console
+            warnings.simplefilter("ignore", SmallDataWarning)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; files already written are kept.\n")
         return 130
-    except (SSWError, ValueError, FileNotFoundError) as exc:
+    except (SSWError, ValueError, OSError) as exc:  # the user's input or environment: one line, exit 2
         if args.debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        sys.stderr.write(f"error: {msg}\n")
+        sys.stderr.write(f"error: {_one_line(exc)}\n")
         return 2
+    except Exception as exc:  # a bug: say so, and how to see it
+        if args.debug:
+            raise
+        sys.stderr.write(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); this is a bug in "
+                         "scsuperweight, not in your input: rerun with --debug for the traceback and report it.\n")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -237,3 +237,73 @@ def permutation_pvalues(superweights: pd.DataFrame, null: DetectionNull) -> pd.D
         out.at[i, "perm_q"] = float(q.get(site, np.nan))
         out.at[i, "perm_p_max"] = empirical_p(ratio, mx)
     return out
+
+
+NULL_METHODS = ("gaussian", "permute", "both")
+
+
+def _null_batches(batches: Sequence, n_cells: int) -> list:
+    """Batches spread over `batches` (they come in length order) holding at least `n_cells` cells."""
+    batches = list(batches)
+    sizes = [len(getattr(b, "cells", ())) or 1 for b in batches]
+    n = 1
+    while n < len(batches) and sum(sizes[i] for i in _spread(len(batches), n)) < n_cells:
+        n += 1
+    return [batches[i] for i in _spread(len(batches), n)]
+
+
+def _spread(n_total: int, n: int) -> list[int]:
+    return sorted({int(round(x)) for x in np.linspace(0, n_total - 1, n)})
+
+
+def scan_null(model, superweights: pd.DataFrame, batches: Sequence | None = None, *, k: int = 20,
+              method: str = "both", seed: int = 0, n_tokens: int = 256, data_seed: int = 0, null_cells: int = 64,
+              min_ratio: float = 20.0, min_abs: float = 0.0, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """The detection null of a scan: `superweights` with ``perm_p``, ``perm_q`` and ``perm_p_max`` added, and a
+    summary for the scan's params (K, method, inputs, how often the null copies pass the fixed threshold, the top
+    spike's p).
+
+    Each row's p is its site's: the site's largest spike ratio on the null's inputs, traced on the unedited model,
+    against the same site in `k` null copies traced alike. The inputs are data-free (one synthetic cell of
+    `n_tokens`, seed `data_seed`, as a data-free scan) when `batches` is None, else batches spread over `batches`
+    holding at least `null_cells` cells (tracing K copies over every scanned cell would cost K scans).
+    ``method="both"`` runs the Gaussian null into ``perm_*`` and the permutation null into ``perm_*_permute``: a
+    lone huge scalar survives shuffling and keeps spiking wherever it lands, so only the Gaussian null can call a
+    single planted super weight; the permutation null asks whether the arrangement matters (see the module
+    docstring).
+    """
+    if method not in NULL_METHODS:
+        msg = f"null method must be one of {NULL_METHODS}, got {method!r}; 'both' reports the two nulls side by side."
+        raise ValueError(msg)
+    inputs = None if batches is None else _null_batches(batches, null_cells)
+    methods = ("gaussian", "permute") if method == "both" else (method,)
+    out = superweights.copy()
+    summary: dict = {"k": int(k), "method": method, "seed": int(seed), "min_ratio": min_ratio, "min_abs": min_abs,
+                     "inputs": "data_free" if inputs is None else "cells",
+                     "n_tokens": n_tokens if inputs is None else None,
+                     "n_cells": None if inputs is None else int(sum(len(getattr(b, "cells", ())) for b in inputs))}
+    for i, m in enumerate(methods):
+        null = detection_null(model, inputs, k=k, seed=seed, method=m, n_tokens=n_tokens, data_seed=data_seed,
+                              progress=progress)
+        site_ratio = null.observed.set_index("site")["ratio"]
+        # the observed ratio of a row's site on the null's own inputs, so that both sides saw the same cells
+        obs = out.copy()
+        if "site" in obs.columns:
+            obs["spike_ratio"] = obs["site"].map(site_ratio).where(obs["site"].notna() & (obs["site"] != ""))
+        pv = permutation_pvalues(obs, null)
+        suffix = "" if i == 0 else f"_{m}"
+        for c in pv.columns:
+            out[f"{c}{suffix}"] = pv[c].astype(float)
+        top = null.observed.sort_values("ratio", ascending=False).iloc[0] if len(null.observed) else None
+        summary[m] = {"pass_rate": null.pass_rate(min_ratio, min_abs),
+                      "null_max_ratio_median": float(np.median(null.max_ratios())) if null.k else np.nan,
+                      "null_max_ratio_max": float(np.max(null.max_ratios())) if null.k else np.nan,
+                      "top_site": None if top is None else str(top["site"]),
+                      "top_channel": None if top is None else int(top["channel"]),
+                      "top_ratio": None if top is None else float(top["ratio"]),
+                      "top_p": None if top is None else empirical_p(float(top["ratio"]), null.ratios(top["site"])),
+                      "top_p_max": None if top is None else empirical_p(float(top["ratio"]), null.max_ratios())}
+        logger.info("detection null (%s, K=%d): %.0f%% of null copies pass ratio >= %g; top spike %s p = %.3g",
+                    m, k, 100 * summary[m]["pass_rate"], min_ratio, summary[m]["top_site"], summary[m]["top_p"]
+                    if summary[m]["top_p"] is not None else np.nan)
+    return out, summary

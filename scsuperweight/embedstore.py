@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_write_bytes, fsync_dir
+from ._io import atomic_write_h5ad
 from ._log import logger
 from .errors import DataError
 
@@ -152,12 +153,7 @@ class EmbeddingStore:
             msg = "finalize(obs=...) needs the store's cells, in store order (obs.index == the store's obs_names)."
             raise DataError(msg)
         adata = ad.AnnData(obs=obs.copy(), obsm={key_added: self.read()})
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        adata.write_h5ad(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        atomic_write_h5ad(adata, out)
         logger.info("wrote %s (%d cells)", out, self.n)
         return out
 

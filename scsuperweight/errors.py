@@ -31,3 +31,8 @@ class RunDirError(SSWError, ValueError):
 
 class MixedRunError(RunDirError):
     """Tables or records that come from different runs (run id, data hash or model hash differ) were combined."""
+
+
+class SmallDataWarning(UserWarning):
+    """A metric met a group too small for it: a neighbour count was lowered or the value is NaN; the message says
+    which and why (prune records it in the ``note`` column of collapse.tsv)."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import get, tl
 from . import results as R
+from ._io import atomic_write_h5ad
 from ._log import logger
 
 
@@ -76,7 +77,8 @@ def _model_info(model) -> dict:
 
 
 def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | None = None,
-                 donor_key: str | None = None, gene_sets=("bundled",), seed: int = 0, batch_size: int = 32,
+                 donor_key: str | None = None, case=None, control=None, empty: str = "error",
+                 gene_sets=("bundled",), seed: int = 0, batch_size: int = 32,
                  max_cells_scan: int = 1000, max_cells_per_label: int = 200, n_random: int = 40,
                  max_candidates: int = 6, n_boot: int = 200, permutations: int = 1000,
                  gene_key: str | None = None, layer: str | None = None,
@@ -104,6 +106,11 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     `overwrite`, which removes exactly those files first. run.json records a ``run_id`` and the data and model
     hashes, and every table written carries the run id in a ``run_id`` column.
 
+    Every input is checked before any work (`scsuperweight.checks.validate_run_inputs`: numeric options, output
+    directory, device, obs keys, `case` / `control` levels of `condition_key`, enough cells, gene-set files), so a
+    typo costs seconds, not a run. `empty` is the policy for cells with no counts in any vocab gene (see
+    `scsuperweight.tl.embed`); how many there were is recorded in run.json's ``data``.
+
     Before any step, the run is planned (`scsuperweight.tl.plan_cost`: scan and prune conditions by kind, cells,
     tokens, FLOPs, the time estimated from a calibration forward; candidates not found yet are assumed in block
     0, the costliest place) and the plan is logged, or handed to ``on_plan(plan)``, and recorded in run.json
@@ -113,6 +120,17 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     run.json records the choices and the reasons (``budget``), and the report shows them. `sequential`, `dtype`,
     `max_tokens` and `screen` are passed to `scsuperweight.tl.prune` / `scsuperweight.tl.scan`.
     """
+    from .checks import check_model, check_run_dir, validate_run_inputs
+
+    check_model(model)
+    check_run_dir(out_dir, overwrite=overwrite)
+    checked = validate_run_inputs(adata, label_key=label_key, condition_key=condition_key, donor_key=donor_key,
+                                  case=case, control=control, gene_sets=list(gene_sets), seed=seed,
+                                  batch_size=batch_size, max_cells_scan=max_cells_scan,
+                                  max_cells_per_label=max_cells_per_label, n_random=n_random,
+                                  max_candidates=max_candidates, n_boot=n_boot, permutations=permutations,
+                                  max_seq_len=max_seq_len)
+    case, control = checked.case, checked.control
     from .prune import PruneOptions
     from .report import report
     from .runners import get_runner
@@ -132,7 +150,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     tl._announce(cost.plan, on_plan, confirmed=yes or budget is not None)
     family_options = runner.accepted(dict(token_dictionary=token_dictionary, gene_medians=gene_medians,
                                           symbol_key=symbol_key))
-    params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, gene_sets=list(gene_sets),
+    params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, case=case, control=control,
+                  empty=empty, gene_sets=list(gene_sets),
                   seed=seed, batch_size=batch_size, max_cells_scan=max_cells_scan,
                   max_cells_per_label=max_cells_per_label, n_random=n_random, max_candidates=max_candidates,
                   n_boot=n_boot,
@@ -152,14 +171,15 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
         log.write()
         return log.info
     common = dict(gene_key=gene_key, layer=layer, batch_size=batch_size, max_seq_len=max_seq_len, seed=seed,
-                  progress=progress)
+                  empty=empty, progress=progress)
     common.update(family_options)
     steps = [
         ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, screen=screen,
                                  max_tokens=max_tokens, **common)),
         # the run's plan was announced above: prune's own (with the candidates found) is logged and recorded
         ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,
-                                   donor_key=donor_key, max_cells_per_label=max_cells_per_label, n_random=n_random,
+                                   donor_key=donor_key, case=case, control=control,
+                                   max_cells_per_label=max_cells_per_label, n_random=n_random,
                                    max_candidates=max_candidates, n_boot=n_boot, primary_metric=primary_metric,
                                    sequential=sequential, dtype=dtype, max_tokens=max_tokens, yes=True,
                                    **(prune_options or {}), **common)),
@@ -176,11 +196,13 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
             R.write_run_dir(adata, out, steps=(name,), run_id=log.run_id)
             if name == "prune":  # the report judges candidates on the metric prune chose for the family
                 log.info["params"]["primary_metric"] = get.params(adata, "prune")["primary_metric"]
+            if name == "scan":  # cells without counts in any vocab gene: how many, and what was done with them
+                log.info["data"]["n_empty"] = int(get.params(adata, "scan").get("n_empty", 0))
             log.step(name, time.perf_counter() - t0, **({"scan": get.params(adata, "scan")} if name == "scan"
                                                          else {}))
         t0 = time.perf_counter()
         R.set_run_record(adata, log.info)
-        adata.write_h5ad(out / R.RESULTS.file)
+        atomic_write_h5ad(adata, out / R.RESULTS.file)
         log.step("write_h5ad", time.perf_counter() - t0)
         t0 = time.perf_counter()
         log.info["status"] = "done"

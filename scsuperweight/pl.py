@@ -38,6 +38,8 @@ __all__ = [
     "scaling_curve",
     "embedding_before_after",
     "enrichment_dotplot",
+    "quantize",
+    "census",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,9 +350,9 @@ def _new_axes(ax: Axes | None, figsize) -> tuple[Figure, Axes, bool]:
 
 def _finish(fig: Figure, ret, own: bool, save, show: bool):
     if save is not None:
-        save = Path(save)
-        save.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, bbox_inches="tight", facecolor="white")
+        from ._io import atomic_savefig
+
+        save = atomic_savefig(fig, save, bbox_inches="tight", facecolor="white")
         logger.info("saved figure to %s", save)
     if show:
         plt.show()
@@ -1000,4 +1002,137 @@ def enrichment_dotplot(
     ax.set_title("Enriched terms per candidate")
     ax.grid(True, color="#eeeeee", lw=0.6)
     ax.set_axisbelow(True)
+    return _finish(fig, ax, own, save, show)
+
+
+@_styled
+def quantize(
+    data,
+    *,
+    metric: str = "cls_cosine",
+    clip: str = "none",
+    key: str = _keys.UNS_KEY,
+    ax: Axes | None = None,
+    save: str | Path | None = None,
+    show: bool = False,
+):
+    """`<cls>` cosine to full precision (or another quantize.tsv column) vs block size, one panel per bit width,
+    with the candidates held out (solid) and not (dashed); per-row and per-tensor scales at the right.
+
+    Parameters
+    ----------
+    data
+        AnnData after ``ssw.tl.quantize``, the quantize table, or a results dict.
+    metric
+        Column to draw (``cls_cosine``, ``recon_delta``, ``knn_accuracy``, ``weight_rel_error``).
+    clip
+        Which clipping's rows to draw (``none``, ``percentile`` or ``mse``).
+    key, ax, save, show
+        Results key; Axes to draw on (one panel only: the first bit width); file to save to; call ``plt.show()``.
+
+    Returns
+    -------
+    The Figure, or ``ax`` when it was given.
+
+    Examples
+    --------
+    >>> fig = ssw.pl.quantize(adata)  # doctest: +SKIP
+    """
+    df = _get_table(data, "quantize", key, required=["setting", "bits", "granularity", "block_size", "holdout",
+                                                     "clip", metric])
+    df = _results.typed(df, "quantize")
+    q = df[(df["setting"] != "full_precision") & (df["clip"] == clip)]
+    if q.empty:
+        msg = f"the quantize table has no rows with clip={clip!r}; it has {sorted(set(df['clip']))}."
+        raise DataError(msg)
+    bits = sorted(set(q["bits"].astype(int)), reverse=True)
+    if ax is not None:
+        fig, axes, own = ax.figure, [ax], False
+        bits = bits[:1]
+    else:
+        fig, axs = plt.subplots(1, len(bits), figsize=(4.2 * len(bits), 3.4), layout="constrained", squeeze=False)
+        axes, own = list(axs[0]), True
+    blocks = sorted(set(q.loc[q["granularity"] == "block", "block_size"].dropna().astype(int)))
+    pos = {b: i for i, b in enumerate(blocks)}
+    extra = [g for g in ("row", "tensor") if (q["granularity"] == g).any()]
+    for g in extra:
+        pos[g] = len(pos)
+    for a, b in zip(axes, bits):
+        part = q[q["bits"].astype(int) == b]
+        for hold, style, colour in ((True, "-o", _C_CAND), (False, "--s", _C_TOP)):
+            sub = part[part["holdout"].astype(bool) == hold]
+            blk = sub[sub["granularity"] == "block"].sort_values("block_size")
+            label = "candidates held out" if hold else "all rounded"
+            a.plot([pos[int(x)] for x in blk["block_size"]], blk[metric], style, color=colour, ms=4, lw=1.3,
+                   label=label)
+            for g in extra:
+                v = sub.loc[sub["granularity"] == g, metric]
+                if len(v):
+                    a.plot([pos[g]], [float(v.iloc[0])], style[-1], color=colour, ms=5)
+        a.set_xticks(range(len(pos)), [str(k) for k in pos], rotation=0)
+        a.set_xlabel("block size (then one scale per row / per tensor)")
+        a.set_ylabel(metric if metric != "cls_cosine" else "<cls> cosine to full precision")
+        a.set_title(f"INT{b}" + ("" if clip == "none" else f", clip {clip}"))
+        if metric == "cls_cosine":
+            a.axhline(1.0, color="#999999", ls=":", lw=0.8)
+        a.legend(loc="best")
+    return _finish(fig, axes[0], own, save, show)
+
+
+@_styled
+def census(
+    data,
+    *,
+    top: int = 8,
+    min_ratio: float | None = None,
+    key: str = _keys.UNS_KEY,
+    ax: Axes | None = None,
+    save: str | Path | None = None,
+    show: bool = False,
+):
+    """Spike ratio per coordinate (layer, site kind, channel) across the models of a census, in their order (the
+    training step when every model has one), log scale; the fixed threshold as a dashed line.
+
+    Parameters
+    ----------
+    data
+        The census table (`census.tsv`, ``CensusResult.spikes``) or a results dict holding it.
+    top
+        Coordinates drawn: those with the largest ratio anywhere.
+    min_ratio
+        Threshold line (default: none drawn unless given).
+    key, ax, save, show
+        Results key; Axes to draw on; file to save to; call ``plt.show()``.
+
+    Returns
+    -------
+    The Figure, or ``ax`` when it was given.
+
+    Examples
+    --------
+    >>> fig = ssw.pl.census(res.spikes, min_ratio=20)  # doctest: +SKIP
+    """
+    df = _results.typed(_get_table(data, "census", key, required=["model", "order", "step", "layer", "kind",
+                                                                  "channel", "ratio"]), "census")
+    by_step = df["step"].notna().all()
+    df = df.assign(x=df["step"] if by_step else df["order"])
+    coord = df["layer"].astype(str) + "·" + df["kind"].astype(str) + "·ch" + df["channel"].astype(str)
+    df = df.assign(coord=coord)
+    keep = df.groupby("coord")["ratio"].max().sort_values(ascending=False).head(top).index
+    fig, ax, own = _new_axes(ax, (6.2, 3.8))
+    colors = plt.get_cmap("tab10").colors
+    for i, c in enumerate(keep):
+        part = df[df["coord"] == c].groupby("x")["ratio"].max().sort_index()
+        ax.plot(part.index, part.to_numpy(float), "-o", color=colors[i % len(colors)], ms=4, lw=1.2,
+                label=f"L{c}")
+    if min_ratio is not None:
+        ax.axhline(min_ratio, color="#555555", ls="--", lw=0.9, label=f"threshold ×{min_ratio:g}")
+    ax.set_yscale("log")
+    models = df.drop_duplicates("order").sort_values("order")
+    if not by_step:
+        ax.set_xticks(models["order"], [_short(m, 14) for m in models["model"]], rotation=30, ha="right")
+    ax.set_xlabel("training step" if by_step else "model")
+    ax.set_ylabel("spike ratio (max / median |activation|)")
+    ax.set_title("Spikes across checkpoints (a point: the coordinate is among that model's top spikes)")
+    ax.legend(loc="best", fontsize=7)
     return _finish(fig, ax, own, save, show)

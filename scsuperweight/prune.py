@@ -25,6 +25,7 @@ they can be averaged over any group and bootstrapped over donors) and per set ot
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -41,7 +42,7 @@ from . import metrics as M
 from ._log import logger
 from .adapters import get_adapter
 from .data.batches import Batch
-from .errors import DataError
+from .errors import DataError, SmallDataWarning
 from .firstorder import first_order_effects, rank_correlation, rank_of
 from .instrument import ScalarEdit
 from .instrument.targets import restore_target as _restore_target
@@ -375,32 +376,58 @@ def reconstruction_metrics(res: dict) -> list[str]:
     return [m for m, v in res.items() if m != "cls" and np.ndim(v) == 1]
 
 
-def per_cell_metrics(res: dict, base: dict | None, labels, k: int) -> dict[str, np.ndarray]:
-    """The evaluator's reconstruction arrays as they are, then the embedding metrics (from ``res["cls"]``)."""
+def _noted(notes: dict | None, metric: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; with `notes`, the `SmallDataWarning`s it raises (a neighbour count lowered, a NaN
+    where the group is too small) go to ``notes[metric]`` instead of the console, for the table's ``note``."""
+    if notes is None:
+        return fn(*args, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SmallDataWarning)
+        value = fn(*args, **kwargs)
+    for w in caught:
+        if issubclass(w.category, SmallDataWarning):
+            if str(w.message) not in notes.setdefault(metric, []):
+                notes[metric].append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return value
+
+
+def _note(notes: dict, *metrics: str) -> str:
+    return "; ".join(dict.fromkeys(m for metric in metrics for m in notes.get(metric, ())))
+
+
+def per_cell_metrics(res: dict, base: dict | None, labels, k: int, notes: dict | None = None
+                     ) -> dict[str, np.ndarray]:
+    """The evaluator's reconstruction arrays as they are, then the embedding metrics (from ``res["cls"]``).
+
+    With a `notes` dict, why a metric was adapted to few cells (the neighbour count used) is recorded there per
+    metric (see `_noted`); a cell whose label no other cell holds has no kNN vote (NaN)."""
     emb = l2_normalise(np.nan_to_num(res["cls"]))
     out = {m: res[m] for m in reconstruction_metrics(res)}
     if labels is not None and len(set(labels)) > 1:
-        out["knn_accuracy"] = M.knn_label_correct(emb, labels, k=k).astype(float)
-        out["silhouette"] = M.silhouette_per_cell(emb, labels)
+        acc = _noted(notes, "knn_accuracy", M.knn_label_correct, emb, labels, k=k).astype(float)
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        acc[counts[inverse] < 2] = np.nan  # no other cell of its label: nothing to vote for it
+        out["knn_accuracy"] = acc
+        out["silhouette"] = _noted(notes, "silhouette", M.silhouette_per_cell, emb, labels)
     base_emb = l2_normalise(np.nan_to_num(base["cls"])) if base is not None else emb
-    out["knn_preservation"] = M.knn_preservation(base_emb, emb, k=k)
+    out["knn_preservation"] = _noted(notes, "knn_preservation", M.knn_preservation, base_emb, emb, k=k)
     out["cls_cosine_to_baseline"] = np.sum(emb * base_emb, axis=1)
     return out
 
 
 def set_metrics(emb: np.ndarray, base_emb: np.ndarray, labels, multi_label: bool, seed: int,
-                cpd_ref: M.CPDReference | None = None) -> dict[str, float]:
-    """Set-level metrics of one group; `cpd_ref`: the baseline's `M.CPDReference` (same result, faster)."""
+                cpd_ref: M.CPDReference | None = None, notes: dict | None = None) -> dict[str, float]:
+    """Set-level metrics of one group; `cpd_ref`: the baseline's `M.CPDReference` (same result, faster). With a
+    `notes` dict, why a metric was adapted or is NaN on a small group is recorded there (see `_noted`)."""
     cpd = cpd_ref(emb) if cpd_ref is not None else M.cpd(base_emb, emb, seed=seed)
     out = {"cpd": cpd, "mean_cosine": M.mean_pairwise_cosine(emb),
            "effective_rank": M.effective_rank(emb)}
     if multi_label:
-        ari, nmi = M.leiden_ari_nmi(emb, labels, seed=seed)
+        ari, nmi = _noted(notes, "leiden", M.leiden_ari_nmi, emb, labels, seed=seed)
         out.update(leiden_ari=ari, leiden_nmi=nmi)
-        try:
-            out["knc_preservation"] = M.knc_preservation(base_emb, emb, labels)
-        except DataError:
-            pass
+        out["knc_preservation"] = _noted(notes, "knc_preservation", M.knc_preservation, base_emb, emb, labels)
     return out
 
 
@@ -476,8 +503,12 @@ class _Group:
 def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd.DataFrame, *,
           labels: np.ndarray | None = None, conditions: np.ndarray | None = None,
           donors: np.ndarray | None = None, options: PruneOptions | None = None, n_cells: int | None = None,
-          progress: bool = False) -> PruneResult:
-    """Run every condition and compute the long `collapse` table and the AD-vs-control `contrasts`.
+          case=None, control=None, progress: bool = False) -> PruneResult:
+    """Run every condition and compute the long `collapse` table and the case-vs-control `contrasts`.
+
+    `case` / `control` name the condition levels contrasted (see `scsuperweight.checks.resolve_case_control`,
+    which is asked when they are not given and refuses to guess). Metrics adapted to a small group carry the
+    reason in collapse's ``note`` column (the neighbour count used, or why the value is NaN).
 
     `masked` and `plain` are the same cells' batches with and without the fixed reconstruction mask (scGPT
     `Batch`es, or `scsuperweight.data.geneformer.CellBatch`es for a BERT-family masked LM; the evaluator is the
@@ -491,6 +522,11 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     labels = None if labels is None else np.asarray(labels).astype(str)
     conditions = None if conditions is None else np.asarray(conditions).astype(str)
     units = None if donors is None else np.asarray(donors).astype(str)
+    if conditions is not None and labels is not None and len(set(conditions)) > 1:
+        from .checks import resolve_case_control
+
+        case, control = resolve_case_control(sorted(set(conditions)), None if case is None else str(case),
+                                             None if control is None else str(control))
     cands = select_candidates(candidates, opts.max_candidates)
     conds = build_conditions(model, cands, opts, batches=plain)
     logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
@@ -506,10 +542,12 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
         base = results[K.COND_BASELINE]
         groups = _groups(labels, conditions, opts.min_group_cells) if (labels is not None or conditions is not None) \
             else [(K.GROUP_ALL, np.ones(n_cells, dtype=bool), False)]
-        base_pc = per_cell_metrics(base, None, labels, opts.k)
+        base_notes: dict = {}
+        base_pc = per_cell_metrics(base, None, labels, opts.k, base_notes)
         base_emb = l2_normalise(np.nan_to_num(base["cls"]))
         # per group, once: bootstrap resample counts (shared by every metric and condition), baseline set metrics
         gstate: dict[str, _Group] = {}
+        set_notes: dict[str, dict] = {}  # group -> metric -> why it was adapted (same for every condition)
         for gi, (gname, gmask, multi) in enumerate(groups):
             gunits = units[gmask] if units is not None and len(set(units[gmask])) > 1 else None
             counts = _resample_counts(gunits if gunits is not None else int(gmask.sum()), opts.n_boot, opts.seed + gi)
@@ -518,17 +556,20 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                                                                      set(conditions))) else 0
             cref = M.CPDReference(base_emb[gmask], seed=opts.seed)
             brefs: dict = {}
-            bset = set_metrics(base_emb[gmask], base_emb[gmask], glabels, multi, opts.seed, cref)
+            gnotes: dict = {}
+            bset = set_metrics(base_emb[gmask], base_emb[gmask], glabels, multi, opts.seed, cref, gnotes)
             bboots = _set_boots(base_emb[gmask], base_emb[gmask], gunits, boot_set, opts.seed, gname == K.GROUP_ALL,
                                 brefs)
             gstate[gname] = _Group(gmask, multi, gunits, counts, glabels, boot_set, bset, bboots, cref, brefs)
+            set_notes[gname] = gnotes
         embeddings = {}
 
         def rows_of(cond: Condition) -> list[dict]:
             rows = []
             res = results[cond.name]
             is_base = cond.name == K.COND_BASELINE
-            pc = base_pc if is_base else per_cell_metrics(res, base, labels, opts.k)
+            notes = base_notes if is_base else {}
+            pc = base_pc if is_base else per_cell_metrics(res, base, labels, opts.k, notes)
             emb = l2_normalise(np.nan_to_num(res["cls"]))
             if is_base or cond.name.startswith(("prune:", "restore:")) or cond.name == K.COND_TOP_OUTLIERS:
                 embeddings[cond.name] = emb.astype(np.float32)
@@ -543,9 +584,10 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                     target = v if is_base else v - b
                     lo, hi = _boot_mean_ci(target, g.counts, opts.alpha)
                     rows.append(_row(cond, metric, gname, float(np.mean(v[ok])), float(np.mean(v[ok] - b[ok])), lo, hi,
-                                     g.unit))
+                                     g.unit, _note(notes, metric)))
+                snotes = set_notes[gname] if is_base else {}
                 sm = g.base_set if is_base else set_metrics(emb[g.mask], base_emb[g.mask], g.labels, g.multi_label,
-                                                            opts.seed, g.cpd_ref)
+                                                            opts.seed, g.cpd_ref, snotes)
                 boots = g.base_boots if is_base else _set_boots(emb[g.mask], base_emb[g.mask], g.units, g.n_boot_set,
                                                                 opts.seed, gname == K.GROUP_ALL, g.cpd_refs)
                 for metric, value in sm.items():
@@ -555,8 +597,9 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                         d = d[~np.isnan(d)]
                         if len(d) >= 5:
                             lo, hi = np.quantile(d, [opts.alpha / 2, 1 - opts.alpha / 2])
+                    why = _note(snotes, "leiden" if metric.startswith("leiden_") else metric)
                     rows.append(_row(cond, metric, gname, float(value), float(value - g.base_set.get(metric, np.nan)),
-                                     lo, hi, g.unit))
+                                     lo, hi, g.unit, why))
             return rows
 
         rows = [r for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False) for r in rows_of(cond)]
@@ -569,8 +612,8 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             collapse = _add_p_values(pd.DataFrame(rows))
     collapse = _add_null_columns(collapse, conds, nulls)
     firstorder = _first_order_table(model, masked, conds, collapse, nulls, opts) if opts.first_order else None
-    contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts) \
-        if conditions is not None and labels is not None else pd.DataFrame()
+    contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts, case, control) \
+        if case is not None and control is not None else pd.DataFrame()
     cond_table = pd.DataFrame([{"condition": c.name, "candidate": c.candidate, "control_for": c.control_for,
                                 "factor": c.factor, "n_edits": len(c.edits),
                                 "edits": ";".join(A.describe_edit(e) for e in c.edits),
@@ -579,7 +622,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                                 "patch": "" if c.patch is None else "{}[{}]={:.6g}@{}".format(*c.patch)}
                                for c in conds])
     params = {**opts.__dict__, "n_cells": n_cells, "n_conditions": len(conds), "blocks_recomputed": ev.forwards,
-              "candidates": list(cands["candidate"]),
+              "candidates": list(cands["candidate"]), "case": case, "control": control,
               "null_draws": {p: n.draws for p, n in nulls.items()} if nulls else None}
     params["scale_factors"] = list(opts.scale_factors)
     params["granularities"] = list(opts.granularities)
@@ -747,12 +790,12 @@ def _null_pool(cond: Condition) -> str:
     return ""
 
 
-def _row(cond: Condition, metric, group, value, delta, lo, hi, unit) -> dict:
+def _row(cond: Condition, metric, group, value, delta, lo, hi, unit, note: str = "") -> dict:
     return {"condition": cond.name, "metric": metric, "group": group, "value": value,
             "delta": 0.0 if cond.name == K.COND_BASELINE else delta, "ci_low": lo, "ci_high": hi,
             "p_value": np.nan, "ci_of": "value" if cond.name == K.COND_BASELINE else "delta",
             "bootstrap_unit": unit, "candidate": cond.candidate, "control_for": cond.control_for,
-            "null_pool": _null_pool(cond), "factor": cond.factor, "p_matched": np.nan}
+            "null_pool": _null_pool(cond), "factor": cond.factor, "p_matched": np.nan, "note": note}
 
 
 _UNIT_POOLS = ("neuron:", "channel:", K.COND_JOINT)  # pools of whole units, not of a candidate's parameter
@@ -797,19 +840,22 @@ _CONTRAST_ORDER = {m: i for i, m in enumerate(("gep_mse", "gepc_mse", "mlm_loss"
                                                "mlm_accuracy"))}
 
 
-def _contrasts(conds, results, base_pc, labels, conditions, units, opts) -> pd.DataFrame:
-    """Per cell type: (delta in one condition) - (delta in the other), with a bootstrap interval."""
-    levels = sorted(set(conditions))
-    if len(levels) != 2:
-        return pd.DataFrame()
-    case = "AD" if "AD" in levels else levels[0]
-    ctrl = [lv for lv in levels if lv != case][0]
+def _contrasts(conds, results, base_pc, labels, conditions, units, opts, case=None, control=None) -> pd.DataFrame:
+    """Per cell type: (delta in case cells) - (delta in control cells), with a bootstrap interval; each row names
+    its case and control (``case``, ``control``, ``contrast``, ``delta_<case>``, ``delta_<control>``). Cells of
+    any other condition level enter no contrast."""
+    if case is None or control is None:
+        from .checks import resolve_case_control
+
+        case, control = resolve_case_control(sorted(set(conditions)), case, control)
+    case, ctrl = str(case), str(control)
+    silenced: dict = {}  # small-group notes are the collapse table's; not repeated here
     rows = []
     base = results[K.COND_BASELINE]
     for cond in conds:
         if not cond.name.startswith(("prune:", "restore:")) and cond.name != K.COND_TOP_OUTLIERS:
             continue
-        pc = per_cell_metrics(results[cond.name], base, labels, opts.k)
+        pc = per_cell_metrics(results[cond.name], base, labels, opts.k, silenced)
         recon = sorted(reconstruction_metrics(results[cond.name]), key=lambda m: _CONTRAST_ORDER.get(m, 99))
         for metric in (*recon, "cls_cosine_to_baseline", "knn_preservation"):
             if metric not in pc:
@@ -829,7 +875,8 @@ def _contrasts(conds, results, base_pc, labels, conditions, units, opts) -> pd.D
                 rows.append({"condition": cond.name, "metric": metric, "group": lab,
                              f"delta_{case}": float(d[a].mean()), f"delta_{ctrl}": float(d[b].mean()),
                              "difference": float(d[a].mean() - d[b].mean()), "ci_low": lo, "ci_high": hi,
-                             "contrast": f"{case} - {ctrl}", "n_case": int(a.sum()), "n_control": int(b.sum()),
+                             "contrast": f"{case} - {ctrl}", "case": case, "control": ctrl,
+                             "n_case": int(a.sum()), "n_control": int(b.sum()),
                              "bootstrap_unit": "cells" if ua is None else "donors",
                              "ci_level": 1.0 - opts.alpha})
     return pd.DataFrame(rows)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
+from . import results as R
 from ._log import logger
 from .adapters import get_adapter
 from .errors import DataError
@@ -31,8 +32,7 @@ from .instrument import swapped
 
 GRANULARITIES = ("tensor", "row", "block")
 CLIPS = ("none", "percentile", "mse")
-QUANTIZE_COLUMNS = ["setting", "bits", "granularity", "block_size", "holdout", "clip", "n_weights", "n_held_out",
-                    "weight_rel_error", "cls_cosine", "recon_metric", "recon", "recon_delta", "knn_accuracy"]
+QUANTIZE_COLUMNS = list(R.spec("quantize").contract)  # quantize.tsv, declared once in `results`
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from scsuperweight._log import logger
 from scsuperweight.errors import DataError
 from scsuperweight.judge import pool_labels, random_pools, verdicts
 
-__all__ = ["report", "load_results"]
+__all__ = ["report", "load_results", "census_page"]
 
 # The AD-vs-control contrasts the prune step computes (per cell type: Δ in case cells minus Δ in control cells, with
 # a bootstrap interval): uns[key]["contrasts"] (tl.prune) and contrasts.tsv (cli prune, pipeline.run_pipeline).
@@ -320,8 +320,12 @@ def _cell_type_text(res: dict, col: pd.DataFrame, cand: str, metric: str, ci: st
 
 
 def _contrast_names(con: pd.DataFrame) -> tuple[str, str]:
-    """(case, control) as the contrasts table names them: its ``contrast`` column ("AD - control"), else its two
-    ``delta_<condition>`` columns in order."""
+    """(case, control) as the contrasts table names them: its ``case`` / ``control`` columns, else its
+    ``contrast`` column ("AD - control"), else its two ``delta_<condition>`` columns in order."""
+    if {"case", "control"} <= set(con.columns):
+        pairs = con[["case", "control"]].dropna().astype(str).drop_duplicates()
+        if len(pairs) == 1 and all(pairs.iloc[0]):
+            return pairs.iloc[0]["case"], pairs.iloc[0]["control"]
     if "contrast" in con.columns:
         for c in con["contrast"].dropna().astype(str):
             parts = c.split(" - ")
@@ -343,8 +347,23 @@ def _contrast_ci(con: pd.DataFrame) -> str:
     return "bootstrap CI"
 
 
+def _contrast_title(res: dict, sep: str = "-vs-") -> str:
+    """'<case>-vs-<control>' (or '<case> − <control>' with ``sep=" − "``) as the run named them: the contrasts
+    table, else the case and control the prune step recorded; 'AD-vs-control' when neither says."""
+    con = res.get(UNS_CONTRASTS)
+    if isinstance(con, pd.DataFrame) and len(con):
+        case, ctrl = _contrast_names(con)
+    else:
+        case, ctrl = _step_param(res, "prune", "case"), _step_param(res, "prune", "control")
+        if case is None or ctrl is None:
+            case, ctrl = _param(res, "case"), _param(res, "control")
+        if case is None or ctrl is None:
+            case, ctrl = "AD", "control"
+    return f"{_e(str(case))}{sep}{_e(str(ctrl))}"
+
+
 def _no_contrast_reason(res: dict) -> str | None:
-    """Why there is no AD-vs-control contrast to report, or None when the contrasts table has rows."""
+    """Why there is no case-vs-control contrast to report, or None when the contrasts table has rows."""
     con = res.get(UNS_CONTRASTS)
     if isinstance(con, pd.DataFrame) and len(con):
         return None
@@ -367,11 +386,11 @@ def _contrast_text(res: dict, cand: str, metric: str) -> list[str]:
     """Sentences on whether disease cells lose more than control cells, read off the prune step's contrasts."""
     why = _no_contrast_reason(res)
     if why is not None:
-        return [f"No AD-vs-control contrast: {why}."]
+        return [f"No {_contrast_title(res)} contrast: {why}."]
     con = res[UNS_CONTRASTS]
     lack = sorted({"condition", "metric", "group", "difference", "ci_low", "ci_high"} - set(con.columns))
     if lack:
-        return [f"No AD-vs-control contrast: the contrasts table lacks column(s) {_e(', '.join(lack))}."]
+        return [f"No {_contrast_title(res)} contrast: the contrasts table lacks column(s) {_e(', '.join(lack))}."]
     cond = _keys.cond_prune(cand)
     mine = con[con["condition"].astype(str) == cond]
     sub = mine[mine["metric"].astype(str) == metric]
@@ -379,7 +398,8 @@ def _contrast_text(res: dict, cand: str, metric: str) -> list[str]:
         have = list(dict.fromkeys(mine["metric"].astype(str)))
         where = (f"it has {_e(', '.join(have))} for this candidate, not {_e(metric)}" if have
                  else "this candidate is not in it")
-        return [f"No AD-vs-control contrast on {_e(metric)}: {FILE_CONTRASTS} has {len(con)} row(s), but {where}."]
+        return [f"No {_contrast_title(res)} contrast on {_e(metric)}: {FILE_CONTRASTS} has {len(con)} row(s), but "
+                f"{where}."]
     case, ctrl = _contrast_names(sub)
     ci = _contrast_ci(sub)
     hib = _pl._higher_is_better(metric)
@@ -399,8 +419,8 @@ def _contrast_text(res: dict, cand: str, metric: str) -> list[str]:
         resolved = _finite(lo) and _finite(hi) and (float(lo) > 0 or float(hi) < 0)
         rows.append((str(r["group"]), r, float(d), wg, resolved))
     if not rows:
-        return [f"No AD-vs-control contrast: {FILE_CONTRASTS} has rows for this candidate on {_e(metric)}, but "
-                f"none with a finite difference."]
+        return [f"No {_contrast_title(res)} contrast: {FILE_CONTRASTS} has rows for this candidate on "
+                f"{_e(metric)}, but none with a finite difference."]
     units = sorted({str(r["bootstrap_unit"]) for _, r, *_ in rows
                     if "bootstrap_unit" in sub.columns and isinstance(r["bootstrap_unit"], str)})
     over = f", resampling {' or '.join(_e(u) for u in units)}" if units else ""
@@ -1082,7 +1102,7 @@ def _tables(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: floa
 
 
 def _contrasts_table(res: dict, metric: str | None, n_top: int) -> str:
-    head = "<h3>AD − control contrasts</h3>"
+    head = f"<h3>{_contrast_title(res, ' − ')} contrasts</h3>"
     why = _no_contrast_reason(res)
     if why is not None:
         return head + f"<p class='skip'>Skipped: {why}.</p>"
@@ -1204,6 +1224,136 @@ def _provenance(res: dict) -> str:
         out.append(_kv_table(rest, "Other"))
     out.append("</div>")
     return "\n".join(out)
+
+
+def _null_text(res: dict) -> str | None:
+    """What the scan's detection null says: how often null copies pass the fixed threshold, the top spike's p."""
+    null = _step_param(res, "scan", "null")
+    if not isinstance(null, Mapping) or not null.get("k"):
+        return None
+    k = int(null["k"])
+    where = (f"one synthetic cell of {null.get('n_tokens')} tokens" if null.get("inputs") == "data_free"
+             else f"{null.get('n_cells')} of the scanned cells")
+    thr = f"spike ratio ≥ {_num(null.get('min_ratio', 20))}"
+    what = {"gaussian": "Gaussian copies (each tensor redrawn from a normal with its median and robust scale: an "
+                        "untrained model of the same shape, with no outlier)",
+            "permute": "permuted copies (each tensor's entries shuffled: same values, outliers included, no learned "
+                       "arrangement)"}
+    out = []
+    for m in ("gaussian", "permute"):
+        d = null.get(m)
+        if not isinstance(d, Mapping):
+            continue
+        n_pass = int(round(float(d.get("pass_rate", 0)) * k))
+        top = (f"the checkpoint's largest spike (<code>{_e(d.get('top_site'))}</code> channel "
+               f"{_e(d.get('top_channel'))}, ratio {_num(d.get('top_ratio'))}) has p = {_p(d.get('top_p'))} against "
+               f"that site's null and p = {_p(d.get('top_p_max'))} against the largest spike anywhere in a null "
+               f"copy (smallest attainable p = 1/{k + 1})") if d.get("top_site") else "no spike was traced"
+        out.append(f"<li>{n_pass} of {k} {what[m]} pass the fixed threshold ({thr}); the largest null spike ratio "
+                   f"is {_num(d.get('null_max_ratio_max'))} (median over copies {_num(d.get('null_max_ratio_median'))}"
+                   f"); {top}.</li>")
+    if not out:
+        return None
+    cols = "<code>perm_p</code>, <code>perm_q</code> (BH over sites) and <code>perm_p_max</code>"
+    both = " (<code>_permute</code> columns: the permutation null)" if "permute" in null and "gaussian" in null \
+        else ""
+    return (f"<h3>Detection null</h3><p>The scan's threshold is hand-set; here the same trace ran on {where} "
+            f"through K = {k} null copies of the checkpoint. Each candidate's site gets {cols} in "
+            f"superweights.tsv{both}.</p><ul class='follow'>" + "".join(out) + "</ul>"
+            "<p class='note'>A lone huge scalar survives shuffling (it writes a spike wherever it lands), so the "
+            "permutation null cannot call a single super weight; the Gaussian null can. The permutation null asks "
+            "whether the arrangement matters.</p>")
+
+
+def _quantize_text(res: dict) -> str | None:
+    """The quantisation section: whether holding out the candidates helps, from quantize.tsv."""
+    from scsuperweight.quantize import holdout_gain
+
+    q = res.get("quantize")
+    if not isinstance(q, pd.DataFrame) or q.empty:
+        return None
+    q = R.typed(q, "quantize")
+    held = int(q["n_held_out"].max()) if "n_held_out" in q.columns and len(q) else 0
+    gain = holdout_gain(q)
+    parts = ["<h3>Quantisation with the candidates held out</h3>"]
+    if gain.empty:
+        parts.append("<p class='skip'>quantize.tsv has no setting both with and without holdout.</p>")
+    else:
+        tol = 1e-4
+        helps, hurts = gain[gain["gain"] > tol], gain[gain["gain"] < -tol]
+        best = gain.sort_values("gain", ascending=False).iloc[0]
+
+        def name(r) -> str:
+            g = f"block {int(r['block_size'])}" if r["granularity"] == "block" else f"per {r['granularity']}"
+            return f"INT{int(r['bits'])}, {g}" + ("" if r["clip"] == "none" else f", clip {r['clip']}")
+
+        if len(helps):
+            verdict = (f"<b>Holding out the {held} candidate scalar(s) helps</b> in {len(helps)} of {len(gain)} "
+                       f"settings (<code>&lt;cls&gt;</code> cosine to full precision up by more than {tol:g}); the "
+                       f"largest gain is at {_e(name(best))}: {_num(best['without'])} → "
+                       f"{_num(best['with_holdout'])}.")
+        else:
+            verdict = (f"<b>Holding out the {held} candidate scalar(s) does not help</b>: in none of {len(gain)} "
+                       f"settings does it raise the <code>&lt;cls&gt;</code> cosine to full precision by more than "
+                       f"{tol:g}.")
+        if len(hurts):
+            verdict += f" It lowers it in {len(hurts)} setting(s)."
+        parts.append(f"<p class='verdict {'pass' if len(helps) else 'none'}'>{verdict}</p>")
+        cols = ["bits", "granularity", "block_size", "clip", "without", "with_holdout", "gain"]
+        parts.append(_html_table(gain.sort_values("gain", ascending=False)[cols], max_rows=12,
+                                 caption="&lt;cls&gt; cosine to full precision without and with the candidates "
+                                         "held out (from quantize.tsv), largest gain first."))
+    try:
+        parts.append("<figure><figcaption><b>Quantisation.</b> &lt;cls&gt; cosine to full precision vs block size, "
+                     "per bit width; solid: candidates held out.</figcaption>"
+                     + _fig_html(_pl.quantize(q)) + "</figure>")
+    except DataError as err:
+        parts.append(f"<p class='skip'>Quantisation figure skipped: {_e(err)}</p>")
+    return "\n".join(parts)
+
+
+def _analyses(res: dict) -> str | None:
+    parts = [t for t in (_null_text(res), _quantize_text(res)) if t]
+    return "\n".join(parts) if parts else None
+
+
+def census_page(result, path, *, title: str = "scsuperweight census", min_ratio: float | None = None) -> Path:
+    """One self-contained HTML page for a census (`scsuperweight.census.CensusResult`): what coincides across
+    the models, the figure, the top spikes per model, the candidates, the parameters."""
+    sp, co, ca, params = result.spikes, result.coincidences, result.candidates, dict(result.params)
+    min_ratio = params.get("min_ratio", 20.0) if min_ratio is None else min_ratio
+    n_models = sp["model"].nunique() if len(sp) else 0
+    shared = co[co["n_models"] > 1] if len(co) else co
+    steps = sp["step"].notna().all() and len(sp)
+    if len(co):
+        first = co.iloc[0]
+        when = (f", first above threshold at step {int(first['first_step'])}" if steps and _finite(first["first_step"])
+                else f", first in {_e(first['first_model'])}")
+        lead = (f"<p class='verdict pass'>{len(co)} spike coordinate(s) pass the threshold (ratio ≥ {_num(min_ratio)}) "
+                f"in at least one of {n_models} models; {len(shared)} recur in more than one. The strongest: layer "
+                f"{_e(first['layer'])} {_e(first['kind'])} channel {_e(first['channel'])} in {int(first['n_models'])} "
+                f"model(s){when}, ratio up to {_num(first['max_ratio'])}.</p>")
+    else:
+        lead = (f"<p class='verdict none'>No spike passes the threshold (ratio ≥ {_num(min_ratio)}) in any of "
+                f"{n_models} models.</p>")
+    try:
+        fig = _fig_html(_pl.census(sp, min_ratio=min_ratio))
+    except DataError as err:
+        fig = f"<p class='skip'>Figure skipped: {_e(err)}</p>"
+    body = [f"<h1>{_e(title)}</h1>", lead, "<h2>Spikes across the models</h2>", fig,
+            "<h2>Shared coordinates</h2>",
+            _html_table(co, max_rows=50) if len(co) else "<p class='skip'>None above threshold.</p>",
+            "<h2>Top spikes per model</h2>", _html_table(sp, max_rows=200),
+            "<h2>Candidates per model</h2>",
+            _html_table(ca, max_rows=100) if len(ca) else "<p class='skip'>Not computed.</p>",
+            "<h2>Parameters</h2>", _kv_table(params, "census")]
+    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>\n"
+            + "\n".join(body) + "\n</main></body></html>\n")
+    out = Path(path)
+    atomic_write_text(out, page)
+    logger.info("wrote census page to %s", out)
+    return out
 
 
 _CSS = """
@@ -1330,6 +1480,8 @@ def report(
         "<section id='hypotheses'><h2>Hypotheses</h2>", hyp_html, "</section>",
         "<section id='ablations'><h2>Zero vs mean, and granularity</h2>", _ablations_section(res, metric, alpha),
         "</section>",
+        *(["<section id='analyses'><h2>Detection null and quantisation</h2>", analyses, "</section>"]
+          if (analyses := _analyses(res)) else []),
         "<section id='figures'><h2>Figures</h2>", _figures(res, adata, metric, top), "</section>",
         "<section id='tables'><h2>Tables</h2>", _tables(res, verdicts, metric, alpha, n_top), "</section>",
         "<section id='caveats'><h2>Caveats</h2>", _caveats(res, verdicts, metric, alpha), "</section>",

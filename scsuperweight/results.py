@@ -55,6 +55,7 @@ class TableSpec:
     extra: Mapping[str, str] = field(default_factory=_frozen)  # known optional columns and their types
     prefixes: tuple[tuple[str, str], ...] = ()  # (name prefix, type) for families like act_mean:<label>
     empty_means_no_rows: bool = False  # an empty file is "computed, no rows", not "unreadable"
+    in_run: bool = True  # a step of a whole run (`scsuperweight run`); False: an analysis run on its own
 
     @property
     def contract(self) -> tuple[str, ...]:
@@ -91,8 +92,12 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
           extra={"rank": INT, "screen": STR, "above_threshold": BOOL, "threshold_abs": FLOAT,
                  "threshold_ratio": FLOAT, "site": STR, "channel": INT, "cell": INT, "position": INT, "round": INT,
                  "stability_by_group": STR, "primary": BOOL, "contribution": FLOAT, "col_from": STR,
-                 "weight_ratio": FLOAT, "effect": FLOAT, "effect_ratio": FLOAT, "percentile": FLOAT,
-                 "metric": STR}),
+                 "weight_ratio": FLOAT,
+                 # the detection null (scan null_k > 0): empirical p of the row's site against K null copies, BH q
+                 # over sites, p against the null of the largest spike anywhere; `_permute` when both nulls ran
+                 "perm_p": FLOAT, "perm_q": FLOAT, "perm_p_max": FLOAT, "perm_p_permute": FLOAT,
+                 "perm_q_permute": FLOAT, "perm_p_max_permute": FLOAT, "effect": FLOAT, "effect_ratio": FLOAT,
+                 "percentile": FLOAT, "metric": STR}),
     _spec("activations", "activations.tsv", "scan",
           {"layer": INT, "site": STR, "max_abs": FLOAT, "median_abs": FLOAT, "channel": INT, "token": STR,
            "stability": FLOAT},
@@ -105,12 +110,13 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
           "Long table: each condition's metric per group, its change from baseline, interval and p vs random "
           "scalars.",
           extra={"ci_of": STR, "bootstrap_unit": STR, "candidate": STR, "control_for": STR, "null_pool": STR,
-                 "factor": FLOAT, "p_matched": FLOAT, "null_draws": INT, "null_stopped_early": BOOL,
+                 "factor": FLOAT, "p_matched": FLOAT, "note": STR, "null_draws": INT, "null_stopped_early": BOOL,
                  "p_sequential": FLOAT}),
     _spec("contrasts", "contrasts.tsv", "prune",
           {"condition": STR, "metric": STR, "group": STR, "difference": FLOAT, "ci_low": FLOAT, "ci_high": FLOAT},
           "Per cell type: the change in case cells minus the change in control cells, with a bootstrap interval.",
-          extra={"contrast": STR, "n_case": INT, "n_control": INT, "bootstrap_unit": STR, "ci_level": FLOAT},
+          extra={"contrast": STR, "case": STR, "control": STR, "n_case": INT, "n_control": INT,
+                 "bootstrap_unit": STR, "ci_level": FLOAT},
           prefixes=(("delta_", FLOAT),), empty_means_no_rows=True),
     _spec("conditions", "conditions.tsv", "prune",
           {"condition": STR, "candidate": STR, "control_for": STR, "factor": FLOAT, "n_edits": INT, "edits": STR,
@@ -145,14 +151,29 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
           extra={"status": STR, "group": STR, "baseline": FLOAT, "value": FLOAT, "harmful": MAYBE, "null_pool": STR,
                  "n_random": FLOAT, "p_source": STR, "alpha": FLOAT, "direction": STR, "ablation": STR,
                  "condition": STR, "p_matched": FLOAT, "n_matched": FLOAT}),
+    _spec("quantize", "quantize.tsv", "quantize",
+          {"setting": STR, "bits": INT, "granularity": STR, "block_size": INT, "holdout": BOOL, "clip": STR,
+           "n_weights": INT, "n_held_out": INT, "weight_rel_error": FLOAT, "cls_cosine": FLOAT, "recon_metric": STR,
+           "recon": FLOAT, "recon_delta": FLOAT, "knn_accuracy": FLOAT},
+          "Round-to-nearest quantisation of every linear weight, per setting, with and without the candidates held "
+          "out in full precision: <cls> cosine to full precision, reconstruction error and kNN accuracy.",
+          in_run=False),
+    _spec("census", "census.tsv", "census",
+          {"model": STR, "order": INT, "step": FLOAT, "rank": INT, "layer": INT, "site": STR, "kind": STR,
+           "channel": INT, "token": STR, "max_abs": FLOAT, "median_abs": FLOAT, "ratio": FLOAT,
+           "above_threshold": BOOL, "perm_p": FLOAT, "n_models": INT, "coincides": BOOL, "models_sharing": STR},
+          "Per model (or training checkpoint, in step order): its strongest spikes, their detection-null p, and "
+          "how many models share each spike coordinate (layer, site kind, channel).",
+          in_run=False),
 )})
 
 RESULTS = FileSpec("results", "results.h5ad", "the input cells with embeddings and every table under uns[key]")
 REPORT = FileSpec("report", "report.html", "one self-contained HTML page")
 RUN = FileSpec("run", "run.json", "versions, run id, data and model hashes, parameters, seed, timings, status")
 FILES: Mapping[str, FileSpec] = MappingProxyType({f.name: f for f in (RESULTS, REPORT, RUN)})
-# the steps of a whole run, in order (the report names those a partial run lacks)
-STEPS = tuple(dict.fromkeys(s.step for s in TABLES.values()))
+# the steps of a whole run, in order (the report names those a partial run lacks); quantize and census are
+# analyses of their own, never missing from a run
+STEPS = tuple(dict.fromkeys(s.step for s in TABLES.values() if s.in_run))
 
 
 def spec(name: str) -> TableSpec:
@@ -344,7 +365,7 @@ def write_table(out_dir, name: str, df: pd.DataFrame, *, run_id: str | None = No
 def write_run_dir(adata, out_dir, *, steps: Iterable[str] | None = None, run_id: str | None = None,
                   key: str = K.UNS_KEY) -> list[Path]:
     """Write every table of `steps` (default: all) that `adata` holds into `out_dir`; returns the paths."""
-    steps = set(STEPS if steps is None else steps)
+    steps = {s.step for s in TABLES.values()} if steps is None else set(steps)
     ns = adata.uns.get(key) or {}
     return [write_table(out_dir, s.name, table(adata, s.name, key), run_id=run_id)
             for s in TABLES.values() if s.step in steps and s.uns_key in ns]

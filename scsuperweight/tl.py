@@ -95,6 +95,80 @@ def stratified_subsample(labels: np.ndarray | None, n_obs: int, max_per_label: i
     return np.sort(idx)
 
 
+# -- checks before any work ----------------------------------------------------------------------------------
+def _check_inputs(adata, model, *, device=None, label_key: str | None = None, condition_key: str | None = None,
+                  donor_key: str | None = None, case=None, control=None, empty: str = "error", **options) -> tuple:
+    """Every check of a step's arguments, before a model loads or a cell is tokenised: the AnnData and model
+    arguments, the cells-without-counts policy, numeric options (`scsuperweight.checks.OPTION_RULES`), the
+    device, obs keys, and the case and control levels. Returns ``(case, control)`` (None, None without a
+    condition)."""
+    from .checks import check_device, check_model, check_obs_key, check_options, resolve_case_control
+    from .data.tokenize import EMPTY_POLICIES
+    from .errors import OptionError
+
+    if adata is None:
+        msg = "adata is None; pass an AnnData, e.g. adata = sc.read_h5ad('cells.h5ad')."
+        raise DataError(msg)
+    if not isinstance(model, str | Path):
+        check_model(model)
+    if empty not in EMPTY_POLICIES:
+        msg = (f"empty={empty!r} is not a policy for cells with no counts in any vocab gene; pass one of "
+               f"{', '.join(EMPTY_POLICIES)} (--empty in the CLI).")
+        raise OptionError(msg)
+    check_options(**options)
+    if device is not None:
+        check_device(device, option="device")
+    for name, col in (("label_key", label_key), ("donor_key", donor_key)):
+        if col is not None:
+            check_obs_key(adata, col, option=name)
+    if condition_key is None:
+        if case is not None or control is not None:
+            msg = f"case={case!r} / control={control!r} given without condition_key; pass the obs column too."
+            raise OptionError(msg)
+        return None, None
+    levels = check_obs_key(adata, condition_key, option="condition_key")
+    return resolve_case_control(levels, case, control)
+
+
+def _eligible(runner, adata, *, gene_key, layer, empty: str, step: str) -> np.ndarray | None:
+    """(n_obs,) bool of cells with counts in some vocab gene, or None when all have (or the family cannot tell).
+
+    ``empty="error"`` refuses cells without such counts (one line with the fix); ``"drop"`` and ``"keep"`` leave
+    them out of every metric and flag them in ``obs[K.OBS_EMPTY]`` (``"keep"`` also embeds them, as NaN rows)."""
+    is_empty = runner.empty_cells(adata, gene_key=gene_key, layer=layer)
+    if is_empty is None or not is_empty.any():
+        return None
+    n = int(is_empty.sum())
+    if empty == "error":
+        names = ", ".join(map(str, adata.obs_names[np.flatnonzero(is_empty)[:3]]))
+        msg = (f"tl.{step}: {n} of {adata.n_obs} cells have no counts in any vocab gene (e.g. {names}); pass "
+               "empty='drop' to leave them out or empty='keep' to keep them with NaN embeddings and a mask "
+               "(--empty drop|keep), or filter them first.")
+        raise DataError(msg)
+    if n == adata.n_obs:
+        msg = (f"tl.{step}: all {n} cells have no counts in any vocab gene; check layer= (raw counts) and "
+               "gene_key= (gene names the vocab knows).")
+        raise DataError(msg)
+    adata.obs[K.OBS_EMPTY] = is_empty
+    logger.warning("%s: %d of %d cells have no counts in any vocab gene; empty=%r: %s (obs[%r])", step, n,
+                   adata.n_obs, empty, "left out" if empty == "drop" else "NaN embeddings", K.OBS_EMPTY)
+    return ~is_empty
+
+
+def _empty_record(eligible: np.ndarray | None, empty: str) -> dict:
+    return {"empty": empty, "n_empty": 0 if eligible is None else int((~eligible).sum())}
+
+
+def _subsample(labels, n_obs: int, max_per_label, seed: int, eligible: np.ndarray | None,
+               max_cells: int | None = None) -> np.ndarray:
+    """`stratified_subsample` over the eligible cells only (all of them when `eligible` is None)."""
+    if eligible is None:
+        return stratified_subsample(labels, n_obs, max_per_label, seed, max_cells)
+    pool = np.flatnonzero(eligible)
+    pick = stratified_subsample(None if labels is None else labels[pool], len(pool), max_per_label, seed, max_cells)
+    return pool[pick]
+
+
 # -- model families ------------------------------------------------------------------------------------------
 # Everything family-specific (tokenising, batches, embeddings, reconstruction, each family's own options such as
 # Geneformer's token dictionary) lives in its runner; the steps below ask `get_runner(model)` and never branch.
@@ -116,7 +190,8 @@ def _runner(model, step: str, *, required: bool = True, reconstruction: bool = F
 
 def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None = None, batch_size: int = 64,
           max_seq_len: int | None = None, token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
-          seed: int = 0, device=None, key_added: str = K.OBSM_EMB, copy: bool = False, progress: bool = True):
+          seed: int = 0, device=None, key_added: str = K.OBSM_EMB, empty: str = "error", copy: bool = False,
+          progress: bool = True):
     """Cell embeddings, L2-normalised: scGPT's `<cls>` output (as the official embedding task computes it), or for a
     BERT-family model (Geneformer) the mean of the final hidden states over a cell's genes.
 
@@ -137,6 +212,10 @@ def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None
     key_added
         ``obsm`` key written (default ``"X_scGPT"``, kept for every family so that `pl` and the report find it),
         ready for ``sc.pp.neighbors(adata, use_rep=key_added)``.
+    empty
+        Cells with no counts in any vocab gene: ``"error"`` (default) refuses them, ``"drop"`` does not embed
+        them, ``"keep"`` embeds them as ``<cls>`` alone; either way their rows are NaN, ``obs["ssw_no_vocab_counts"]``
+        flags them and the params say how many.
 
     Returns
     -------
@@ -151,16 +230,30 @@ def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None
     >>> adata.obsm["X_scGPT"].shape
     (300, 64)
     """
+    _check_inputs(adata, model, device=device, empty=empty, batch_size=batch_size, max_seq_len=max_seq_len,
+                  seed=seed)
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
     runner, described = _runner(model, "embed", token_dictionary=token_dictionary, gene_medians=gene_medians,
                                 symbol_key=symbol_key)
-    inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                            batch_size=batch_size)
-    adata.obsm[key_added] = runner.embed(inputs, progress=progress)
+    eligible = _eligible(runner, adata, gene_key=gene_key, layer=layer, empty=empty, step="embed")
+    if eligible is None:
+        inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                                batch_size=batch_size)
+        adata.obsm[key_added] = runner.embed(inputs, progress=progress)
+    else:  # drop: embed the others; keep: embed all (`<cls>` alone for the empty ones); empty rows NaN either way
+        cells = None if empty == "keep" else np.flatnonzero(eligible)
+        inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                                batch_size=batch_size, cells=cells, empty=empty)
+        emb = runner.embed(inputs, progress=progress)
+        full = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32)
+        full[np.arange(adata.n_obs) if cells is None else cells] = emb
+        full[~eligible] = np.nan
+        adata.obsm[key_added] = full
     _record(adata, K.UNS_KEY, "embed", dict(gene_key=gene_key, layer=layer, batch_size=batch_size,
                                           max_seq_len=max_seq_len, seed=seed, key_added=key_added,
-                                          family=runner.family, **described, **inputs.gene_counts))
+                                          family=runner.family, **_empty_record(eligible, empty), **described,
+                                          **inputs.gene_counts))
     return adata if copy else None
 
 
@@ -168,7 +261,8 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
          layer: str | None = None, max_cells: int | None = 1000, batch_size: int = 32, max_seq_len: int | None = None,
          min_ratio: float = 20.0, min_abs: float = 0.0, max_rounds: int = 10, stop_fraction: float = 0.1,
          include_ln: bool = True, include_attn: bool = True, weight_only: bool = True, token_dictionary=None,
-         gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None, key: str = K.UNS_KEY,
+         gene_medians=None, symbol_key: str | None = None, null_k: int = 20, null_method: str = "both",
+         null_cells: int = 64, seed: int = 0, device=None, key: str = K.UNS_KEY, empty: str = "error",
          copy: bool = False, progress: bool = True, screen: str | Sequence[str] = ("activation", "weight_only"),
          max_tokens: int | None = None):
     """Find super-weight-like parameters from activation spikes over the cells (and a weight-only screen).
@@ -178,7 +272,14 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     ``uns[key]["params"]["scan"]`` (thresholds, stop reason, rounds). Cells are subsampled to ``max_cells``
     (stratified by ``label_key`` when given). ``mode="data_free"`` uses one synthetic cell instead. A BERT-family
     (Geneformer-like) model reads the cells through ``token_dictionary`` and ``gene_medians`` (see `embed`); its
-    ``token`` column then names genes by symbol.
+    ``token`` column then names genes by symbol. Cells with no counts in any vocab gene are refused, or with
+    ``empty="drop"``/``"keep"`` left out of the scan (see `embed`).
+
+    With ``null_k > 0`` (default 20) the detection null runs too (`scsuperweight.detect_null.scan_null`): the
+    same trace through ``null_k`` null copies of the checkpoint (``null_method``: ``"gaussian"``, ``"permute"`` or
+    ``"both"``) on the data-free cell (``mode="data_free"``) or on ``null_cells`` of the scanned cells, adding
+    ``perm_p``, ``perm_q`` and ``perm_p_max`` (and ``*_permute`` with ``"both"``) to the table and recording in
+    ``params["scan"]["null"]`` how often a null copy passes the fixed threshold. 0 skips it.
 
     `screen` picks the screens, in the table's order: ``"activation"`` (spikes over the cells), ``"weight_only"``
     (the largest weights of each matrix; also switched off by ``weight_only=False``) and ``"gradient"`` (the
@@ -195,6 +296,9 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     from .detect import scan as _scan
     from .detect import weight_screen
 
+    _check_inputs(adata, model, device=device, label_key=label_key, empty=empty, max_cells=max_cells,
+                  batch_size=batch_size, max_seq_len=max_seq_len, min_ratio=min_ratio, min_abs=min_abs,
+                  max_rounds=max_rounds, seed=seed)
     screens = (screen,) if isinstance(screen, str) else tuple(screen)
     unknown = set(screens) - {"activation", "weight_only", "gradient"}
     if unknown or not screens:
@@ -210,7 +314,9 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
                                 gene_medians=gene_medians, symbol_key=symbol_key)
     labels = _obs_column(adata, label_key, "label_key")
     per_label = None if labels is None or max_cells is None else max(1, max_cells // len(set(labels)))
-    cells = stratified_subsample(labels, adata.n_obs, per_label, seed, max_cells)
+    eligible = _eligible(runner, adata, gene_key=gene_key, layer=layer, empty=empty, step="scan") \
+        if mode == "data" else None
+    cells = _subsample(labels, adata.n_obs, per_label, seed, eligible, max_cells)
     groups = group_names = None
     batches = None
     masked = None
@@ -226,7 +332,14 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
                 stop_fraction=stop_fraction, include_ln=include_ln, include_attn=include_attn, groups=groups,
                 group_names=None if group_names is None else list(group_names), seed=seed, progress=progress) \
         if "activation" in screens else None
-    parts = [] if res is None else [res.candidates]
+    table = res.candidates if res is not None else pd.DataFrame()
+    null = None
+    if null_k and len(table):
+        from .detect_null import scan_null
+
+        table, null = scan_null(model, table, batches, k=null_k, method=null_method, seed=seed, data_seed=seed,
+                                null_cells=null_cells, min_ratio=min_ratio, min_abs=min_abs, progress=progress)
+    parts = [table]
     if weight_only and "weight_only" in screens:
         parts.append(weight_screen(model))
     if "gradient" in screens:
@@ -250,7 +363,8 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
                                  "n_cells_scanned": int(len(cells)) if mode == "data" else 1,
                                  "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only,
                                  "screen": list(screens), "max_seq_len": max_seq_len, "max_tokens": max_tokens,
-                                 "family": runner.family, **described})
+                                 "family": runner.family, "null": null or {"k": 0}, **_empty_record(eligible, empty),
+                                 **described})
     n_above = int(res.candidates["above_threshold"].sum()) if len(res.candidates) else 0
     logger.info("scan: %d candidates above threshold; %s", n_above, res.stop_reason)
     return adata if copy else None
@@ -263,16 +377,18 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
           scale_factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), primary_metric: str | None = None,
           mean_ablation: bool = True, granularities: Sequence[str] = ("scalar", "neuron", "channel"),
           joint: bool = True, n_unit_random: int = 20, n_matched: int = 20, n_joint: int = 20,
-          token_dictionary=None, gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None,
-          key: str = K.UNS_KEY, copy: bool = False, progress: bool = True, sequential: bool = True,
-          budget: str | float | None = None, yes: bool = False, dry_run: bool = False, dtype: str = "fp32",
-          max_tokens: int | None = None, first_order: bool = True, on_plan=None):
+          case=None, control=None, token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
+          seed: int = 0, device=None, key: str = K.UNS_KEY, empty: str = "error", copy: bool = False,
+          progress: bool = True, sequential: bool = True, budget: str | float | None = None, yes: bool = False,
+          dry_run: bool = False, dtype: str = "fp32", max_tokens: int | None = None, first_order: bool = True,
+          on_plan=None):
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
 
     Writes ``uns[key]["collapse"]`` (the long `collapse.tsv` table with intervals and p-values vs random scalars),
     ``uns[key]["verdicts"]`` (per candidate: does it pass the controls on the primary metric, and why; see
     `scsuperweight.judge.verdicts`),
-    ``uns[key]["contrasts"]`` (per cell type: collapse in AD minus collapse in control, with intervals),
+    ``uns[key]["contrasts"]`` (per cell type: collapse in case cells minus collapse in control cells, with
+    intervals; each row names its case and control),
     ``uns[key]["conditions"]`` (what each condition edited), ``obsm["X_scGPT"]`` (baseline, all cells) and
     ``obsm["X_scGPT_pruned"]`` (all cells, with the top candidate zeroed). Metrics use a stratified subsample of
     at most ``max_cells_per_label`` cells per label, stated in the params.
@@ -303,6 +419,13 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     n_matched
         Random scalars per candidate from its own |w| quantile bin (``matched:<cand>:<k>``): the ``p_matched``
         column beside the uniform ``p_value``; 0 for none.
+    case, control
+        The levels of ``condition_key`` contrasted (case minus control). Default: the common spellings of AD and
+        of control are recognised (AD, Alzheimer's disease, dementia, ...; control, ctrl, CT, NCI, ...); any
+        other levels are refused with the list, never guessed.
+    empty
+        Cells with no counts in any vocab gene: refused (``"error"``), or left out of every metric (``"drop"``,
+        ``"keep"``; see `embed`).
     sequential
         Draw each parameter's random scalars in rounds and stop once its candidates' decisions on the primary
         metric are settled (Besag & Clifford 1991; `scsuperweight.sequential`): a candidate inside its null costs
@@ -332,33 +455,40 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     """
     from .judge import verdicts
     from .precision import parse_dtype
-    from .prune import PruneOptions
+    from .prune import PruneOptions, select_candidates
     from .prune import prune as _prune
 
     parse_dtype(dtype)  # a bad name fails now, not after the plan
-    adata = adata.copy() if copy else adata
-    model = _resolve_model(model, device)
-    runner, described = _runner(model, "prune", reconstruction=True, token_dictionary=token_dictionary,
-                                gene_medians=gene_medians, symbol_key=symbol_key)
-    mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
+    case, control = _check_inputs(adata, model, device=device, label_key=label_key, condition_key=condition_key,
+                                  donor_key=donor_key, case=case, control=control, empty=empty,
+                                  max_cells_per_label=max_cells_per_label, batch_size=batch_size,
+                                  max_seq_len=max_seq_len, n_random=n_random, max_candidates=max_candidates,
+                                  n_boot=n_boot, seed=seed)
     if candidates is None:
         ns = adata.uns.get(key, {})
         if R.spec("superweights").uns_key not in ns:
             msg = f"no candidates under uns[{key!r}]: run ssw.tl.scan first, or pass candidates=."
             raise DataError(msg)
         candidates = ns[R.spec("superweights").uns_key]
+    cand = _candidate_frame(candidates)
+    if not len(select_candidates(cand, max_candidates)):
+        msg = ("there are no candidates to prune (the scan's table is empty); rerun ssw.tl.scan with a lower "
+               "min_ratio, or pass candidates=.")
+        raise DataError(msg)
     labels = _obs_column(adata, label_key, "label_key")
     conditions = _obs_column(adata, condition_key, "condition_key")
     donors = _obs_column(adata, donor_key, "donor_key")
-    if conditions is not None and len(set(conditions)) < 2:
-        msg = f"condition_key={condition_key!r} has a single value {set(conditions)}; it cannot contrast conditions."
-        raise DataError(msg)
+    adata = adata.copy() if copy else adata
+    model = _resolve_model(model, device)
+    runner, described = _runner(model, "prune", reconstruction=True, token_dictionary=token_dictionary,
+                                gene_medians=gene_medians, symbol_key=symbol_key)
+    mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
+    eligible = _eligible(runner, adata, gene_key=gene_key, layer=layer, empty=empty, step="prune")
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot,
                         scale_factors=tuple(scale_factors), seed=seed, mean_ablation=mean_ablation,
                         granularities=tuple(granularities), joint=joint, n_unit_random=n_unit_random,
                         n_matched=n_matched, n_joint=n_joint, primary_metric=primary_metric,
                         sequential=sequential, first_order=first_order, dtype=dtype)
-    cand = _candidate_frame(candidates)
     cost = plan_cost(adata, model, cand, opts, labels=labels, max_cells_per_label=max_cells_per_label,
                      max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
                      batch_size=batch_size)
@@ -370,14 +500,14 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     if dry_run:
         _record(adata, key, "prune", {**cost_params, "dry_run": True, "label_key": label_key})
         return adata if copy else None
-    cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
+    cells = _subsample(labels, adata.n_obs, max_cells_per_label, seed, eligible)
     extra = {"max_tokens": max_tokens} if max_tokens else {}
     inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
                             batch_size=batch_size, cells=cells, mask_ratio=mask_ratio, **extra)
     res = _prune(model, inputs.masked, inputs.plain, cand, labels=labels[cells],
                  conditions=None if conditions is None else conditions[cells],
                  donors=None if donors is None else donors[cells], options=opts, n_cells=len(cells),
-                 progress=progress)
+                 case=case, control=control, progress=progress)
     metrics = set(res.collapse["metric"]) if len(res.collapse) else set()
     if primary_metric is None:
         primary_metric = runner.primary_metric(metrics)
@@ -392,19 +522,25 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     _store(adata, key, "conditions", res.conditions)
     if res.firstorder is not None:
         _store(adata, key, "firstorder", res.firstorder)
-    # embeddings of every cell: baseline, and with the top candidate zeroed
+    # embeddings of every cell: baseline, and with the top candidate zeroed (cells without counts: NaN rows)
+    every = None if eligible is None else np.flatnonzero(eligible)
     full = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                          batch_size=batch_size, **extra)
-    adata.obsm[K.OBSM_EMB] = runner.embed(full)
+                          batch_size=batch_size, cells=every, **extra)
     top = res.params["candidates"][0]
     row = cand[cand["candidate"] == top].iloc[0]
-    adata.obsm[K.OBSM_EMB_PRUNED] = runner.embed(full, edits=cand[cand["candidate"] == top])
+    for obsm, edits in ((K.OBSM_EMB, None), (K.OBSM_EMB_PRUNED, cand[cand["candidate"] == top])):
+        emb = runner.embed(full, edits=edits)
+        if every is not None:
+            emb, part = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32), emb
+            emb[every] = part
+        adata.obsm[obsm] = emb
     _record(adata, key, "prune", {**res.params, "label_key": label_key, "condition_key": condition_key,
-                                  "donor_key": donor_key, "mask_ratio": mask_ratio, "max_cells_per_label":
-                                  max_cells_per_label, "n_cells_evaluated": int(len(cells)), "pruned_embedding_of":
-                                  top, "pruned_param": str(row["param"]), "primary_metric": primary_metric,
-                                  "family": runner.family, "max_seq_len": max_seq_len, "max_tokens": max_tokens,
-                                  **cost_params, **described})
+                                  "donor_key": donor_key, "case": case, "control": control, "mask_ratio": mask_ratio,
+                                  "max_cells_per_label": max_cells_per_label, "n_cells_evaluated": int(len(cells)),
+                                  "pruned_embedding_of": top, "pruned_param": str(row["param"]),
+                                  "primary_metric": primary_metric, "family": runner.family,
+                                  "max_seq_len": max_seq_len, "max_tokens": max_tokens, **cost_params,
+                                  **_empty_record(eligible, empty), **described})
     return adata if copy else None
 
 
@@ -495,7 +631,7 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
           layer: str | None = None, max_cells_per_label: int | None = 200, mask_ratio: float | None = None,
           batch_size: int = 32, max_seq_len: int | None = None, max_candidates: int = 3, token_dictionary=None,
           gene_medians=None, symbol_key: str | None = None, seed: int = 0, device=None, key: str = K.UNS_KEY,
-          copy: bool = False, progress: bool = True):
+          empty: str = "error", copy: bool = False, progress: bool = True):
     """Rank the genes that ride on each top candidate's channel (see `scsuperweight.genes`).
 
     Writes ``uns[key]["genes"]`` (the `genes.tsv` table with its evidence columns, per cell type when
@@ -511,19 +647,23 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
     """
     from .genes import gene_scores
 
+    _check_inputs(adata, model, device=device, label_key=label_key, empty=empty,
+                  max_cells_per_label=max_cells_per_label, batch_size=batch_size, max_seq_len=max_seq_len,
+                  max_candidates=max_candidates, seed=seed)
+    ns = adata.uns.get(key, {})
+    if R.spec("superweights").uns_key not in ns:
+        msg = f"no candidates under uns[{key!r}]: run ssw.tl.scan first."
+        raise DataError(msg)
     adata = adata.copy() if copy else adata
     model = _resolve_model(model, device)
     runner, described = _runner(model, "genes", token_dictionary=token_dictionary, gene_medians=gene_medians,
                                 symbol_key=symbol_key)
     mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
-    ns = adata.uns.get(key, {})
-    if R.spec("superweights").uns_key not in ns:
-        msg = f"no candidates under uns[{key!r}]: run ssw.tl.scan first."
-        raise DataError(msg)
     cand = _candidate_frame(ns[R.spec("superweights").uns_key])
     cand = cand[cand.get("screen", pd.Series("activation", index=cand.index)).astype(str).str.startswith("activation")]
     labels = _obs_column(adata, label_key, "label_key")
-    cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
+    eligible = _eligible(runner, adata, gene_key=gene_key, layer=layer, empty=empty, step="genes")
+    cells = _subsample(labels, adata.n_obs, max_cells_per_label, seed, eligible)
     inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
                             batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
     table = gene_scores(model, inputs.plain, inputs.masked, cand, groups=None if labels is None else labels[cells],
@@ -532,7 +672,8 @@ def genes(adata, model="demo", *, label_key: str | None = None, gene_key: str | 
     _ns(adata, key)["background"] = inputs.background
     _record(adata, key, "genes", dict(label_key=label_key, max_cells_per_label=max_cells_per_label,
                                       mask_ratio=mask_ratio, max_candidates=max_candidates, seed=seed,
-                                      n_cells=int(len(cells)), family=runner.family, **described))
+                                      n_cells=int(len(cells)), family=runner.family,
+                                      **_empty_record(eligible, empty), **described))
     return adata if copy else None
 
 
@@ -549,7 +690,9 @@ def enrich(adata, *, gene_sets=("bundled",), key: str = K.UNS_KEY, top_n: int = 
     >>> ssw.tl.enrich(adata, gene_sets=["bundled", "h.all.v7.0.symbols.gmt"])
     """
     from . import enrich as E
+    from .checks import check_options
 
+    check_options(permutations=permutations, top_n=top_n, seed=seed)
     adata = adata.copy() if copy else adata
     ns = adata.uns.get(key, {})
     if R.spec("genes").uns_key not in ns or "background" not in ns:
@@ -585,3 +728,76 @@ def enrich(adata, *, gene_sets=("bundled",), key: str = K.UNS_KEY, top_n: int = 
 def _torch_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
+
+
+def quantize(adata, model="demo", *, candidates: pd.DataFrame | None = None, label_key: str | None = None,
+             bits: Sequence[int] = (8, 4), granularities: Sequence[str] = ("tensor", "row", "block"),
+             block_sizes: Sequence[int] = (64, 256, 1024, 4096), clips: Sequence[str] = ("none", "mse"),
+             max_candidates: int = 6, max_cells_per_label: int | None = 100, max_cells: int | None = 500,
+             mask_ratio: float | None = None, batch_size: int = 32, max_seq_len: int | None = None, k: int = 10,
+             gene_key: str | None = None, layer: str | None = None, token_dictionary=None, gene_medians=None,
+             symbol_key: str | None = None, seed: int = 0, device=None, key: str = K.UNS_KEY, copy: bool = False,
+             progress: bool = True):
+    """Round-to-nearest quantisation of every linear weight, with and without the candidates held out in full
+    precision (the super-weight paper's practical result; see `scsuperweight.quantize`).
+
+    Every combination of `bits` x `granularities` (block sizes for ``"block"``) x `clips` runs twice, rounding
+    everything and keeping the top `max_candidates` scalar candidates of the scan (``uns[key]["superweights"]``,
+    those above threshold first; or `candidates`) exact and out of the scales. Each setting is measured on a
+    stratified subsample of cells: ``<cls>`` cosine to full precision, the family's reconstruction error on fixed
+    masked batches and its change, and leave-one-out kNN accuracy on ``label_key``.
+
+    Writes ``uns[key]["quantize"]`` (the `quantize.tsv` table) and ``uns[key]["params"]["quantize"]`` (settings,
+    the scalars held out, cells).
+
+    Examples
+    --------
+    >>> ssw.tl.scan(adata, "demo", label_key="cell_type")
+    >>> ssw.tl.quantize(adata, "demo", label_key="cell_type", bits=[4], clips=["none"])
+    >>> ssw.get.quantize(adata).query("granularity == 'block'")
+    """
+    from .quantize import default_settings, quantize_sweep
+
+    adata = adata.copy() if copy else adata
+    model = _resolve_model(model, device)
+    runner, described = _runner(model, "quantize", reconstruction=True, token_dictionary=token_dictionary,
+                                gene_medians=gene_medians, symbol_key=symbol_key)
+    mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
+    if candidates is None:
+        ns = adata.uns.get(key, {})
+        if R.spec("superweights").uns_key not in ns:
+            msg = (f"no candidates under uns[{key!r}] to hold out: run ssw.tl.scan first (CLI: scsuperweight scan), "
+                   "or pass candidates=.")
+            raise DataError(msg)
+        candidates = ns[R.spec("superweights").uns_key]
+    held = _holdout_candidates(_candidate_frame(candidates), max_candidates)
+    labels = _obs_column(adata, label_key, "label_key")
+    cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label if labels is not None else None, seed,
+                                 max_cells)
+    inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                            batch_size=batch_size, cells=cells, mask_ratio=mask_ratio)
+    settings = default_settings(bits=bits, block_sizes=block_sizes, clips=clips, granularities=granularities)
+    table = quantize_sweep(model, inputs.plain, inputs.masked, held, settings,
+                           None if labels is None else labels[cells], k=k, n_cells=len(cells), progress=progress)
+    _store(adata, key, "quantize", table)
+    _record(adata, key, "quantize", dict(bits=list(bits), granularities=list(granularities),
+                                         block_sizes=list(block_sizes), clips=list(clips), label_key=label_key,
+                                         max_candidates=max_candidates, held_out=held["candidate"].tolist(),
+                                         n_cells=int(len(cells)), mask_ratio=mask_ratio, k=k, seed=seed,
+                                         family=runner.family, **described))
+    return adata if copy else None
+
+
+def _holdout_candidates(cand: pd.DataFrame, max_candidates: int) -> pd.DataFrame:
+    """The scalars to hold out: activation-screen candidates with a column index (not LayerNorm dimensions), only
+    those above threshold when any is (else the strongest near-misses, logged), at most `max_candidates`."""
+    c = cand
+    if "screen" in c.columns:
+        c = c[~c["screen"].astype(str).str.startswith("weight")]
+    c = c[c["col"].notna()] if "col" in c.columns else c.iloc[:0]
+    if "above_threshold" in c.columns and c["above_threshold"].astype(bool).any():
+        c = c[c["above_threshold"].astype(bool)]
+    elif len(c):
+        logger.warning("quantize: no scalar candidate passes the scan's threshold; holding out the %d strongest "
+                       "near-misses", min(len(c), int(max_candidates)))
+    return c.drop_duplicates("candidate").head(int(max_candidates)).reset_index(drop=True)

@@ -52,7 +52,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -62,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_torch_save, atomic_write_text
 from ._log import logger
 from .data.batches import Batch, collate, mask_batch
 from .data.tokenize import TokenizedCells, tokenize_anndata
@@ -632,12 +632,6 @@ def evaluate(model: ScGPTModel, data: PreparedData, recipe: dict, *, seed: int =
 # ------------------------------------------------------------------------------------------------- training
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _official_args(recipe: dict, seed: int, n_genes: int) -> dict:
     """args.json fields in the official names where they exist, plus the whole recipe."""
     tr, tk = recipe["train"], recipe["tokens"]
@@ -768,15 +762,13 @@ def pretrain(adata, *, recipe: str | Path | dict = "demo", out_dir: str | Path, 
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "step": step, "torch_rng": torch.get_rng_state(), "recipe": json.dumps(rec),
                  "log": json.dumps(log)}
-        tmp = state_path.with_name(STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, state_path)
+        atomic_torch_save(state, state_path)
 
     def checkpoint(step: int) -> None:
         model.args["trained_steps"] = step
         save_scgpt(model, out)
         save_state(step)
-        _atomic_write_text(out / LOG_FILE, json.dumps(log, indent=1))
+        atomic_write_text(out / LOG_FILE, json.dumps(log, indent=1))
 
     def snapshot(step: int) -> None:
         if save_every and step % int(save_every) == 0:

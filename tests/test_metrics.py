@@ -334,15 +334,10 @@ def test_empirical_p_exact_values():
         (lambda x, y, lab: m.knn_label_correct(x, lab[:-1]), "40 cells"),
         (lambda x, y, lab: m.knn_label_correct(np.where(x > 2, np.nan, x), lab), "NaN"),
         (lambda x, y, lab: m.knn_label_correct(x[:, 0], lab), "2-D"),
-        (lambda x, y, lab: m.knn_label_correct(x, lab, k=40), "lower `k`"),
-        (lambda x, y, lab: m.knn_label_correct(x, np.r_[lab[:-1], 99]), "at least 2 cells.*99"),
         (lambda x, y, lab: m.knn_accuracy(x, np.r_[lab[:-3], [7, 7, 7]]), "at least 5 cells.*7 \\(3\\)"),
         (lambda x, y, lab: m.knn_accuracy(x, np.zeros(40)), "at least 2 labels"),
         (lambda x, y, lab: m.knn_label_correct(x, np.r_[lab[:-1].astype(object), None]), "missing"),
         (lambda x, y, lab: m.leiden_ari_nmi(x, lab, resolution=0), "resolution"),
-        (lambda x, y, lab: m.silhouette_labels(x, np.zeros(40)), "2 and n_cells"),
-        (lambda x, y, lab: m.knc_preservation(x, y, np.zeros(40)), "at least 2 labels"),
-        (lambda x, y, lab: m.knc_preservation(x, y, lab, k=5), "lower `k`"),
         (lambda x, y, lab: m.knn_preservation(x, y, metric="manhattan"), "metric"),
         (lambda x, y, lab: m.cpd(x, y, n_pairs=1), "n_pairs"),
         (lambda x, y, lab: m.mean_pairwise_cosine(x[:1]), "at least 2 cells"),
@@ -362,6 +357,34 @@ def test_bad_input_raises_data_error(call, match):
     labels = np.repeat(np.arange(4), 10)
     with pytest.raises(DataError, match=match):
         call(x, y, labels)
+
+
+# issue 16: a group too small for a metric degrades (a neighbour count lowered, or NaN) with a SmallDataWarning
+# saying which and why, where these raised before
+@pytest.mark.parametrize(
+    ("call", "match", "check"),
+    [
+        (lambda x, y, lab: m.knn_label_correct(x, lab, k=40), r"k=39 \(asked 40\): only 40 cells",
+         lambda got, x, y, lab: np.array_equal(got, m.knn_label_correct(x, lab, k=39))),
+        (lambda x, y, lab: m.knn_label_correct(x, np.r_[lab[:-1], 99]), "label.*99.*single cell",
+         lambda got, x, y, lab: not got[-1] and got.shape == (40,)),
+        (lambda x, y, lab: m.silhouette_labels(x, np.zeros(40)), "2 and n_cells",
+         lambda got, x, y, lab: np.isnan(got)),
+        (lambda x, y, lab: m.knc_preservation(x, y, np.zeros(40)), "at least 2 labels",
+         lambda got, x, y, lab: np.isnan(got)),
+        (lambda x, y, lab: m.knc_preservation(x, y, lab, k=5), r"k=3 \(asked 5\): only 4 labels",
+         lambda got, x, y, lab: got == m.knc_preservation(x, y, lab, k=3)),
+    ],
+)
+def test_small_input_degrades_with_a_warning(call, match, check):
+    from scsuperweight.errors import SmallDataWarning
+
+    rng = np.random.default_rng(15)
+    x, y = rng.normal(size=(40, 6)), rng.normal(size=(40, 3))
+    labels = np.repeat(np.arange(4), 10)
+    with pytest.warns(SmallDataWarning, match=match):
+        got = call(x, y, labels)
+    assert check(got, x, y, labels)
 
 
 def test_data_error_is_a_value_error():

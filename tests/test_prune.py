@@ -122,3 +122,29 @@ def test_restore_of_a_layernorm_candidate_patches_the_norm_output(setup):
     assert t.loc[K.cond_prune("L2.norm2.w[6]"), "delta"] < -0.05  # zeroing the gain at the spike channel hurts
     # the last block's norm output at <cls> is the cell embedding: putting it back recovers it exactly
     assert abs(t.loc[K.cond_restore("L2.norm2.w[6]"), "delta"]) < 1e-6
+
+
+def test_contrast_with_control_and_disease_levels_names_disease_the_case():
+    # issue 16: levels 'control' / 'disease' once flipped the sign (the alphabetically first level was the case);
+    # control is recognised, so disease is the case, and every row says so
+    from scsuperweight.prune import Condition, _contrasts
+
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = np.repeat(["astro", "micro"], n // 2)
+    conditions = np.tile(["control", "disease"], n // 2)
+    base = {"cls": rng.normal(size=(n, 8)), "gep_mse": np.ones(n)}
+    # pruning hurts disease cells by 0.5 more than control cells
+    hurt = {"cls": base["cls"], "gep_mse": np.ones(n) + np.where(conditions == "disease", 0.7, 0.2)}
+    results = {K.COND_BASELINE: base, "prune:c": hurt}
+    conds = [Condition(K.COND_BASELINE, []), Condition("prune:c", [], candidate="c")]
+    base_pc = {"gep_mse": base["gep_mse"]}
+    con = _contrasts(conds, results, base_pc, labels, conditions, None, PruneOptions(n_boot=20))
+    row = con[(con["metric"] == "gep_mse") & (con["group"] == "astro")].iloc[0]
+    assert (row["case"], row["control"], row["contrast"]) == ("disease", "control", "disease - control")
+    assert row["delta_disease"] == pytest.approx(0.7) and row["delta_control"] == pytest.approx(0.2)
+    assert row["difference"] == pytest.approx(0.5)
+    # explicit levels win, and the sign follows them
+    flipped = _contrasts(conds, results, base_pc, labels, conditions, None, PruneOptions(n_boot=20),
+                         case="control", control="disease")
+    assert flipped["difference"].iloc[0] == pytest.approx(-0.5)

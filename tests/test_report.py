@@ -389,6 +389,27 @@ def test_contrast_is_read_from_contrasts_tsv_not_approximated(tmp_path):
     assert re.findall(r"<td class='num'>([^<]*)</td>", row)[:5] == ["0.1", "0.223", "-0.123", "-0.2", "-0.05"]
 
 
+def test_contrast_names_its_case_and_control_from_the_table(tmp_path):
+    # levels 'disease' / 'control' with disease the case (issue 16): the text and the heading read the table's
+    # case and control, never "AD"; the delta columns are delta_<case> / delta_<control>
+    res = fake_results()
+    res["contrasts"] = pd.DataFrame([dict(
+        condition=_keys.cond_prune(STRONG), metric="gepc_mse", group="Microglia", delta_disease=0.4,
+        delta_control=0.1, difference=0.3, ci_low=0.2, ci_high=0.4, contrast="disease - control", case="disease",
+        control="control", n_case=31, n_control=29, bootstrap_unit="donors")])
+    page = report(write_run_dir(res, tmp_path / "run"), tmp_path / "r.html").read_text(encoding="utf-8")
+    hyp = _section(page, "hypotheses")
+    assert "disease − control contrasts from contrasts.tsv" in hyp
+    assert "disease Δ +0.4 vs control Δ +0.1, difference +0.3" in _item(hyp, "The largest contrast is in Microglia")
+    assert "<h3>disease − control contrasts</h3>" in _section(page, "tables")
+    assert "AD −" not in page and "AD Δ" not in page
+    # no rows: the sentence names the levels the prune step recorded
+    res["contrasts"] = pd.DataFrame()
+    res[_keys.UNS_RUN]["params"]["prune"] = {"case": "disease", "control": "healthy"}
+    hyp = _section(report(res, tmp_path / "e.html").read_text(encoding="utf-8"), "hypotheses")
+    assert "No disease-vs-healthy contrast: contrasts.tsv has no rows" in hyp
+
+
 def test_no_contrasts_says_so_and_why(tmp_path):
     # absent: no contrasts.tsv in the run directory
     res = fake_results()

@@ -28,6 +28,19 @@ def _stored(tmp_path):
     R.store(a, "conditions", pd.DataFrame({"condition": ["baseline", f"prune:{STRONG}"], "candidate": ["", STRONG],
                                            "control_for": ["", ""], "factor": [np.nan, 0.0], "n_edits": [0, 1],
                                            "edits": ["", "w[17]"], "restore": ["", ""]}))
+    # the analyses run on their own (quantize, census) round-trip like the rest
+    R.store(a, "quantize", pd.DataFrame({"setting": ["full_precision", "int4/block64"], "bits": [32, 4],
+                                         "granularity": ["", "block"], "block_size": [None, 64],
+                                         "holdout": [False, True], "clip": ["none", "none"], "n_weights": [10, 10],
+                                         "n_held_out": [0, 1], "weight_rel_error": [0.0, 0.1],
+                                         "cls_cosine": [1.0, 0.9], "recon_metric": ["gepc_mse"] * 2,
+                                         "recon": [1.0, 1.2], "recon_delta": [0.0, 0.2],
+                                         "knn_accuracy": [np.nan, 0.5]}))
+    R.store(a, "census", pd.DataFrame({"model": ["m0"], "order": [0], "step": [np.nan], "rank": [1], "layer": [1],
+                                       "site": ["L1.ffn_out"], "kind": ["ffn_out"], "channel": [5], "token": ["NA"],
+                                       "max_abs": [9.0], "median_abs": [0.1], "ratio": [90.0],
+                                       "above_threshold": [True], "perm_p": [1 / 21], "n_models": [1],
+                                       "coincides": [False], "models_sharing": ["m0"]}))
     R.store(a, "firstorder", pd.DataFrame({"candidate": [STRONG], "param": ["w"], "metric": ["gepc_mse"],
                                            "first_order": [0.5], "rank": [1], "percentile": [100.0],
                                            "n_scalars": [64], "exact_delta": [0.7], "rank_correlation": [0.6],
@@ -54,8 +67,11 @@ def test_schema_names_each_table_and_file_once():
 def test_store_h5ad_table_round_trip_is_typed_and_identical(tmp_path):
     a, b, res = _stored(tmp_path)
     for name in ("superweights", "activations", "collapse", "contrasts", "conditions", "genes", "enrichment",
-                 "firstorder"):
+                 "quantize", "census", "firstorder"):
         pd.testing.assert_frame_equal(R.table(b, name), R.table(a, name), obj=name)
+    q = ssw.get.quantize(b)
+    assert str(q["block_size"].dtype) == "Int64" and q["holdout"].tolist() == [False, True]
+    assert ssw.get.census(b)["token"].tolist() == ["NA"] and ssw.get.census(b)["coincides"].dtype == bool
     sw = ssw.get.superweights(b)
     assert str(sw["col"].dtype) == "Int64" and sw["col"].isna().tolist() == [True, False]
     assert sw["above_threshold"].dtype == bool and sw["layer"].tolist() == [2, 5]

@@ -171,3 +171,43 @@ def test_transformers_legacy_position_ids_buffer_is_not_an_error(bert):
     state["bert.embeddings.position_ids"] = torch.arange(32)[None]
     save_file(state, bert / "model.safetensors", metadata={"format": "pt"})
     assert ssw.load_model(bert).config.num_hidden_layers == 2
+
+
+# ---------------------------------------------------------------- Geneformer token dictionaries
+
+def _gf_inputs():
+    import anndata as ad
+    import numpy as np
+
+    ids = [f"ENSG{i:011d}" for i in range(6)]
+    adata = ad.AnnData(np.arange(1, 19, dtype=np.float32).reshape(3, 6))
+    adata.var_names = ids
+    vocab = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(ids)}}
+    return adata, vocab, {g: 1.0 for g in ids}
+
+
+def test_geneformer_token_ids_shared_by_two_genes_are_refused():
+    from scsuperweight.data.geneformer import tokenize_geneformer
+    from scsuperweight.errors import DataError
+
+    adata, vocab, medians = _gf_inputs()
+    vocab["ENSG00000000004"] = vocab["ENSG00000000001"]
+    with pytest.raises(DataError, match=r"id 3 to \['ENSG00000000001', 'ENSG00000000004'\]") as info:
+        tokenize_geneformer(adata, vocab, medians)
+    assert "\n" not in str(info.value)
+
+
+def test_geneformer_token_id_beyond_the_embedding_is_refused(bert):
+    from scsuperweight.data.geneformer import tokenize_geneformer
+    from scsuperweight.errors import DataError
+
+    adata, vocab, medians = _gf_inputs()
+    model = ssw.load_model(bert)  # an embedding of 40 rows
+    assert tokenize_geneformer(adata, vocab, medians, model=model).n_cells == 3
+    vocab["ENSG00000000005"] = 40
+    with pytest.raises(DataError, match=r"beyond the model's embedding of 40 rows \(largest 40, for "
+                                        r"'ENSG00000000005'\)"):
+        tokenize_geneformer(adata, vocab, medians, model=model)
+    vocab["ENSG00000000005"] = 2.5
+    with pytest.raises(DataError, match="has id 2.5; ids must be whole numbers"):
+        tokenize_geneformer(adata, vocab, medians)

@@ -116,3 +116,27 @@ def test_clear_errors(run):
     logn.X = np.log1p(logn.X.toarray())
     with pytest.raises(DataError, match="layer="):
         ssw.tl.embed(logn, model, progress=False)
+
+
+def test_cells_without_vocab_counts_error_drop_or_keep(run):
+    # issue 16: cells with no counts in any vocab gene are refused with the fix, or left out / kept with NaN
+    # embeddings and an obs mask, counted in the params
+    _, model = run
+    adata = ssw.datasets.synthetic_ad(n_cells=40, seed=4)
+    X = adata.X.toarray()
+    X[[3, 17]] = 0
+    adata.X = X
+    with pytest.raises(DataError, match=r"2 of 40 cells have no counts in any vocab gene.*--empty drop\|keep"):
+        ssw.tl.embed(adata, model, progress=False)
+    assert K.OBSM_EMB not in adata.obsm
+    ref = ssw.tl.embed(adata[np.setdiff1d(np.arange(40), [3, 17])].copy(), model, progress=False, copy=True)
+    for policy in ("drop", "keep"):
+        out = ssw.tl.embed(adata, model, empty=policy, progress=False, copy=True)
+        emb = out.obsm[K.OBSM_EMB]
+        assert np.isnan(emb[[3, 17]]).all() and not np.isnan(np.delete(emb, [3, 17], axis=0)).any()
+        np.testing.assert_allclose(np.delete(emb, [3, 17], axis=0), ref.obsm[K.OBSM_EMB], atol=1e-5)
+        assert out.obs[K.OBS_EMPTY].to_numpy().nonzero()[0].tolist() == [3, 17]
+        assert ssw.get.params(out, "embed")["n_empty"] == 2 and ssw.get.params(out, "embed")["empty"] == policy
+    # a scan with empty="drop" never evaluates them
+    out = ssw.tl.scan(adata, model, label_key="cell_type", empty="drop", progress=False, copy=True)
+    assert ssw.get.params(out, "scan")["n_empty"] == 2 and ssw.get.params(out, "scan")["n_cells_scanned"] == 38

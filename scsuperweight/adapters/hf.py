@@ -464,13 +464,17 @@ def load_transformers(path: str | Path, device: str | torch.device | None = None
     kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.disable_progress_bar()  # a bar per shard on stderr would break one-line errors
     try:
         model, info = auto.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         msg = f"could not load {path} with {auto.__name__} (offline): {e}"
-        raise CheckpointError(msg) from e
+        raise CheckpointError(msg.splitlines()[0]) from e
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
     _check_loading_info(model, info, path, auto.__name__)
     from ..models.checkpoint import check_finite  # local: keeps this hunk to the loader
 

@@ -90,6 +90,43 @@ def read_gene_dictionary(source: str | os.PathLike | Mapping, *, what: str = "ge
     return {str(k): v.item() if isinstance(v, np.generic) else v for k, v in d.items()}
 
 
+def check_token_dictionary(vocab: Mapping, n_embeddings: int | None = None, *, source=None) -> None:
+    """Token ids that can index the embedding: whole numbers, each used by one gene only, in
+    ``[0, n_embeddings)``. Two genes on one id would read as one gene, and an id past the embedding fails deep
+    inside the forward, so both stop here with the entries named."""
+    where = "" if source is None or isinstance(source, Mapping) else f" {os.fspath(source)}"
+    ids = {}
+    for gene, tid in vocab.items():
+        if not float(tid).is_integer() or tid < 0:
+            msg = (f"token dictionary{where}: {gene!r} has id {tid!r}; ids must be whole numbers >= 0. Pass the "
+                   "Geneformer token dictionary (Ensembl ID -> token id).")
+            raise DataError(msg)
+        ids.setdefault(int(tid), []).append(gene)
+    shared = {t: g for t, g in ids.items() if len(g) > 1}
+    if shared:
+        t, genes = next(iter(shared.items()))
+        msg = (f"token dictionary{where}: {len(shared)} id(s) are given to more than one entry, e.g. id {t} to "
+               f"{genes[:3]}; each gene needs its own id. Pass the dictionary the model was trained with.")
+        raise DataError(msg)
+    if n_embeddings is not None:
+        beyond = sorted(t for t in ids if t >= n_embeddings)
+        if beyond:
+            msg = (f"token dictionary{where}: {len(beyond)} id(s) are beyond the model's embedding of "
+                   f"{n_embeddings} rows (largest {beyond[-1]}, for {ids[beyond[-1]][0]!r}); pass the dictionary "
+                   "that belongs to this model.")
+            raise DataError(msg)
+
+
+def _n_embeddings(model) -> int | None:
+    net = getattr(model, "model", model)  # an adapter passes its model
+    get = getattr(net, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    n = getattr(emb, "num_embeddings", None)
+    if n is None:
+        n = getattr(getattr(net, "config", None), "vocab_size", None)
+    return int(n) if n else None
+
+
 def _strip_version(ids: np.ndarray) -> np.ndarray:
     return np.array([s.split(".", 1)[0] if _ENSEMBL.match(s) else s for s in ids], dtype=object)
 
@@ -261,6 +298,7 @@ def tokenize_geneformer(adata, token_dictionary: str | os.PathLike | Mapping, ge
         msg = f"symbol_key={symbol_key!r} is not a column of adata.var; columns are {list(adata.var.columns)}."
         raise DataError(msg)
     vocab = read_gene_dictionary(token_dictionary, what="token dictionary")
+    check_token_dictionary(vocab, None if model is None else _n_embeddings(model), source=token_dictionary)
     medians = read_gene_dictionary(gene_medians, what="gene-median dictionary")
     if "<pad>" not in vocab:
         msg = "the token dictionary has no '<pad>' entry; is it a Geneformer token dictionary?"

@@ -10,8 +10,12 @@ The prune step embeds one set of cells with the intact model and again with a ca
 
 and then how sure we are (cluster bootstrap over donors, empirical p-values against random controls).
 
+Small groups degrade rather than fail: a neighbour count larger than the group allows is lowered to ``n - 1`` and a
+value the group cannot define (a silhouette with one label, Leiden on fewer than 3 cells) is NaN; either way a
+``SmallDataWarning`` says which and why, so that a caller (prune) can record it next to the value.
+
 Leaf module: numpy, scipy, scikit-learn, igraph and leidenalg only; no torch, nothing else of ours but the
-logger and ``DataError``. Per-cell variants (``knn_label_correct``, ``silhouette_per_cell``,
+logger and the error and warning types. Per-cell variants (``knn_label_correct``, ``silhouette_per_cell``,
 ``knn_preservation``) exist so that callers can slice one computation by cell type or condition.
 """
 
@@ -33,7 +37,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from scsuperweight._log import logger
-from scsuperweight.errors import DataError
+from scsuperweight.errors import DataError, SmallDataWarning
 
 __all__ = [
     "knn_label_correct",
@@ -149,14 +153,26 @@ def _check_min_per_label(uniques: np.ndarray, codes: np.ndarray, minimum: int, w
         raise DataError(msg)
 
 
-def _check_k(k, n: int, name: str = "k") -> int:
+def _positive_int(k, name: str) -> int:
     if not isinstance(k, Integral) or isinstance(k, bool) or k < 1:
         msg = f"`{name}` must be a positive integer; got {k!r}."
         raise DataError(msg)
-    if k > n - 1:
-        msg = f"`{name}`={k} needs more than {k} cells to choose from, but there are {n}; lower `{name}`."
-        raise DataError(msg)
     return int(k)
+
+
+def _check_k(k, n: int, name: str = "k", unit: str = "cells") -> int:
+    """`k` as an int, lowered to ``n - 1`` (with a ``SmallDataWarning``) when the group has no more cells to
+    choose from; a non-positive or non-integer `k` is the caller's error."""
+    k = _positive_int(k, name)
+    if k > n - 1:
+        _small(f"{name}={n - 1} (asked {k}): only {n} {unit}, so {n - 1} neighbours at most")
+        return int(n - 1)
+    return k
+
+
+def _small(reason: str) -> None:
+    """Say that a small group changed a metric (a lowered neighbour count, a NaN) and why."""
+    warnings.warn(reason, SmallDataWarning, stacklevel=3)
 
 
 def _check_metric(metric: str) -> str:
@@ -210,9 +226,10 @@ def knn_label_correct(emb, labels, k: int = 15, *, metric: str = "cosine") -> np
     emb
         Embedding, cells x dims.
     labels
-        One label per cell (e.g. cell type); every label needs at least 2 cells.
+        One label per cell (e.g. cell type). A cell whose label no other cell holds can never be voted right
+        (``False``, with a ``SmallDataWarning``).
     k
-        Number of neighbours that vote.
+        Number of neighbours that vote; lowered to ``n - 1`` (with a ``SmallDataWarning``) on fewer cells.
     metric
         ``"cosine"`` (Euclidean on L2-normalised rows) or ``"euclidean"``.
 
@@ -224,7 +241,10 @@ def knn_label_correct(emb, labels, k: int = 15, *, metric: str = "cosine") -> np
     x = _prepare(_as_matrix(emb, "emb"), metric)
     n = x.shape[0]
     uniques, codes = _encode(labels, "labels", n)
-    _check_min_per_label(uniques, codes, 2, "for a leave-one-out vote")
+    counts = np.bincount(codes, minlength=uniques.size)
+    if (counts < 2).any():
+        alone = ", ".join(repr(_plain(uniques[i])) for i in np.flatnonzero(counts < 2)[:5])
+        _small(f"label(s) {alone} have a single cell, which no neighbour can vote right")
     k = _check_k(k, n)
 
     neigh = codes[_knn(x, k)]  # (n, k) neighbour labels, nearest first
@@ -256,7 +276,7 @@ def knn_accuracy(emb, labels, k: int = 15, n_folds: int = 5, seed: int = 0, *, m
     labels
         One label per cell; every label needs at least ``n_folds`` cells.
     k
-        Number of neighbours.
+        Number of neighbours; lowered to the smallest training fold (with a ``SmallDataWarning``) on fewer cells.
     n_folds
         Number of cross-validation folds (at least 2).
     seed
@@ -295,11 +315,8 @@ def knn_accuracy(emb, labels, k: int = 15, n_folds: int = 5, seed: int = 0, *, m
     smallest_train = n - int(np.ceil(n / n_folds))
     k = _check_k(k, n)
     if k > smallest_train:
-        msg = (
-            f"`k`={k} is larger than the smallest training fold ({smallest_train} cells with "
-            f"{n_folds} folds); lower `k` or `n_folds`."
-        )
-        raise DataError(msg)
+        _small(f"k={smallest_train} (asked {k}): the smallest training fold of {n_folds} has {smallest_train} cells")
+        k = smallest_train
 
     return _knn_cv(x, codes, k, int(n_folds), seed)
 
@@ -345,7 +362,8 @@ def leiden_ari_nmi(
     labels
         One label per cell.
     n_neighbors
-        Neighbours per cell in the graph.
+        Neighbours per cell in the graph; on fewer than ``3 * n_neighbors + 1`` cells lowered to a third of the
+        other cells (at least 2), with a ``SmallDataWarning``, so that the graph stays sparse enough for clusters.
     resolution
         Leiden resolution; higher gives more, smaller clusters.
     seed
@@ -360,17 +378,27 @@ def leiden_ari_nmi(
     -------
     ``(ari, nmi)``: adjusted Rand index (1 = identical partitions, about 0 = chance, can be negative) and
     normalised mutual information (arithmetic normalisation, in [0, 1]). Higher is better for both.
+    ``(nan, nan)`` with a ``SmallDataWarning`` on fewer than 3 cells, where no graph has a community structure.
     """
     import igraph as ig
     import leidenalg
 
-    x = _prepare(_as_matrix(emb, "emb"), metric)
+    x = _prepare(_as_matrix(emb, "emb", min_rows=1), metric)
     n = x.shape[0]
     _, codes = _encode(labels, "labels", n)
-    k = _check_k(n_neighbors, n, "n_neighbors")
     if not np.isfinite(resolution) or resolution <= 0:
         msg = f"`resolution` must be a positive number; got {resolution!r}."
         raise DataError(msg)
+    if n < 3:
+        _small(f"Leiden skipped: {n} cell(s), at least 3 are needed for clusters to mean anything")
+        return float("nan"), float("nan")
+    k = _positive_int(n_neighbors, "n_neighbors")
+    # a graph whose neighbourhoods cover most of the group is nearly complete and holds no communities: on small
+    # groups keep each cell's neighbours to a third of the others (n >= 3 * n_neighbors + 1 is left as asked)
+    sparse = max(2, (n - 1) // 3)
+    if k > sparse:
+        _small(f"n_neighbors={sparse} (asked {n_neighbors}): on {n} cells more neighbours would join every cluster")
+        k = sparse
 
     graph = ig.Graph(n=n, edges=_knn_graph_edges(x, k).tolist(), directed=False)
     partition = leidenalg.find_partition(
@@ -387,16 +415,15 @@ def leiden_ari_nmi(
     return float(ari), float(nmi)
 
 
-def _silhouette_inputs(emb, labels) -> tuple[np.ndarray, np.ndarray]:
+def _silhouette_inputs(emb, labels) -> tuple[np.ndarray, np.ndarray | None]:
+    """The matrix and label codes, or codes None (with a ``SmallDataWarning``) when no silhouette is defined."""
     x = _as_matrix(emb, "emb")
     n = x.shape[0]
     uniques, codes = _encode(labels, "labels", n)
     if not 2 <= uniques.size <= n - 1:
-        msg = (
-            f"the silhouette needs between 2 and n_cells - 1 = {n - 1} distinct labels; got {uniques.size}. "
-            "Pass a grouping with at least two labels that does not put every cell in its own label."
-        )
-        raise DataError(msg)
+        _small(f"silhouette is NaN: it needs between 2 and n_cells - 1 = {n - 1} distinct labels; got "
+               f"{uniques.size}")
+        return x, None
     return x, codes
 
 
@@ -408,9 +435,13 @@ def silhouette_per_cell(emb, labels) -> np.ndarray:
 
     Returns
     -------
-    Array of floats in [-1, 1], one per cell; higher means the cell sits more clearly within its label.
+    Array of floats in [-1, 1], one per cell; higher means the cell sits more clearly within its label. All NaN
+    (with a ``SmallDataWarning``) when the labels do not define a silhouette: fewer than 2 distinct labels, or
+    every cell its own label.
     """
     x, codes = _silhouette_inputs(emb, labels)
+    if codes is None:
+        return np.full(x.shape[0], np.nan)
     return silhouette_samples(x, codes, metric="cosine")
 
 
@@ -421,7 +452,8 @@ def silhouette_labels(emb, labels) -> float:
 
     Returns
     -------
-    Float in [-1, 1]; higher is better separated, about 0 means overlapping labels.
+    Float in [-1, 1]; higher is better separated, about 0 means overlapping labels; NaN (with a
+    ``SmallDataWarning``) where the labels define no silhouette.
     """
     return float(np.mean(silhouette_per_cell(emb, labels)))
 
@@ -441,7 +473,7 @@ def knn_preservation(ref, emb, k: int = 10, *, metric: str = "euclidean") -> np.
     ref, emb
         Reference and compared embeddings, cells x dims.
     k
-        Neighbourhood size.
+        Neighbourhood size; lowered to ``n - 1`` (with a ``SmallDataWarning``) on fewer cells.
     metric
         ``"euclidean"`` (as in the paper) or ``"cosine"``.
 
@@ -471,9 +503,10 @@ def knc_preservation(ref, emb, labels, k: int | None = None, *, metric: str = "e
     ref, emb
         Reference and compared embeddings, cells x dims (same cells, same order).
     labels
-        One label per cell; at least 2 distinct labels.
+        One label per cell; with fewer than 2 distinct labels the value is NaN (with a ``SmallDataWarning``).
     k
-        Number of neighbouring classes; default ``min(10, max(1, n_classes // 4))``.
+        Number of neighbouring classes; default ``min(10, max(1, n_classes // 4))``, lowered to ``n_classes - 1``
+        (with a ``SmallDataWarning``) when there are fewer classes.
     metric
         ``"euclidean"`` (as in the paper) or ``"cosine"``, between class means.
 
@@ -487,11 +520,11 @@ def knc_preservation(ref, emb, labels, k: int | None = None, *, metric: str = "e
     uniques, codes = _encode(labels, "labels", r.shape[0])
     n_classes = uniques.size
     if n_classes < 2:
-        msg = f"kNC preservation needs at least 2 labels; `labels` has {n_classes}."
-        raise DataError(msg)
+        _small(f"knc_preservation is NaN: it needs at least 2 labels; the group has {n_classes}")
+        return float("nan")
     if k is None:
         k = min(10, max(1, n_classes // 4))
-    k = _check_k(k, n_classes)
+    k = _check_k(k, n_classes, unit="labels")
 
     means_r = _prepare(_class_means(r, codes, n_classes), metric)
     means_e = _prepare(_class_means(e, codes, n_classes), metric)

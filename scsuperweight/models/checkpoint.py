@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..errors import CheckpointError  # errors.py is a leaf every layer may use
 from .scgpt import ScGPTConfig, ScGPTModel
 
@@ -258,11 +259,9 @@ def save_scgpt(model: ScGPTModel, path: str | Path, *, flash_keys: bool = True) 
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if flash_keys:
         state = to_flash_keys(state)
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path / WEIGHTS_FILE)
-    (path / ARGS_FILE).write_text(json.dumps(args, indent=2, sort_keys=True))
-    (path / VOCAB_FILE).write_text(json.dumps(model.vocab))
+    atomic_torch_save(state, path / WEIGHTS_FILE)
+    atomic_write_json(args, path / ARGS_FILE)
+    atomic_write_text(path / VOCAB_FILE, json.dumps(model.vocab))
     return path
 
 

@@ -113,6 +113,11 @@ class Runner:
         """Tokens, plain batches and (with `mask_ratio`) fixed, seeded masked batches of `adata[cells]`."""
         raise NotImplementedError
 
+    def empty_cells(self, adata, *, gene_key: str | None = None, layer: str | None = None) -> np.ndarray | None:
+        """(n_obs,) bool: cells with no counts in any gene this model reads (they carry no measurement), found
+        without tokenising; None when the family cannot tell cheaply (its tokeniser then handles them)."""
+        return None
+
     # -- running ----------------------------------------------------------------------------------------------
     def embed(self, inputs: Inputs, *, edits=None, progress: bool = False) -> np.ndarray:  # pragma: no cover
         """L2-normalised (n_cells, d) cell embeddings of `inputs.plain`, optionally under `edits`."""

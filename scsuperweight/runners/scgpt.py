@@ -205,7 +205,7 @@ class ScGPTRunner(Runner):
     mask_ratio = 0.25
 
     def prepare(self, adata, *, gene_key=None, layer=None, max_seq_len=None, seed=0, batch_size=32, cells=None,
-                mask_ratio=None, **options) -> Inputs:
+                mask_ratio=None, empty: str = "error", **options) -> Inputs:
         from ..data.tokenize import tokenize_anndata
 
         model = self.model
@@ -214,7 +214,7 @@ class ScGPTRunner(Runner):
         max_len = max_seq_len or int(model.args.get("max_seq_len", 1200))
         tok = tokenize_anndata(sub, model.vocab, gene_key=gene_key, layer=layer, n_bins=cfg.n_bins,
                                max_seq_len=max_len, pad_value=cfg.pad_value, seed=seed,
-                               pad_token=model.args.get("pad_token", "<pad>"))
+                               pad_token=model.args.get("pad_token", "<pad>"), empty=empty)
         max_tokens = options.get("max_tokens")
         if max_tokens:  # batches of at most max_tokens padded tokens: many short cells, few long ones
             plain = list(iter_token_batches(tok, max_tokens))
@@ -226,6 +226,12 @@ class ScGPTRunner(Runner):
                                        seed=seed)) if mask_ratio else None
         return Inputs(tok, plain, masked, tok.n_cells, np.asarray(tok.genes.genes, dtype=str),
                       {"genes_matched": len(tok.genes.var_index), "genes_total": tok.genes.n_total})
+
+    def empty_cells(self, adata, *, gene_key=None, layer=None) -> np.ndarray:
+        from ..data.tokenize import get_counts, match_genes
+
+        X = get_counts(adata, match_genes(adata, self.model.vocab, gene_key=gene_key), layer=layer)
+        return np.diff(X.indptr) == 0
 
     def embed(self, inputs: Inputs, *, edits=None, progress: bool = False) -> np.ndarray:
         if edits is None:
