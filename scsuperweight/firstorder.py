@@ -98,7 +98,7 @@ def rank_correlation(first_order, exact) -> float:
     """Spearman correlation between first-order estimates and exact zeroing effects (NaN pairs dropped)."""
     x, y = np.asarray(first_order, dtype=float), np.asarray(exact, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:  # a constant side: no rank order to compare
         return float("nan")
     return float(spearmanr(x[ok], y[ok]).statistic)
 
