@@ -22,6 +22,7 @@ from scsuperweight.data import (
     match_genes,
     tokenize_anndata,
 )
+from scsuperweight.data.tokenize import DRAW_BIN, cell_keys, cell_uniforms
 from scsuperweight.errors import DataError
 
 N_GENES = 60
@@ -57,7 +58,11 @@ def ref_binning(row: np.ndarray, n_bins: int, rands: np.ndarray) -> np.ndarray:
 
 def ref_bin_dense(dense: np.ndarray, n_bins: int, seed: int) -> np.ndarray:
     """Row by row, drawing one uniform per non-zero from a single stream in row-major (CSR) order."""
-    rands = np.random.default_rng(seed).random(int((dense != 0).sum()))
+    return ref_bin_dense_with(dense, n_bins, np.random.default_rng(seed).random(int((dense != 0).sum())))
+
+
+def ref_bin_dense_with(dense: np.ndarray, n_bins: int, rands: np.ndarray) -> np.ndarray:
+    """`ref_bin_dense` with the uniforms given (one per non-zero, row-major)."""
     out, pos = np.zeros_like(dense), 0
     for i, row in enumerate(dense):
         n = int((row != 0).sum())
@@ -164,7 +169,12 @@ def test_cls_first_then_binned_nonzero_genes(pad_value):
     adata, vocab = make_adata(), make_vocab()
     tok = tokenize_anndata(adata, vocab, pad_value=pad_value, seed=4)
     X = adata.X.toarray()
-    bins = bin_matrix(sp.csr_matrix(X), rng=np.random.default_rng(4)).toarray()
+    # the official binning, its tie-breaking uniforms drawn per (cell, gene) from the cell's own key
+    csr = sp.csr_matrix(X)
+    nz_row = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+    rand = cell_uniforms(cell_keys(adata.obs_names)[nz_row], [vocab[f"G{j}"] for j in csr.indices], 4, DRAW_BIN)
+    bins = bin_matrix(csr, rand=rand).toarray()
+    np.testing.assert_array_equal(bins, ref_bin_dense_with(X, 51, rand))
     assert tok.n_cells == adata.n_obs and tok.pad_value == pad_value
     assert tok.cls_token_id == vocab["<cls>"] and tok.pad_token_id == vocab["<pad>"]
     for i, (genes, values) in enumerate(cells_of(tok)):
@@ -415,3 +425,34 @@ def test_iter_batches_masks_reproducibly():
         np.testing.assert_array_equal(a.mask.sum(1).numpy(), (tok.lengths[a.cells] - 1) * 25 // 100)
     other = list(iter_batches(tok, 8, shuffle=True, seed=6, mask_ratio=0.25))
     assert any(not np.array_equal(a.cells, b.cells) for a, b in zip(runs[0], other))
+
+
+def test_a_cells_tokens_do_not_depend_on_its_chunk_or_neighbours():
+    """Draws are keyed by the cell (its obs name), not by a stream over the matrix: tokenising any chunk, in any
+    order, next to any other cells gives each cell the tokens of one pass over everything (ties and subsampling
+    both exercised: heavy ties, cells longer than max_seq_len)."""
+    adata, vocab = make_adata(n_cells=40, density=0.9, seed=3), make_vocab()
+    kw = dict(seed=7, max_seq_len=15, n_bins=11)
+    whole = cells_of(tokenize_anndata(adata, vocab, **kw))
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    for part in (order[:7], order[7:8], order[8:], np.arange(0, 40, 3)):
+        got = cells_of(tokenize_anndata(adata[part].copy(), vocab, **kw))
+        for i, (g, v) in zip(part, got):
+            np.testing.assert_array_equal(g, whole[i][0])
+            np.testing.assert_array_equal(v, whole[i][1])
+    # the key is the name: the same counts under another name (or another seed) draw differently
+    other = adata.copy()
+    other.obs_names = [f"x{i}" for i in range(adata.n_obs)]
+    renamed = cells_of(tokenize_anndata(other, vocab, **kw))
+    reseeded = cells_of(tokenize_anndata(adata, vocab, **{**kw, "seed": 8}))
+    assert sum(not np.array_equal(a[0], b[0]) for a, b in zip(whole, renamed)) > 30
+    assert sum(not np.array_equal(a[0], b[0]) for a, b in zip(whole, reseeded)) > 30
+
+
+def test_cell_uniforms_are_uniform_and_independent_of_neighbours():
+    keys = cell_keys([f"cell{i}" for i in range(2000)])
+    u = cell_uniforms(np.repeat(keys, 50), np.tile(np.arange(50), 2000), 0, DRAW_BIN)
+    assert u.min() >= 0 and u.max() < 1
+    counts = np.histogram(u, bins=10, range=(0, 1))[0]
+    assert np.all(np.abs(counts - 10_000) < 500)  # ~5 sd of a binomial(100k, 0.1)
+    np.testing.assert_array_equal(cell_uniforms(keys[5:6], [3], 0, DRAW_BIN), u[5 * 50 + 3:5 * 50 + 4])

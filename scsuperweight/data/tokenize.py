@@ -4,6 +4,11 @@ Per cell: the non-zero genes that are in the vocab, `<cls>` first with `pad_valu
 `n_bins` using quantile edges of that cell's own non-zero values (ties split at random, as the official
 `_digitize` does), a seeded random subsample down to `max_seq_len` tokens. The whole matrix is binned in a few
 array passes over the non-zeros; there is no per-cell Python loop.
+
+Randomness is drawn per cell, not from one stream over the matrix: each draw is a hash of (seed, the cell's key,
+the gene's token id, what the draw is for). The cell's key is a hash of its obs name, so a cell gets the same
+tokens whether it is tokenised alone, in any chunk of an atlas, or next to any other cells (chunked, resumed and
+multi-process runs equal one in-memory pass).
 """
 
 from __future__ import annotations
@@ -121,11 +126,42 @@ def _quantile_edges(sorted_vals: np.ndarray, starts: np.ndarray, lengths: np.nda
     return out
 
 
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+DRAW_BIN, DRAW_SUBSAMPLE = 1, 2  # what a draw is for: splitting a tie between bins, choosing genes to keep
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 that scatters nearby inputs over the whole range."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def cell_keys(obs_names) -> np.ndarray:
+    """A stable uint64 key per cell from its obs name (pandas' fixed-key hash: same on every run and machine)."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(obs_names, dtype=str).astype(object)).astype(np.uint64)
+
+
+def cell_uniforms(keys: np.ndarray, genes: np.ndarray, seed: int, purpose: int) -> np.ndarray:
+    """Uniform [0, 1) draws, one per (cell key, gene token id) pair, for `seed` and `purpose`.
+
+    Counter-based (a hash, not a stream), so a draw depends on nothing but its own cell, gene, seed and purpose.
+    """
+    with np.errstate(over="ignore"):
+        x = _mix(np.asarray(keys, dtype=np.uint64) ^ _mix(np.uint64(seed) * _GOLDEN + np.uint64(purpose)))
+        x = _mix(x + np.asarray(genes, dtype=np.int64).astype(np.uint64) * _GOLDEN)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def bin_matrix(X: sp.csr_matrix, n_bins: int = 51, rng: np.random.Generator | None = None,
-               chunk: int = 1 << 18) -> sp.csr_matrix:
+               chunk: int = 1 << 18, *, rand: np.ndarray | None = None) -> sp.csr_matrix:
     """Bin each row's non-zeros into 1..n_bins-1 by that row's quantiles (official scGPT semantics).
 
-    Ties spanning several edges are split uniformly at random among the bins they cover, with `rng`.
+    Ties spanning several edges are split uniformly at random among the bins they cover: with `rand` (one uniform
+    per stored non-zero, in CSR order) when given, else with draws from `rng` in CSR order (the official stream).
     """
     rng = np.random.default_rng(0) if rng is None else rng
     X = sp.csr_matrix(X)
@@ -139,7 +175,11 @@ def bin_matrix(X: sp.csr_matrix, n_bins: int = 51, rng: np.random.Generator | No
     edges = np.zeros((n_cells, n_bins - 1))
     edges[nonempty] = _quantile_edges(sorted_vals, X.indptr[:-1][nonempty], lengths[nonempty], n_bins - 1)
     digits = np.empty(data.size, dtype=np.float64)
-    rand = rng.random(data.size)
+    if rand is None:
+        rand = rng.random(data.size)
+    elif len(rand) != data.size:
+        msg = f"rand needs one draw per stored non-zero ({data.size}), got {len(rand)}."
+        raise ValueError(msg)
     for s in range(0, data.size, chunk):
         e = min(s + chunk, data.size)
         ed = edges[row[s:e]]  # (n, E)
@@ -214,11 +254,22 @@ class TokenizedCells:
 
 def tokenize_counts(X: sp.csr_matrix, token_ids: np.ndarray, *, cls_token_id: int, pad_token_id: int,
                     pad_value: float = -2.0, n_bins: int = 51, max_seq_len: int = 1200,
-                    include_zero_genes: bool = False, seed: int = 0, genes: GeneMatch | None = None
-                    ) -> TokenizedCells:
-    """Bin and tokenise a (cells x matched genes) count matrix; see module docstring for the semantics."""
-    rng = np.random.default_rng(seed)
-    B = bin_matrix(X, n_bins=n_bins, rng=rng)
+                    include_zero_genes: bool = False, seed: int = 0, genes: GeneMatch | None = None,
+                    keys: np.ndarray | None = None) -> TokenizedCells:
+    """Bin and tokenise a (cells x matched genes) count matrix; see module docstring for the semantics.
+
+    `keys`: one uint64 per row (`cell_keys` of the obs names) keying that cell's random draws; default the row
+    numbers, which makes a cell's tokens depend on its position in `X` (pass keys when tokenising in chunks).
+    """
+    X = sp.csr_matrix(X)
+    n_rows = X.shape[0]
+    keys = np.arange(n_rows, dtype=np.uint64) if keys is None else np.asarray(keys, dtype=np.uint64)
+    if len(keys) != n_rows:
+        msg = f"keys needs one entry per cell ({n_rows}), got {len(keys)}."
+        raise ValueError(msg)
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    nz_row = np.repeat(np.arange(n_rows), np.diff(X.indptr))
+    B = bin_matrix(X, n_bins=n_bins, rand=cell_uniforms(keys[nz_row], token_ids[X.indices], seed, DRAW_BIN))
     if include_zero_genes:
         dense = B.toarray()
         n_cells, n_genes = dense.shape
@@ -233,7 +284,7 @@ def tokenize_counts(X: sp.csr_matrix, token_ids: np.ndarray, *, cls_token_id: in
     row = np.repeat(np.arange(n_cells), lengths)
     if np.any(lengths > keep_n):
         # seeded subsample of genes for long cells: random keys, keep the smallest keep_n per row
-        key = rng.random(len(cols))
+        key = cell_uniforms(keys[row], token_ids[cols], seed, DRAW_SUBSAMPLE)
         order = np.lexsort((key, row))
         rank = np.arange(len(cols)) - np.repeat(indptr[:-1], lengths)
         chosen = order[rank < np.repeat(keep_n, lengths)]
@@ -248,7 +299,7 @@ def tokenize_counts(X: sp.csr_matrix, token_ids: np.ndarray, *, cls_token_id: in
     values[cls_pos] = pad_value
     body = np.ones(new_indptr[-1], dtype=bool)
     body[cls_pos] = False
-    gene_ids[body] = np.asarray(token_ids, dtype=np.int64)[cols]
+    gene_ids[body] = token_ids[cols]
     values[body] = vals
     return TokenizedCells(new_indptr, gene_ids, values, pad_token_id, float(pad_value), cls_token_id, genes)
 
@@ -288,6 +339,7 @@ def tokenize_anndata(adata, vocab: dict[str, int], *, gene_key: str | None = Non
     X = get_counts(adata, genes, layer=layer)
     is_empty = np.diff(X.indptr) == 0
     n_empty = int(is_empty.sum())
+    keys = cell_keys(adata.obs_names)
     source_index = None
     if n_empty:
         if empty == "error":
@@ -302,12 +354,12 @@ def tokenize_anndata(adata, vocab: dict[str, int], *, gene_key: str | None = Non
                        "check layer= (raw counts) and gene_key= (symbols the vocab knows).")
                 raise DataError(msg)
             source_index = np.flatnonzero(~is_empty)
-            X = X[source_index]
+            X, keys = X[source_index], keys[source_index]
         logger.warning("%d of %d cells have no counts in any vocab gene; empty=%r: %s", n_empty, adata.n_obs, empty,
                        "left out" if empty == "drop" else "kept with NaN embeddings")
     tok = tokenize_counts(X, genes.token_ids, cls_token_id=vocab[cls_token], pad_token_id=vocab[pad_token],
                           pad_value=pad_value, n_bins=n_bins, max_seq_len=max_seq_len,
-                          include_zero_genes=include_zero_genes, seed=seed, genes=genes)
+                          include_zero_genes=include_zero_genes, seed=seed, genes=genes, keys=keys)
     tok.empty_mask = is_empty if empty == "keep" else np.zeros(tok.n_cells, dtype=bool)
     tok.source_index = np.arange(adata.n_obs) if source_index is None else source_index
     tok.n_empty = n_empty
