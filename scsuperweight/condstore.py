@@ -5,18 +5,27 @@ fsynced, renamed), and a manifest maps the condition's name to the hash of its d
 inputs. A result is reused only when both hashes match now: a changed plan, model, data or seed recomputes it
 rather than mixing stale numbers into new tables. The hash is stored in the .npz too, so a file never speaks for
 another definition even if the manifest is lost.
+
+`execute` is the engine behind `scsuperweight.prune.run_conditions`: it skips the conditions the active store
+(`persisting`) already holds, persists each one as it finishes, and under several processes runs them in rounds,
+one condition per rank, rank 0 gathering and saving them; every rank gets every result, in plan order.
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import hashlib
 import io
 import json
 import re
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from . import dist
 from ._atomic import atomic_write_bytes
 from ._log import logger
 
@@ -96,3 +105,69 @@ class ConditionStore:
             logger.info("resuming: %d condition(s) finished before, %d stored for another plan (recomputed)",
                         len(done), len(stale))
         return done
+
+
+# ------------------------------------------------------------------------------------------------------------
+# running conditions: resume, persist, shard across ranks
+# ------------------------------------------------------------------------------------------------------------
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("ssw_condition_store", default=(None, None))
+
+
+@contextmanager
+def persisting(store: ConditionStore | None, *, writer: Callable[[dict], None] | None = None):
+    """Within the block, conditions run by `execute` (prune, run) are read from and saved to `store`, and progress
+    records go to `writer` (``RunLog.progress``). The CLI and the pipeline open it around a prune; library calls
+    without it persist nothing. The store is reset on exit, also on error."""
+    token = _ACTIVE.set((store, writer))
+    try:
+        yield store
+    finally:
+        _ACTIVE.reset(token)
+
+
+def definition(cond) -> dict:
+    """A condition's definition as plain values (every field of its dataclass, edits included), for its hash."""
+    return dataclasses.asdict(cond) if dataclasses.is_dataclass(cond) else {"repr": repr(cond)}
+
+
+def execute(run: Callable, conds: Sequence, *, progress: bool = False, ctx: dist.DistContext | None = None,
+            store: ConditionStore | None = None, writer: Callable[[dict], None] | None = None) -> dict[str, dict]:
+    """``{cond.name: run(cond)}`` for `conds`, in plan order, skipping and persisting through the condition store.
+
+    `store`/`writer` default to those of the enclosing `persisting` block. With several processes (`ctx`, default
+    `scsuperweight.dist.context()`) the conditions not finished yet are dealt out in rounds (rank r runs the r-th
+    of each round: a strided shard), rank 0 gathers each round, saves it and counts it; a failing rank ends every
+    rank with its error (`dist.guard`). Every rank returns all results, identical to one process's.
+    """
+    from .progress import Progress
+
+    active_store, active_writer = _ACTIVE.get()
+    store = store if store is not None else active_store
+    writer = writer if writer is not None else active_writer
+    ctx = ctx or dist.context()
+    defs = {c.name: definition(c) for c in conds}
+    if len(defs) != len(conds):
+        msg = "condition names repeat; each condition needs its own name (they key the stored results)."
+        raise ValueError(msg)
+    done: dict[str, dict] = {}
+    with dist.guard(ctx):
+        if ctx.is_main and store is not None:
+            done = store.load_done(defs)
+    names_done = set(dist.gather_objects(sorted(done) if ctx.is_main else None, ctx)[0])
+    todo = [c for c in conds if c.name not in names_done]
+    computed = [0]  # conditions computed in this session
+    with Progress(len(conds), initial=len(names_done), desc="prune conditions", unit="condition",
+                  enabled=progress, is_main=ctx.is_main, writer=writer) as bar:
+        def keep(cond, arrays) -> None:
+            if store is not None:
+                store.save(cond.name, defs[cond.name], arrays)
+            done[cond.name] = arrays
+
+        def count(batch) -> None:
+            computed[0] += len(batch)
+            bar.update(len(batch), condition=batch[-1].name, computed_now=computed[0],
+                       finished_before=len(names_done))
+
+        dist.run_in_rounds(todo, run, keep, ctx, after=count)
+    results = dist.gather_objects(done if ctx.is_main else None, ctx)[0] if ctx.active else done
+    return {c.name: results[c.name] for c in conds}

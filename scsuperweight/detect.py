@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _keys as K
+from . import dist
 from ._log import logger
 from .adapters import Adapter, Site, get_adapter
 from .instrument import ScalarEdit, Trace, edit
@@ -59,14 +60,29 @@ def _materialise(batches) -> list:
 
 
 def _trace_round(adapter: Adapter, batches: list, sites: list[Site], edits: list[ScalarEdit],
-                 groups: np.ndarray | None, progress: bool, desc: str) -> tuple[Trace, list[np.ndarray]]:
+                 groups: np.ndarray | None, progress: bool, desc: str, ctx=None) -> tuple[Trace, list[np.ndarray]]:
+    """Trace `batches` (under `edits`); with several processes (`ctx`), each traces a contiguous shard and every
+    rank gets the merged trace, equal to one process's to the last bit (so every rank takes the same decisions)."""
+    names = [s.name for s in sites]
+    active = ctx is not None and ctx.active
+    mine = range(len(batches)) if not active else dist.shard(len(batches), ctx.rank, ctx.world)
     cells_per_batch = []
-    with torch.no_grad(), edit(adapter, edits, verify=False), Trace(adapter, [s.name for s in sites],
-                                                                    groups=groups) as tr:
-        for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            tr.run(b)
-            cells_per_batch.append(np.asarray(tr._ctx.cells))
-    return tr, cells_per_batch
+    state: dict = {}
+    with dist.guard(ctx or dist.DistContext()):
+        if len(mine):
+            with torch.no_grad(), edit(adapter, edits, verify=False), Trace(adapter, names, groups=groups) as tr:
+                tr.keep_sums = active
+                for i in tqdm(mine, desc=desc, disable=not progress, leave=False):
+                    tr.run(batches[i])
+                    cells_per_batch.append(np.asarray(tr._ctx.cells))
+            state = tr.state() if active else {}
+    if not active:
+        return tr, cells_per_batch
+    merged = Trace(adapter, names, groups=groups)  # never entered: holds the merged reductions only
+    parts = dist.gather_objects((state, cells_per_batch), ctx)
+    for st, _ in parts:
+        merged.merge_state(st)
+    return merged, [c for _, cells in parts for c in cells]
 
 
 def _capture(adapter: Adapter, batch, site: str, edits: list[ScalarEdit], row: int, pos: int) -> torch.Tensor:
@@ -118,8 +134,13 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
          min_abs: float = 0.0, near_miss: float = 0.25, max_rounds: int = 10, stop_fraction: float = 0.1,
          include_ln: bool = True, include_attn: bool = True, groups: np.ndarray | None = None,
          group_names: Sequence[str] | None = None, n_tokens: int = 256, seed: int = 0,
-         progress: bool = False) -> ScanResult:
-    """Iterative activation-spike search; see the module docstring. Returns a `ScanResult`."""
+         progress: bool = False, ctx=None) -> ScanResult:
+    """Iterative activation-spike search; see the module docstring. Returns a `ScanResult`.
+
+    `ctx` (a `scsuperweight.dist.DistContext`): with several processes every rank holds the same `batches`, traces
+    a contiguous shard of them each round, and all ranks merge the reductions exactly, so every rank returns the
+    one-process result (rank 0 writes it).
+    """
     adapter = get_adapter(model)
     if mode == "data_free":
         batches = [adapter.synthetic_batch(n_tokens=n_tokens, seed=seed)]
@@ -152,7 +173,7 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
     stop_reason = f"round limit ({max_rounds}) reached"
     for rnd in range(max_rounds):
         tr, cells_per_batch = _trace_round(adapter, batches, trace_sites if rnd == 0 else producing, edits, groups,
-                                           progress, f"scan round {rnd + 1}")
+                                           progress and (ctx is None or ctx.is_main), f"scan round {rnd + 1}", ctx)
         if rnd == 0:
             activations = tr.to_frame()
         spikes = [tr.summary(s.name) for s in producing if s.name in tr.stats]

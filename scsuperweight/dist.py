@@ -159,6 +159,29 @@ def on_rank0(ctx: DistContext, fn: Callable, *args, **kwargs):
     return result
 
 
+def run_in_rounds(items: list, work: Callable, keep: Callable, ctx: DistContext, *,
+                  after: Callable | None = None) -> None:
+    """Deal `items` out in rounds of one per rank (a strided shard): each rank runs ``work(item)``; rank 0 gathers
+    each round and calls ``keep(item, result)`` in item order (it alone writes); then ``after(round_items)`` runs
+    on every rank. A failure on any rank, in `work` or in `keep`, ends every rank with that error.
+
+    Each round is a unit that is finished (kept) or not, so a run killed between rounds resumes from its items.
+    """
+    for r in range(0, len(items), ctx.world):
+        batch = items[r:r + ctx.world]
+        result = None
+        with guard(ctx):
+            if ctx.rank < len(batch):
+                result = work(batch[ctx.rank])
+        got = gather_to_main(result, ctx)
+        with guard(ctx):
+            if ctx.is_main:
+                for item, res in zip(batch, got, strict=False):
+                    keep(item, res)
+        if after is not None:
+            after(batch)
+
+
 def merge_trace_stats(trace, ctx: DistContext) -> None:
     """Merge every rank's `Trace` reductions into rank 0's trace (in rank order), collectively.
 

@@ -142,7 +142,7 @@ class EmbeddingStore:
             raise DataError(msg)
         return np.asarray(self._group[_ARRAY][:])
 
-    def finalize(self, obs, out=None, *, key_added: str = "X_scGPT") -> Path:
+    def finalize(self, obs, out=None, *, key_added: str = "X_scGPT", uns: dict | None = None) -> Path:
         """Write ``obs`` (rows in store order) and ``obsm[key_added]`` to an .h5ad, atomically.
 
         Default path: ``<store>/embeddings.h5ad``."""
@@ -152,7 +152,7 @@ class EmbeddingStore:
         if list(map(str, obs.index)) != self.obs_names.tolist():
             msg = "finalize(obs=...) needs the store's cells, in store order (obs.index == the store's obs_names)."
             raise DataError(msg)
-        adata = ad.AnnData(obs=obs.copy(), obsm={key_added: self.read()})
+        adata = ad.AnnData(obs=obs.copy(), obsm={key_added: self.read()}, uns=uns or {})
         atomic_write_h5ad(adata, out)
         logger.info("wrote %s (%d cells)", out, self.n)
         return out

@@ -2,18 +2,14 @@
 
 Hours-long atlas runs need two things: a person watching sees one bar, not one per rank, with an ETA computed
 from the work done in this session (resumed work does not inflate the rate), and a program watching (or the
-next resume) sees run.json say how far the run got. The record goes through a writer callable so that whoever
-owns run.json decides where it lands; `json_key_writer` is a ready one that merges it under a key, atomically.
+next resume) sees run.json say how far the run got. The record goes through a writer callable: run.json is
+written by its owner, `scsuperweight.results.RunLog` (pass ``writer=log.progress``).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-from ._atomic import atomic_write_bytes
 
 
 class Progress:
@@ -81,15 +77,3 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def json_key_writer(path, key: str = "progress") -> Callable[[dict], None]:
-    """A writer that stores the record under `key` of the JSON file `path` (kept otherwise as is), atomically."""
-    path = Path(path)
-
-    def write(record: dict) -> None:
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[key] = record
-        atomic_write_bytes(path, json.dumps(data, indent=1).encode())
-
-    return write

@@ -448,6 +448,12 @@ class RunLog:
         self.info.update(extra)
         self.write()
 
+    def progress(self, record: Mapping) -> None:
+        """How far a long step got (`scsuperweight.progress.Progress` calls this as chunks and conditions finish):
+        kept under ``progress`` and written at once, so a watcher or a resume reads it from run.json."""
+        self.info["progress"] = dict(record)
+        self.write()
+
     def write(self) -> None:
         atomic_write_json(_plain(self.info), self.path)
 

@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from scsuperweight.progress import Progress, json_key_writer
+from scsuperweight.progress import Progress
+from scsuperweight.results import RunLog
 
 
 def test_eta_from_this_session_and_run_json(tmp_path):
     run = tmp_path / "run.json"
-    run.write_text(json.dumps({"run_id": "r1", "command": "embed"}))
+    log = RunLog(tmp_path, {"run_id": "r1", "command": "embed"})
     now = [100.0]
-    with Progress(10, initial=4, desc="embed", enabled=False, writer=json_key_writer(run), every_s=0,
+    with Progress(10, initial=4, desc="embed", enabled=False, writer=log.progress, every_s=0,
                   clock=lambda: now[0]) as p:
         assert p.record()["eta_s"] is None  # nothing done yet in this session
         now[0] += 6.0

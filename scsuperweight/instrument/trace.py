@@ -385,6 +385,11 @@ class Trace:
         self._info: tuple = ()  # (ctx, shape, per-batch info shared by the widths)
         self._rows_memo: dict = {}  # (store, the stack's site names) -> store rows
         self._pending_sites: set[str] = set()
+        # Several processes: with keep_sums, `state` carries every batch's float sums and `merge_state` adds them
+        # batch by batch, so the merged sums equal one process's to the last bit (float addition is not
+        # associative; adding a shard's total would round differently).
+        self.keep_sums = False
+        self._sum_parts: list = []  # (width, store rows, sum_abs, hist, n_zero) per folded stack
 
     # -- context management --------------------------------------------------------------------------------
     def __enter__(self) -> Trace:
@@ -620,6 +625,9 @@ class Trace:
         store.top_count[rows] += r["top_count"]
         store.hist[rows] += r["hist"]
         store.n_zero[rows] += r["n_zero"]
+        if self.keep_sums:  # each batch's float sums, so that a merge can replay them in one-process order
+            where = np.arange(len(store.rows))[rows] if isinstance(rows, slice) else rows
+            self._sum_parts.append((d, where, r["sum_abs"].copy(), r["hist"].copy(), np.array(r["n_zero"])))
         store.n_positions[rows] += g["n_valid"]
         store.n_cells[rows] += B
         store.calls[rows] += 1
@@ -672,6 +680,9 @@ class Trace:
             rec = {field: np.array(getattr(store, field)[row]) for field in _Store._FIELDS}
             rec["group_top"] = {c: t[row].copy() for c, t in store.group_top.items()}
             rec["group_cells"] = {c: int(t[row]) for c, t in store.group_cells.items()}
+            if self.keep_sums:
+                rec["sum_parts"] = [(sa[i], hi[i], nz[i]) for d, where, sa, hi, nz in self._sum_parts
+                                    if d == store.d for i in np.flatnonzero(where == row)]
             out[name] = rec
         return out
 
@@ -679,8 +690,10 @@ class Trace:
         """Fold in another trace's `state` as if its batches had run after this trace's.
 
         Maxima follow the one-process rule (a later batch wins only when strictly larger), so merging the shards of
-        one batch sequence in order gives the one-process maxima, argmaxes and counts exactly; the float sums
-        (``sum_abs``, ``hist``, ``n_zero``) are added per shard, which can differ from one process in the last bit.
+        one batch sequence in order gives the one-process maxima, argmaxes and counts exactly. The float sums
+        (``sum_abs``, ``hist``, ``n_zero``) are added batch by batch when the state carries them (a trace with
+        ``keep_sums = True``): then they are exact too; otherwise per shard, which can differ in the last bit.
+        Merging into an empty trace (not entered) reproduces the state exactly.
         """
         self.flush()
         for name, rec in state.items():
@@ -692,8 +705,14 @@ class Trace:
             better = rec["max_abs"] > store.max_abs[row]
             for field in ("max_abs", "arg_cell", "arg_pos", "arg_token"):
                 getattr(store, field)[row] = np.where(better, rec[field], getattr(store, field)[row])
+            exact = "sum_parts" in rec
             for field in ("sum_abs", "top_count", "hist", "n_zero", "n_positions", "n_cells", "calls"):
-                getattr(store, field)[row] += rec[field]
+                if not (exact and field in ("sum_abs", "hist", "n_zero")):
+                    getattr(store, field)[row] += rec[field]
+            for sa, hi, nz in rec.get("sum_parts", ()):
+                store.sum_abs[row] += sa
+                store.hist[row] += hi
+                store.n_zero[row] += nz
             for code, top in rec["group_top"].items():
                 top_k, cells_k = store.group(int(code))
                 top_k[row] += top
