@@ -60,15 +60,16 @@ def _materialise(batches) -> list:
 
 
 def _trace_round(adapter: Adapter, batches: list, sites: list[Site], edits: list[ScalarEdit],
-                 groups: np.ndarray | None, progress: bool, desc: str, ctx=None) -> tuple[Trace, list[np.ndarray]]:
+                 groups: np.ndarray | None, progress: bool, desc: str,
+                 ctx: dist.DistContext) -> tuple[Trace, list[np.ndarray]]:
     """Trace `batches` (under `edits`); with several processes (`ctx`), each traces a contiguous shard and every
     rank gets the merged trace, equal to one process's to the last bit (so every rank takes the same decisions)."""
     names = [s.name for s in sites]
-    active = ctx is not None and ctx.active
+    active = ctx.active
     mine = range(len(batches)) if not active else dist.shard(len(batches), ctx.rank, ctx.world)
     cells_per_batch = []
     state: dict = {}
-    with dist.guard(ctx or dist.DistContext()):
+    with dist.guard(ctx):
         if len(mine):
             with torch.no_grad(), edit(adapter, edits, verify=False), Trace(adapter, names, groups=groups) as tr:
                 tr.keep_sums = active
@@ -137,11 +138,13 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
          progress: bool = False, ctx=None) -> ScanResult:
     """Iterative activation-spike search; see the module docstring. Returns a `ScanResult`.
 
-    `ctx` (a `scsuperweight.dist.DistContext`): with several processes every rank holds the same `batches`, traces
-    a contiguous shard of them each round, and all ranks merge the reductions exactly, so every rank returns the
-    one-process result (rank 0 writes it).
+    `ctx` (a `scsuperweight.dist.DistContext`; default `scsuperweight.dist.context()`: torchrun's ranks, or one
+    process): with several processes every rank holds the same `batches`, traces a contiguous shard of them each
+    round, and all ranks merge the reductions exactly, so every rank returns the one-process result (rank 0
+    writes it).
     """
     adapter = get_adapter(model)
+    ctx = dist.context() if ctx is None else ctx  # under torchrun: this rank's place; else one process
     if mode == "data_free":
         batches = [adapter.synthetic_batch(n_tokens=n_tokens, seed=seed)]
     elif mode == "data":
@@ -173,7 +176,7 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
     stop_reason = f"round limit ({max_rounds}) reached"
     for rnd in range(max_rounds):
         tr, cells_per_batch = _trace_round(adapter, batches, trace_sites if rnd == 0 else producing, edits, groups,
-                                           progress and (ctx is None or ctx.is_main), f"scan round {rnd + 1}", ctx)
+                                           progress and ctx.is_main, f"scan round {rnd + 1}", ctx)
         if rnd == 0:
             activations = tr.to_frame()
         spikes = [tr.summary(s.name) for s in producing if s.name in tr.stats]
