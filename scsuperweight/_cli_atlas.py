@@ -10,7 +10,6 @@ ranks, and only rank 0 writes and prints.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -39,20 +38,6 @@ def streamed(path) -> bool:
     return p.is_file() and p.stat().st_size > STREAM_ABOVE_BYTES
 
 
-def source_hash(source) -> str:
-    """A hash of a Source cheap enough for an atlas: obs names, and per file its label, genes and size in bytes
-    (the counts themselves are not read: a file rewritten with other counts but the same size and names is
-    not told apart)."""
-    h = hashlib.sha256()
-    h.update("\n".join(map(str, source.obs_names)).encode())
-    for f in source.files:
-        h.update(f"\0{f.label}\0{f.n_obs}\0".encode())
-        h.update("\n".join(map(str, f.var.index)).encode())
-        if f.path is not None:
-            h.update(str(Path(f.path).stat().st_size).encode())
-    return h.hexdigest()
-
-
 def cmd_embed(args, say_fn) -> int:
     from . import atlas
     from .loading import load_model
@@ -72,7 +57,7 @@ def cmd_embed(args, say_fn) -> int:
     if ctx.is_main:
         store.mkdir(parents=True, exist_ok=True)
         log = R.RunLog.resume(store, {"command": "embed", "data": {"path": str(args.data), "n_cells": source.n_obs,
-                                                                  "sha256": source_hash(source)},
+                                                                  "sha256": atlas.source_hash(source)},
                                       "world_size": ctx.world})
     t0 = time.perf_counter()
     gf = {k: getattr(args, k) for k in ("token_dictionary", "gene_medians", "symbol_key")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # AnnData keys
 UNS_KEY = "ssw"  # default namespace under adata.uns
+UNS_SOURCE = "ssw_source"  # a sample read from data on disk: {"sha256": the source's hash, "path", "n_cells"}
 OBSM_EMB = "X_scGPT"  # L2-normalised <cls> embedding
 OBSM_EMB_PRUNED = "X_scGPT_pruned"  # embedding of the top candidate pruned
 # obs column: True for a cell with no counts in any gene the model knows (written by a step run with empty="drop"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _keys as K
 from . import dist
 from ._log import logger
 from .data.sources import Source, open_source, stratified_sample
@@ -44,6 +45,20 @@ def gene_overlap(source: Source, model, gene_key: str | None = None) -> list[dic
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in table.to_dict("records")]
 
 
+def source_hash(source) -> str:
+    """A hash of a Source cheap enough for an atlas: obs names, and per file its label, genes and size in bytes
+    (the counts themselves are not read: a file rewritten with other counts but the same size and names is
+    not told apart)."""
+    h = hashlib.sha256()
+    h.update("\n".join(map(str, source.obs_names)).encode())
+    for f in source.files:
+        h.update(f"\0{f.label}\0{f.n_obs}\0".encode())
+        h.update("\n".join(map(str, f.var.index)).encode())
+        if f.path is not None:
+            h.update(str(Path(f.path).stat().st_size).encode())
+    return h.hexdigest()
+
+
 def read_sample(source: Source, cells: np.ndarray):
     """The chosen cells as one in-memory AnnData: obs from the source, genes the union over their files (a gene a
     file lacks counts 0 there, so each cell is tokenised with its own file's genes). Only these rows are read."""
@@ -55,24 +70,54 @@ def read_sample(source: Source, cells: np.ndarray):
         raise DataError(msg)
     adata = parts[0] if len(parts) == 1 else ad.concat(parts, join="outer", fill_value=0, merge="first")
     adata.obs = source.obs.iloc[np.sort(np.asarray(cells))].copy()
+    adata.uns[K.UNS_SOURCE] = {"sha256": source_hash(source), "n_cells": int(source.n_obs),
+                               "files": [f.label for f in source.files]}
     return adata
 
 
 def sample(data, *, label_key: str | None = None, donor_key: str | None = None, condition_key: str | None = None,
-           max_per_label: int | None = None, max_per_donor: int | None = None,
+           max_per_label: int | str | None = None, max_per_donor: int | None = None,
            max_per_condition: int | None = None, max_cells: int | None = None, seed: int = 0,
            layer: str | None = None):
     """A stratified sample drawn from obs alone (`stratified_sample`), then read: (AnnData of the sample, cells).
 
     `cells` are the sample's global indices in the source. Nothing but obs and the sampled rows is read.
+    ``max_per_label="share"`` shares `max_cells` equally among the labels (the scan's balance).
     """
     source = open_source(data, layer=layer)
+    if max_per_label == "share":  # the scan's balance: max_cells shared equally by the labels
+        max_per_label = per_label_cap(source.obs, label_key, max_cells)
     cells = stratified_sample(source.obs, label_key, donor_key, condition_key, max_per_label=max_per_label,
                               max_per_donor=max_per_donor, max_per_condition=max_per_condition,
                               max_cells=max_cells, seed=seed)
     logger.info("sampled %d of %d cells from obs (caps: label %s, donor %s, condition %s, all %s)", len(cells),
                 source.n_obs, max_per_label, max_per_donor, max_per_condition, max_cells)
     return read_sample(source, cells), cells
+
+
+def per_label_cap(obs, label_key: str | None, max_cells: int | None) -> int | None:
+    """The scan's label balance: `max_cells` shared equally by the labels (as `tl.scan` does in memory)."""
+    if label_key is None or max_cells is None:
+        return None
+    if label_key not in obs.columns:
+        msg = f"label_key={label_key!r} is not a column of adata.obs; columns are {list(obs.columns)}."
+        raise DataError(msg)
+    return max(1, max_cells // max(obs[label_key].nunique(), 1))
+
+
+def embed_anndata(data, model, store, *, key_added: str = "X_scGPT", **kwargs):
+    """`embed_store`, then the store as an AnnData (obs of every cell, ``obsm[key_added]``) written to
+    ``store/embeddings.h5ad`` and read back: what `tl.embed` returns for data on disk."""
+    import anndata as ad
+
+    st = embed_store(data, model, store, **kwargs)
+    ctx = kwargs.get("ctx") or dist.context()
+    path = dist.on_rank0(ctx, finalize_store, st, data, None, key_added=key_added, layer=kwargs.get("layer"),
+                         params={**{k: kwargs.get(k) for k in ("gene_key", "layer", "batch_size", "max_seq_len",
+                                                                "seed", "block_size")},
+                                 "gene_overlap": st.gene_overlap})
+    path = dist.gather_objects(path, ctx)[0]
+    return ad.read_h5ad(path)
 
 
 def store_key(model, params: dict) -> str:
@@ -102,12 +147,11 @@ def embed_store(data, model, store, *, gene_key: str | None = None, layer: str |
 
     ctx = ctx or dist.context()
     model = tl._resolve_model(model)
-    family = tl._family(model, "embed")
-    dicts = tl._gene_dictionaries(model, token_dictionary, gene_medians, symbol_key, "embed") \
-        if family == "bert" else None
+    runner, described = tl._runner(model, "embed", token_dictionary=token_dictionary, gene_medians=gene_medians,
+                                   symbol_key=symbol_key)
     source = open_source(data, layer=layer)
     params = dict(gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed, batch_size=batch_size,
-                  family=family, **tl._dict_params(dicts))
+                  family=runner.family, **described)
     key = dist.gather_objects(store_key(model, params) if ctx.is_main else None, ctx)[0]
     # rank 0 makes (or checks) the store first; the others then only read its layout
     st = dist.on_rank0(ctx, EmbeddingStore, store, source.obs_names, block_size=block_size, key=key)
@@ -119,9 +163,9 @@ def embed_store(data, model, store, *, gene_key: str | None = None, layer: str |
     def embed_block(b: int) -> np.ndarray:
         parts = []
         for _, chunk in source.iter_chunks(np.arange(st.n)[st.block(b)], chunk_size=block_size):
-            tok = tl._tokenize(chunk, model, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                               dictionaries=dicts)
-            parts.append(np.asarray(tl._embed_cells(model, tok, batch_size=batch_size), dtype=np.float32))
+            inputs = runner.prepare(chunk, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                                    batch_size=batch_size)
+            parts.append(np.asarray(runner.embed(inputs), dtype=np.float32))
         return np.concatenate(parts)  # iter_chunks yields a block's cells in order
 
     bar = Progress(st.n_blocks, initial=st.n_blocks - len(pending), desc="embed", unit="block", enabled=progress,

@@ -33,17 +33,21 @@ EXAMPLES = {
       --condition-key condition --donor-key "Donor ID" --layer UMIs --gene-sets bundled h.all.v7.0.symbols.gmt \\
       --out run_out
   scsuperweight run --model demo --data cells.h5ad --label-key cell_type --condition-key diagnosis \\
-      --case disease --control healthy --empty drop --out run_out   # levels named; cells without vocab genes out""",
+      --case disease --control healthy --empty drop --out run_out   # levels named; cells without vocab genes out
+  scsuperweight run ... --out run_out          # after a crash: the same command resumes the unfinished run""",
     "embed": """examples:
   scsuperweight embed --model demo --data cells.h5ad --out cells_embedded.h5ad
   scsuperweight embed --model scGPT_brain/ --data cells.h5ad --gene-key feature_name --out embedded.h5ad
-  scsuperweight embed --model demo --data panel.h5ad --empty keep --out e.h5ad   # NaN rows + obs mask""",
+  scsuperweight embed --model demo --data panel.h5ad --empty keep --out e.h5ad   # NaN rows + obs mask
+  scsuperweight embed --model scGPT_brain/ --data 'donors/*.h5ad' --layer UMIs --out atlas_store  # resumable
+  torchrun --nproc-per-node 2 -m scsuperweight embed --model demo --data donors/ --out atlas_store""",
     "scan": """examples:
   scsuperweight scan --model demo --data cells.h5ad --label-key cell_type --out run_out
   scsuperweight scan --model scGPT_brain/ --data cells.h5ad --screen activation weight_only gradient --out run_out
   scsuperweight scan --model scGPT_brain/ --data cells.h5ad --max-seq-len 600 --max-tokens 16384 --out run_out
   scsuperweight scan --model scGPT_brain/ --data-free --out run_out     # one synthetic cell, no data
-  scsuperweight scan --model demo --data cells.h5ad --null-k 50 --null-method gaussian --out run_out""",
+  scsuperweight scan --model demo --data cells.h5ad --null-k 50 --null-method gaussian --out run_out
+  torchrun --nproc-per-node 2 -m scsuperweight scan --model demo --data 'donors/*.h5ad' --out run_out""",
     "prune": """examples:
   scsuperweight prune --model scGPT_brain/ --out run_out --label-key cell_type --dry-run   # the plan only
   scsuperweight prune --model scGPT_brain/ --out run_out --label-key cell_type --budget 15m
@@ -52,7 +56,11 @@ EXAMPLES = {
   scsuperweight prune --model demo --out run_out --label-key cell_type --condition-key dx --case AD --control NCI
   (reads run_out/results.h5ad written by `scan`, or --data FILE.h5ad that holds uns['ssw'] from a scan)
   scsuperweight prune --model demo --out run_out --label-key cell_type --granularities scalar neuron \\
-      --no-mean-ablation --n-matched 0          # zeroing and neurons only, no |w|-matched draws""",
+      --no-mean-ablation --n-matched 0          # zeroing and neurons only, no |w|-matched draws
+  scsuperweight prune --model demo --data donors/ --out run_out --label-key cell_type --max-cells-per-donor 50
+  torchrun --nproc-per-node 2 -m scsuperweight prune --model demo --out run_out --label-key cell_type
+  (--data may also be a folder/glob of per-donor files: sampled from obs, the candidates from run_out; a
+  killed prune resumes: finished conditions are kept in run_out/.conditions)""",
     "genes": """examples:
   scsuperweight genes --model demo --out run_out --label-key cell_type""",
     "enrich": """examples:
@@ -86,7 +94,10 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, batch: bool = Tru
 
 
 def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--data", required=required, help="an .h5ad of raw counts (default for steps: OUT/results.h5ad)")
+    p.add_argument("--data", required=required,
+                   help="raw counts: an .h5ad, a folder or a glob ('donors/*.h5ad') of per-donor .h5ad files "
+                        "(sampled from obs, only sampled cells read; also a single .h5ad over 2 GiB) "
+                        "(default for steps: OUT/results.h5ad)")
     p.add_argument("--layer", default=None, help="layer holding raw counts (default: X), e.g. counts or UMIs")
     p.add_argument("--gene-key", default=None, help="var column with gene symbols (default: var_names)")
 
@@ -149,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene-sets", nargs="+", default=["bundled"], help="'bundled' and/or .gmt files")
     p.add_argument("--out", required=True, help="output directory")
     _overwrite_arg(p)
+    p.add_argument("--resume", action="store_true",
+                   help="resume the unfinished run in --out (automatic when its data, model and parameters are "
+                        "these; with --resume a run that cannot be resumed is an error)")
     _pipeline_knobs(p)
     _empty_arg(p)
     _cost_args(p)
@@ -159,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_formatter)
     _common(p)
     _data_args(p, required=True)
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True,
+                   help="a store folder (resumable blocks, run.json, embeddings.h5ad at the end), or an output "
+                        ".h5ad (its store is scratch space, removed when done); a killed run resumes")
+    from ._cli_atlas import add_embed_args
+
+    add_embed_args(p)
     _empty_arg(p)
     _gf_args(p)
     p.set_defaults(func=cmd_embed)
@@ -307,6 +326,11 @@ def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
                    help="random scalars from each candidate's |w| quantile bin, for p_matched (default 20; 0: none)")
     p.add_argument("--n-joint", type=int, default=20, help="random scalar sets, the null of joint (default 20)")
 
+    p.add_argument("--max-cells-per-donor", type=int, default=None,
+                   help="cap per (label, donor) of the evaluated sample (default none)")
+    p.add_argument("--max-cells-per-condition", type=int, default=None,
+                   help="cap per (label, condition) of the evaluated sample (default none)")
+
 
 def _ablation_opts(args) -> dict:
     """tl.prune's ablation options from the flags of `_pipeline_knobs`."""
@@ -317,20 +341,51 @@ def _ablation_opts(args) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------
 def _data_path(path: str | None, out: Path | None = None) -> Path:
-    """--data, else OUT/results.h5ad from an earlier step; checked to be a readable .h5ad."""
+    """--data, else OUT/results.h5ad from an earlier step; checked to be a readable .h5ad (a folder or a glob of
+    per-donor files is checked when it is opened)."""
+    from ._cli_atlas import streamed
+
     if path is None and out is not None and (out / R.RESULTS.file).is_file():
         path = str(out / R.RESULTS.file)
     if path is None:
         msg = f"no data: pass --data FILE.h5ad (or run `scan` into {out} first)."
         raise DataError(msg)
-    return C.check_data_file(path)
+    return Path(path) if streamed(path) else C.check_data_file(path)
 
 
-def _load_data(path: str | None, out: Path | None = None):
-    """The full AnnData, after `_data_path`'s checks (and, in the commands, after every other check)."""
+def _read_obs(path: Path):
+    """The cells' annotations without the matrix, for the checks: of the file, or of every per-donor file."""
+    from ._cli_atlas import streamed
+
+    if streamed(path):
+        import anndata as ad
+
+        from .data.sources import open_source
+
+        return ad.AnnData(obs=open_source(path).obs)
+    return C.read_obs(path)
+
+
+def _unfinished(out) -> bool:
+    """Does `out` hold an unfinished run (which the same command resumes; `results.prepare_run_dir` decides)?"""
+    prev = R.read_run_json(out) if Path(out).is_dir() else None
+    return bool(prev and prev.get("status") not in (None, "done"))
+
+
+def _load_data(path: str | None, out: Path | None = None, sample: dict | None = None):
+    """(AnnData, path): the full AnnData after `_data_path`'s checks; a folder, a glob or a large .h5ad is read as
+    the sample `sample` describes (keyword arguments of `scsuperweight.atlas.sample`), drawn from obs alone."""
     import anndata as ad
 
+    from ._cli_atlas import streamed
+
     p = _data_path(path, out)
+    if streamed(p):
+        from . import atlas
+
+        if sample is None:
+            raise SSWError(f"{p} is a folder, a glob or a large file: this command reads whole files only.")
+        return atlas.sample(str(p), **sample)[0], p
     try:
         return ad.read_h5ad(p), p
     except Exception as exc:  # corrupt file, wrong format
@@ -357,6 +412,13 @@ def _check_common(args, **options) -> str:
     if getattr(args, "model", None) is not None:
         C.check_model_path(args.model)
     return device
+
+
+def _prune_sample(args, out: Path | None = None) -> dict:
+    """The stratified sample `prune` and `run` evaluate, for data read from disk (caps from the arguments)."""
+    return dict(label_key=args.label_key, donor_key=args.donor_key, condition_key=args.condition_key,
+                max_per_label=args.max_cells_per_label, max_per_donor=args.max_cells_per_donor,
+                max_per_condition=args.max_cells_per_condition, seed=args.seed, layer=args.layer)
 
 
 def _load_model(args):
@@ -428,16 +490,16 @@ def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
     # every check first: output, options, device, model path, then the data's obs (read without its matrix)
-    out = C.check_run_dir(args.out, overwrite=args.overwrite)
+    out = C.check_run_dir(args.out, overwrite=args.overwrite or args.resume or _unfinished(args.out))
     knobs = dict(max_cells_per_label=args.max_cells_per_label, n_random=args.n_random,
                  max_candidates=args.max_candidates, n_boot=args.n_boot, batch_size=args.batch_size, seed=args.seed)
     _check_common(args, **knobs)
     path = _data_path(args.data)
-    checked = C.validate_run_inputs(C.read_obs(path), label_key=args.label_key, condition_key=args.condition_key,
+    checked = C.validate_run_inputs(_read_obs(path), label_key=args.label_key, condition_key=args.condition_key,
                                     donor_key=args.donor_key, case=args.case, control=args.control,
                                     gene_sets=args.gene_sets, device=args.device, **knobs)
     model = _load_model(args)
-    adata, path = _load_data(str(path))
+    adata, path = _load_data(str(path), sample=_prune_sample(args))
     t0 = time.perf_counter()
     info = run_pipeline(adata, model, out, label_key=args.label_key, condition_key=args.condition_key,
                         donor_key=args.donor_key, case=checked.case, control=checked.control,
@@ -447,16 +509,25 @@ def cmd_run(args) -> int:
                         gene_key=args.gene_key, layer=args.layer, prune_options=_ablation_opts(args), empty=args.empty,
                         max_seq_len=args.max_seq_len,
                         progress=not args.no_progress, data_path=str(path), model_path=str(args.model),
-                        overwrite=args.overwrite, **_cost_kwargs(args), **_gf(args))
+                        overwrite=args.overwrite, resume=args.resume, max_cells_per_donor=args.max_cells_per_donor,
+                        max_cells_per_condition=args.max_cells_per_condition, **_cost_kwargs(args), **_gf(args))
     if args.dry_run:
         _say(f"dry run: nothing computed; the plan is in {out / R.RUN.file}")
         return 0
-    _summary(adata, out, time.perf_counter() - t0, info)
+    if _is_main():
+        _summary(adata, out, time.perf_counter() - t0, info)
     return 0
 
 
 def cmd_embed(args) -> int:
     from . import get, tl
+    from ._cli_atlas import streamed
+
+    if not args.out.endswith(".h5ad") or streamed(args.data) or _world() > 1:
+        # a store folder, an atlas on disk or several ranks: block by block into a resumable store
+        from ._cli_atlas import cmd_embed as embed_to_store
+
+        return embed_to_store(args, _say)
 
     out = C.check_out_file(args.out, suffixes=(".h5ad",))
     _check_common(args, batch_size=args.batch_size, seed=args.seed)
@@ -480,7 +551,7 @@ def cmd_scan(args) -> int:
     _check_common(args, max_cells=args.max_cells, min_ratio=args.min_ratio, min_abs=args.min_abs,
                   max_rounds=args.max_rounds, batch_size=args.batch_size, seed=args.seed)
     if not args.data_free:
-        obs = C.read_obs(_data_path(args.data, out))
+        obs = _read_obs(_data_path(args.data, out))
         if args.label_key is not None:
             C.check_obs_key(obs, args.label_key, option="--label-key")
     model = _load_model(args)
@@ -491,15 +562,18 @@ def cmd_scan(args) -> int:
         adata = ad.AnnData(np.zeros((1, 1), dtype=np.float32))
         adata.var_names = [next(iter(model.vocab))] if hasattr(model, "vocab") else ["g0"]
     else:
-        adata, _ = _load_data(args.data, out)
-    R.prepare_run_dir(out, overwrite=args.overwrite)
+        adata, _ = _load_data(args.data, out, sample=dict(label_key=args.label_key, max_cells=args.max_cells,
+                                                          seed=args.seed, layer=args.layer, max_per_label="share"))
+    _rank0(R.prepare_run_dir, out, overwrite=args.overwrite)
     t0 = time.perf_counter()
-    log = _step_log("scan", out, None if args.data_free else adata, model)
+    log = _rank0(_step_log, "scan", out, None if args.data_free else adata, model)
     tl.scan(adata, model, mode="data_free" if args.data_free else "data", label_key=args.label_key,
             gene_key=args.gene_key, layer=args.layer, max_cells=args.max_cells, batch_size=args.batch_size,
             min_ratio=args.min_ratio, min_abs=args.min_abs, max_rounds=args.max_rounds, null_k=args.null_k,
             null_method=args.null_method, seed=args.seed, progress=not args.no_progress, empty=args.empty,
             screen=args.screen, max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, **_gf(args))
+    if not _is_main():
+        return 0
     if args.data_free:  # no cells to keep: the tables and run.json (with the scan's params) only
         R.write_run_dir(adata, out, steps=("scan",), run_id=log.run_id)
         log.step("scan", time.perf_counter() - t0, scan=get.params(adata, "scan"))
@@ -518,26 +592,42 @@ def cmd_scan(args) -> int:
 
 def cmd_prune(args) -> int:
     from . import get, tl
+    from ._cli_atlas import streamed
+    from .condstore import ConditionStore, persisting
 
     out = C.check_out_dir(args.out)
     knobs = dict(max_cells_per_label=args.max_cells_per_label, n_random=args.n_random,
                  max_candidates=args.max_candidates, n_boot=args.n_boot, batch_size=args.batch_size, seed=args.seed)
     _check_common(args, **knobs)
     path = _data_path(args.data, out)
-    checked = C.validate_run_inputs(C.read_obs(path), label_key=args.label_key, condition_key=args.condition_key,
+    checked = C.validate_run_inputs(_read_obs(path), label_key=args.label_key, condition_key=args.condition_key,
                                     donor_key=args.donor_key, case=args.case, control=args.control, **knobs)
-    _needs_scan(path)
+    _needs_scan(out / R.RESULTS.file if streamed(path) else path)
     model = _load_model(args)
-    adata, _ = _load_data(str(path))
+    adata, _ = _load_data(str(path), sample=_prune_sample(args))
+    if K.UNS_KEY not in adata.uns and (out / R.RESULTS.file).is_file():  # a sample read from disk: the scan's
+        import anndata as ad  # candidates and run record come from OUT
+
+        adata.uns[K.UNS_KEY] = ad.read_h5ad(out / R.RESULTS.file, backed="r").uns.get(K.UNS_KEY, {})
     t0 = time.perf_counter()
     log = _step_log("prune", out, adata, model)
-    tl.prune(adata, model, label_key=args.label_key, condition_key=args.condition_key,
-             donor_key=args.donor_key, case=checked.case, control=checked.control, empty=args.empty,
-             gene_key=args.gene_key, layer=args.layer,
-             max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
-             max_candidates=args.max_candidates, batch_size=args.batch_size, seed=args.seed,
-             max_seq_len=args.max_seq_len, progress=not args.no_progress, **_cost_kwargs(args), **_ablation_opts(args),
-             **_gf(args))
+    main = _is_main()
+    # finished conditions are kept in OUT/.conditions under a hash of everything they depend on: a killed prune
+    # rerun with the same run, data, model and arguments computes only the others
+    inputs = R.inputs_hash(log.info.get("run_id"), log.info.get("data_hash"), log.info.get("model_hash"),
+                           {k: v for k, v in vars(args).items() if k not in _NOT_INPUTS})
+    store = ConditionStore(out, inputs) if main and not args.dry_run else None
+    with persisting(store, writer=log.progress if main else None):
+        tl.prune(adata, model, label_key=args.label_key, condition_key=args.condition_key,
+                 donor_key=args.donor_key, case=checked.case, control=checked.control, empty=args.empty,
+                 gene_key=args.gene_key, layer=args.layer,
+                 max_cells_per_label=args.max_cells_per_label, n_random=args.n_random, n_boot=args.n_boot,
+                 max_candidates=args.max_candidates, batch_size=args.batch_size, seed=args.seed,
+                 max_seq_len=args.max_seq_len, progress=not args.no_progress, **_cost_kwargs(args),
+                 **_ablation_opts(args), max_cells_per_donor=args.max_cells_per_donor,
+                 max_cells_per_condition=args.max_cells_per_condition, **_gf(args))
+    if not main:
+        return 0
     done = get.params(adata, "prune")
     log.info.update({k: done[k] for k in ("plan", "budget") if done.get(k) is not None})
     if args.dry_run:  # run.json gets the plan; no table, no results.h5ad
@@ -546,8 +636,13 @@ def cmd_prune(args) -> int:
         _say(f"dry run: nothing computed; the plan is in {out / R.RUN.file}")
         return 0
     _write(adata, out, "prune", log, t0)
+    store.clear()  # written: the kept conditions are no longer needed
     _say(f"wrote {out / R.spec('collapse').file}")
     return 0
+
+
+# arguments that do not change a step's results (excluded from the hash that keys resumable work)
+_NOT_INPUTS = ("func", "no_progress", "verbose", "debug", "out", "overwrite", "resume", "device", "command")
 
 
 def cmd_genes(args) -> int:
@@ -600,8 +695,33 @@ def cmd_report(args) -> int:
 
 
 def _say(msg: str) -> None:
+    if not _is_main():  # under torchrun only rank 0 speaks
+        return
     sys.stdout.write(msg + "\n")
     sys.stdout.flush()
+
+
+# under torchrun (several processes) every rank runs the command and the work is split; rank 0 alone writes
+_DIST_COMMANDS = ("embed", "scan", "prune", "run")
+
+
+def _world() -> int:
+    from .dist import context
+
+    return context().world
+
+
+def _is_main() -> bool:
+    from .dist import context
+
+    return context().is_main
+
+
+def _rank0(fn, *args, **kwargs):
+    """`fn` on rank 0 (its result; None elsewhere); a failure there ends every rank with its error."""
+    from .dist import context, on_rank0
+
+    return on_rank0(context(), fn, *args, **kwargs)
 
 
 def _summary(adata, out: Path, seconds: float, info: dict) -> None:
@@ -656,7 +776,14 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    from .dist import RankError, context, finish
+
     try:
+        ctx = context()
+        if not ctx.is_main:  # torchrun: the other ranks share the work of these commands, and show nothing
+            if args.command not in _DIST_COMMANDS:
+                return 0
+            args.no_progress = True
         with warnings.catch_warnings():
             # a metric adapted to a small group says so in the table's note column, not on the console
             warnings.simplefilter("ignore", SmallDataWarning)
@@ -664,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; files already written are kept.\n")
         return 130
-    except (SSWError, ValueError, OSError) as exc:  # the user's input or environment: one line, exit 2
+    except (SSWError, ValueError, OSError, RankError) as exc:  # the user's input or environment: one line, exit 2
         if args.debug:
             raise
         sys.stderr.write(f"error: {_one_line(exc)}\n")
@@ -675,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); this is a bug in "
                          "scsuperweight, not in your input: rerun with --debug for the traceback and report it.\n")
         return 1
+    finally:
+        finish()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,6 +34,22 @@ MANIFEST = "manifest.json"
 _KEY = "__condition_key__"
 
 
+_F32 = "__f32"  # suffix of a float64 array stored as float32 because that loses nothing
+
+
+def _compact(arrays: dict) -> dict:
+    """float64 arrays that hold float32 values (a model's float32 outputs, widened) are stored as float32, halving
+    the store; `get` widens them back, bit for bit."""
+    out = {}
+    for k, v in arrays.items():
+        a = np.asarray(v)
+        if a.dtype == np.float64 and np.array_equal(a.astype(np.float32).astype(np.float64), a, equal_nan=True):
+            out[k + _F32] = a.astype(np.float32)
+        else:
+            out[k] = a
+    return out
+
+
 def definition_hash(definition, inputs: str = "") -> str:
     """A stable hash of a condition's definition (JSON-able: dicts, lists, numbers, strings) and the run's inputs."""
     text = json.dumps({"definition": definition, "inputs": inputs}, sort_keys=True, default=str)
@@ -61,7 +77,6 @@ class ConditionStore:
     def __init__(self, out, inputs: str = ""):
         self.dir = Path(out) / DIRNAME
         self.inputs = inputs
-        self.dir.mkdir(parents=True, exist_ok=True)
         self._manifest_path = self.dir / MANIFEST
         self._manifest = json.loads(self._manifest_path.read_text()) if self._manifest_path.exists() else {}
 
@@ -72,7 +87,8 @@ class ConditionStore:
             msg = f"{_KEY!r} is reserved; rename that array of condition {name!r}."
             raise ValueError(msg)
         buf = io.BytesIO()
-        np.savez(buf, **{_KEY: np.array(key)}, **{k: np.asarray(v) for k, v in arrays.items()})
+        np.savez(buf, **{_KEY: np.array(key)}, **_compact(arrays))
+        self.dir.mkdir(parents=True, exist_ok=True)  # made by the first finished condition
         path = self.dir / f"{safe_name(name)}.npz"
         atomic_write_bytes(path, buf.getvalue())
         self._manifest[name] = {"hash": key, "file": path.name}
@@ -91,7 +107,15 @@ class ConditionStore:
         with np.load(path, allow_pickle=False) as z:
             if str(z[_KEY]) != key:
                 return None
-            return {k: z[k] for k in z.files if k != _KEY}
+            return {k.removesuffix(_F32): z[k].astype(np.float64) if k.endswith(_F32) else z[k]
+                    for k in z.files if k != _KEY}
+
+    def clear(self) -> None:
+        """Remove the stored conditions (once the step's tables are written they are no longer needed)."""
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._manifest = {}
 
     def load_done(self, definitions: dict) -> dict[str, dict[str, np.ndarray]]:
         """Of `definitions` (name -> definition), the conditions already finished for them: name -> arrays."""

@@ -77,6 +77,14 @@ def context(backend: str | None = None, *, timeout_s: float = 1800.0) -> DistCon
     return ctx
 
 
+def finish() -> None:
+    """Leave the process group this module (or torchrun's environment) started; a no-op with one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard(n_items: int, rank: int, world: int, *, strided: bool = False) -> np.ndarray:
     """The items of `rank`: a contiguous block (sizes differ by at most one, earlier ranks larger) or every
     `world`-th item. Contiguous shards keep the global order rank after rank, which is what lets merging in rank

@@ -11,13 +11,16 @@ import hashlib
 import platform
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 
-from . import get, tl
+from . import _keys as K
+from . import dist, get, tl
 from . import results as R
 from ._io import atomic_write_h5ad
 from ._log import logger
+from .condstore import ConditionStore, persisting
 
 
 def _versions() -> dict:
@@ -42,8 +45,13 @@ def model_hash(model) -> str:
 
 
 def data_hash(adata) -> str:
+    """sha256 of the counts, obs names and var names; for a sample read from data on disk, the source's hash (so
+    every step's sample of one atlas belongs to the same run)."""
     import scipy.sparse as sp
 
+    source = adata.uns.get(K.UNS_SOURCE) if hasattr(adata, "uns") else None
+    if source and source.get("sha256"):
+        return str(source["sha256"])
     h = hashlib.sha256()
     X = adata.X
     if sp.issparse(X):
@@ -88,7 +96,9 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                  model_path: str | None = None, progress: bool = True, extra_info: dict | None = None,
                  overwrite: bool = False, sequential: bool = True, budget: str | float | None = None,
                  yes: bool = False, dry_run: bool = False, dtype: str = "fp32", max_tokens: int | None = None,
-                 screen=("activation", "weight_only"), on_plan=None) -> dict:
+                 screen=("activation", "weight_only"), on_plan=None,
+                 resume: bool = False, max_cells_per_donor: int | None = None,
+                 max_cells_per_condition: int | None = None) -> dict:
     """Run every step on `adata` with `model`, writing the DESIGN.md output files into `out_dir`.
 
     `model` is an scGPT model or a BERT-family masked LM (Geneformer-like); the latter reads the cells through
@@ -119,11 +129,19 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     picks scan cells, cells per label, `max_seq_len`, `n_random` and `n_boot` to fit (validity floors first);
     run.json records the choices and the reasons (``budget``), and the report shows them. `sequential`, `dtype`,
     `max_tokens` and `screen` are passed to `scsuperweight.tl.prune` / `scsuperweight.tl.scan`.
+
+    Resuming: a directory holding an unfinished run (killed, failed) of the same data, model and parameters is
+    resumed, not refused: its run id is kept, the steps rerun, and prune's conditions already finished (kept in
+    ``out_dir/.conditions``) are not recomputed, so the tables equal an uninterrupted run's. `resume` makes any
+    other directory an error. Under torchrun every rank calls this; prune's conditions are shared across ranks
+    and rank 0 alone writes.
     """
     from .checks import check_model, check_run_dir, validate_run_inputs
 
     check_model(model)
-    check_run_dir(out_dir, overwrite=overwrite)
+    # an unfinished run in out_dir may be this one, resumed: prepare_run_dir decides once the inputs are hashed
+    prev = R.read_run_json(out_dir) if Path(out_dir).is_dir() else None
+    check_run_dir(out_dir, overwrite=overwrite or resume or bool(prev and prev.get("status") not in (None, "done")))
     checked = validate_run_inputs(adata, label_key=label_key, condition_key=condition_key, donor_key=donor_key,
                                   case=case, control=control, gene_sets=list(gene_sets), seed=seed,
                                   batch_size=batch_size, max_cells_scan=max_cells_scan,
@@ -135,7 +153,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     from .report import report
     from .runners import get_runner
 
-    out = R.prepare_run_dir(out_dir, overwrite=overwrite)
+    ctx = dist.context()
     runner = get_runner(model)
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot, seed=seed,
                         sequential=sequential, primary_metric=primary_metric, dtype=dtype)
@@ -158,14 +176,24 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                   permutations=permutations, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len,
                   primary_metric=primary_metric, prune_options=dict(prune_options or {}), sequential=sequential,
                   budget=budget, dtype=dtype, max_tokens=max_tokens,
-                  screen=[screen] if isinstance(screen, str) else list(screen))
+                  screen=[screen] if isinstance(screen, str) else list(screen),
+                  max_cells_per_donor=max_cells_per_donor, max_cells_per_condition=max_cells_per_condition)
     params.update(runner.describe(**family_options))
     m_hash, d_hash = model_hash(model), data_hash(adata)
-    log = R.RunLog(out, {"versions": _versions(), "seed": seed, "params": params, "data_hash": d_hash,
-                         "model_hash": m_hash,
-                         "model": {"path": model_path, "sha256_state": m_hash, **_model_info(model)},
-                         "data": {"path": data_path, "sha256": d_hash, "n_cells": int(adata.n_obs),
-                                  "n_genes": int(adata.n_vars)}, **cost.params(), **(extra_info or {})})
+    inputs = R.inputs_hash(d_hash, m_hash, params)
+    out = Path(out_dir)
+    dist.on_rank0(ctx, R.prepare_run_dir, out, overwrite=overwrite, inputs=inputs, resume=resume)
+    info = {"versions": _versions(), "seed": seed, "params": params, "data_hash": d_hash, "model_hash": m_hash,
+            "inputs": inputs, "model": {"path": model_path, "sha256_state": m_hash, **_model_info(model)},
+            "data": {"path": data_path, "sha256": d_hash, "n_cells": int(adata.n_obs),
+                     "n_genes": int(adata.n_vars)}, **cost.params(), **(extra_info or {})}
+    if R.resumable(R.read_run_json(out), inputs) and not dry_run:  # its run id, steps and timings are kept
+        log = R.RunLog.resume(out, info, main=ctx.is_main)
+        for k in ("error", "traceback"):
+            log.info.pop(k, None)
+        log.info["status"] = "running"
+    else:
+        log = R.RunLog(out, info, write=ctx.is_main, main=ctx.is_main)
     if dry_run:
         log.info["status"] = "dry-run"
         log.write()
@@ -182,17 +210,23 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                                    max_cells_per_label=max_cells_per_label, n_random=n_random,
                                    max_candidates=max_candidates, n_boot=n_boot, primary_metric=primary_metric,
                                    sequential=sequential, dtype=dtype, max_tokens=max_tokens, yes=True,
-                                   **(prune_options or {}), **common)),
+                                   max_cells_per_donor=max_cells_per_donor,
+                                   max_cells_per_condition=max_cells_per_condition, **(prune_options or {}),
+                                   **common)),
         ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,
                                    **common)),
         ("enrich", lambda: tl.enrich(adata, gene_sets=gene_sets, permutations=permutations, seed=seed,
                                      progress=progress)),
     ]
+    store = ConditionStore(out, inputs) if ctx.is_main else None  # finished prune conditions, for a resume
     try:
         for name, run in steps:
             t0 = time.perf_counter()
             logger.info("step %s", name)
-            run()
+            with persisting(store, writer=log.progress if ctx.is_main else None):
+                run()
+            if not ctx.is_main:
+                continue
             R.write_run_dir(adata, out, steps=(name,), run_id=log.run_id)
             if name == "prune":  # the report judges candidates on the metric prune chose for the family
                 log.info["params"]["primary_metric"] = get.params(adata, "prune")["primary_metric"]
@@ -200,6 +234,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                 log.info["data"]["n_empty"] = int(get.params(adata, "scan").get("n_empty", 0))
             log.step(name, time.perf_counter() - t0, **({"scan": get.params(adata, "scan")} if name == "scan"
                                                          else {}))
+        if not ctx.is_main:
+            return log.info
         t0 = time.perf_counter()
         R.set_run_record(adata, log.info)
         atomic_write_h5ad(adata, out / R.RESULTS.file)
@@ -207,6 +243,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
         t0 = time.perf_counter()
         log.info["status"] = "done"
         log.write()
+        store.clear()  # the finished run's tables hold everything the conditions were kept for
         report(out, out / R.REPORT.file)
         log.step("report", time.perf_counter() - t0)
     except BaseException as exc:

@@ -633,12 +633,13 @@ def run_conditions(ev, conds: Sequence[Condition], *, progress: bool = False) ->
     """Run `conds` with the evaluator `ev`: condition name -> its per-cell result arrays, in `conds` order.
 
     The one place where conditions execute, so that persisting finished conditions (resume), sharding them across
-    ranks and running the random draws in sequential rounds all meet here rather than in `prune`.
+    ranks and running the random draws in sequential rounds all meet here rather than in `prune`. Inside a
+    `scsuperweight.condstore.persisting` block, conditions already in its store are not rerun and each one is saved
+    as it finishes; under torchrun they are dealt out across ranks (`scsuperweight.condstore.execute`).
     """
-    results: dict[str, dict] = {}
-    for cond in tqdm(conds, desc="prune conditions", disable=not progress):
-        results[cond.name] = ev.run(cond)
-    return results
+    from .condstore import execute
+
+    return execute(ev.run, conds, progress=progress)
 
 
 @dataclass(frozen=True)

@@ -389,22 +389,47 @@ def clear_outputs(out_dir) -> list[str]:
     return gone
 
 
-def prepare_run_dir(out_dir, *, overwrite: bool = False) -> Path:
+def prepare_run_dir(out_dir, *, overwrite: bool = False, inputs: str | None = None, resume: bool = False) -> Path:
     """`out_dir` ready for a new run: created if absent; refused when it holds outputs unless `overwrite`, which
-    removes them first (and nothing else)."""
+    removes them first (and nothing else). A directory holding an unfinished run of the same `inputs`
+    (`inputs_hash` of data, model and parameters, as run.json records it) is kept as it is, to be resumed;
+    `resume` makes anything else an error."""
     out = Path(out_dir)
     found = existing_outputs(out) if out.is_dir() else []
+    prev = (read_run_json(out) or {}) if out.is_dir() else {}
+    if resumable(prev, inputs) and not overwrite:
+        logger.info("resuming the unfinished run %s in %s", prev.get(RUN_ID), out)
+        return out
+    if resume and not overwrite:
+        why = ("it holds no run" if not prev else "its run finished" if prev.get("status") == "done" else
+               "its run was made from other data, model or parameters")
+        msg = f"cannot resume in {out}: {why}; rerun without --resume (resume=False), or with --overwrite."
+        raise RunDirError(msg)
     if found and not overwrite:
-        prev = read_run_json(out) or {}
         what = f"run {prev['run_id']}" if prev.get(RUN_ID) else "an earlier run"
         msg = (f"{out} already holds {what} ({', '.join(found)}); pass --overwrite (overwrite=True) to replace it, "
-               "or choose another output directory.")
+               "or choose another output directory (an unfinished run of the same data, model and parameters "
+               "resumes by itself).")
         raise RunDirError(msg)
     if found:
         logger.info("overwrite: removing %s from %s", ", ".join(found), out)
         clear_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def resumable(prev: Mapping | None, inputs: str | None) -> bool:
+    """Is `prev` (a run.json record) an unfinished run of these `inputs`?"""
+    return bool(inputs and prev and prev.get("inputs") == inputs and prev.get("status") != "done")
+
+
+def inputs_hash(*parts) -> str:
+    """A hash of everything a run's results depend on (data and model hashes, parameters: JSON-able values); the
+    key under which unfinished work (conditions, blocks) is resumed."""
+    import hashlib
+
+    text = json.dumps(_plain(list(parts)), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_run_json(out_dir) -> dict | None:
@@ -422,7 +447,8 @@ def read_run_json(out_dir) -> dict | None:
 class RunLog:
     """run.json, rewritten atomically after every step: status, steps done, timings, run id and hashes."""
 
-    def __init__(self, out_dir, info: Mapping, *, write: bool = True):
+    def __init__(self, out_dir, info: Mapping, *, write: bool = True, main: bool = True):
+        self.main = main  # under torchrun only rank 0 writes; the others keep the record in memory
         self.path = Path(out_dir) / RUN.file
         self.info = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "timings": {},
                      "steps_done": [], **info}
@@ -431,11 +457,11 @@ class RunLog:
             self.write()
 
     @classmethod
-    def resume(cls, out_dir, info: Mapping) -> RunLog:
+    def resume(cls, out_dir, info: Mapping, *, main: bool = True) -> RunLog:
         """The run.json already in `out_dir` (its run id and steps kept; `info` fills what it lacks), or a new
         record from `info`; written at the next `step`, so a step that fails first leaves no record behind."""
         prev = read_run_json(out_dir) or {}
-        return cls(out_dir, {**info, **prev}, write=False)
+        return cls(out_dir, {**info, **prev}, write=False, main=main)
 
     @property
     def run_id(self) -> str:
@@ -455,7 +481,8 @@ class RunLog:
         self.write()
 
     def write(self) -> None:
-        atomic_write_json(_plain(self.info), self.path)
+        if self.main:
+            atomic_write_json(_plain(self.info), self.path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

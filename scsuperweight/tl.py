@@ -191,7 +191,7 @@ def _runner(model, step: str, *, required: bool = True, reconstruction: bool = F
 def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None = None, batch_size: int = 64,
           max_seq_len: int | None = None, token_dictionary=None, gene_medians=None, symbol_key: str | None = None,
           seed: int = 0, device=None, key_added: str = K.OBSM_EMB, empty: str = "error", copy: bool = False,
-          progress: bool = True):
+          progress: bool = True, store=None, block_size: int = 2048):
     """Cell embeddings, L2-normalised: scGPT's `<cls>` output (as the official embedding task computes it), or for a
     BERT-family model (Geneformer) the mean of the final hidden states over a cell's genes.
 
@@ -217,10 +217,16 @@ def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None
         them, ``"keep"`` embeds them as ``<cls>`` alone; either way their rows are NaN, ``obs["ssw_no_vocab_counts"]``
         flags them and the params say how many.
 
+    store, block_size
+        Data on disk (a path, a folder or glob of per-donor .h5ad files, a backed AnnData or a
+        `scsuperweight.data.sources.Source`) is embedded block by block (`block_size` cells) into the resumable
+        store folder `store` (required then; a killed call resumes), never holding all cells' counts or tokens.
+
     Returns
     -------
     None, or a copy with ``copy=True``. Writes ``adata.obsm[key_added]`` (n_obs, d) and
-    ``uns["ssw"]["params"]["embed"]``.
+    ``uns["ssw"]["params"]["embed"]``. For data on disk: a new AnnData (obs of every cell, ``obsm[key_added]``,
+    the params with each file's gene overlap), also written to ``store/embeddings.h5ad``.
 
     Examples
     --------
@@ -230,6 +236,16 @@ def embed(adata, model="demo", *, gene_key: str | None = None, layer: str | None
     >>> adata.obsm["X_scGPT"].shape
     (300, 64)
     """
+    from . import atlas
+
+    if atlas.is_streamed(adata):
+        if store is None:
+            msg = "tl.embed on data on disk writes a resumable store: pass store='path/to/store' (a folder)."
+            raise DataError(msg)
+        return atlas.embed_anndata(adata, _resolve_model(model, device), store, key_added=key_added,
+                                   gene_key=gene_key, layer=layer, batch_size=batch_size, max_seq_len=max_seq_len,
+                                   seed=seed, block_size=block_size, token_dictionary=token_dictionary,
+                                   gene_medians=gene_medians, symbol_key=symbol_key, progress=progress)
     _check_inputs(adata, model, device=device, empty=empty, batch_size=batch_size, max_seq_len=max_seq_len,
                   seed=seed)
     adata = adata.copy() if copy else adata
@@ -287,15 +303,24 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     `scsuperweight.firstorder.gradient_screen`; scGPT, with data). `max_seq_len` caps each cell's genes (scGPT's
     own random gene subsampling); `max_tokens` builds batches to at most that many padded tokens.
 
+    Data on disk (a path, a folder or glob of per-donor .h5ad files, a backed AnnData or a Source): the stratified
+    sample is drawn from obs alone, only its cells are read, and the sample is returned as a new AnnData holding
+    the results.
+
     Examples
     --------
     >>> ssw.tl.scan(adata, "demo", label_key="cell_type")
     >>> ssw.get.superweights(adata).head()
     >>> ssw.tl.scan(adata, "demo", screen=("activation", "weight_only", "gradient"))
     """
+    from . import atlas
     from .detect import scan as _scan
     from .detect import weight_screen
 
+    fresh = mode == "data" and atlas.is_streamed(adata)
+    if fresh:  # the sample is a new AnnData: the results go on it and it is returned
+        adata, _ = atlas.sample(adata, label_key=label_key, max_per_label="share", max_cells=max_cells, seed=seed,
+                                layer=layer)
     _check_inputs(adata, model, device=device, label_key=label_key, empty=empty, max_cells=max_cells,
                   batch_size=batch_size, max_seq_len=max_seq_len, min_ratio=min_ratio, min_abs=min_abs,
                   max_rounds=max_rounds, seed=seed)
@@ -308,7 +333,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     if "gradient" in screens and mode != "data":
         msg = "screen='gradient' needs cells (a backward pass over masked cells); use mode='data'."
         raise DataError(msg)
-    adata = adata.copy() if copy else adata
+    adata = adata.copy() if copy and not fresh else adata
     model = _resolve_model(model, device)
     runner, described = _runner(model, "scan", required=mode == "data", token_dictionary=token_dictionary,
                                 gene_medians=gene_medians, symbol_key=symbol_key)
@@ -367,7 +392,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
                                  **described})
     n_above = int(res.candidates["above_threshold"].sum()) if len(res.candidates) else 0
     logger.info("scan: %d candidates above threshold; %s", n_above, res.stop_reason)
-    return adata if copy else None
+    return adata if copy or fresh else None
 
 
 def prune(adata, model="demo", *, label_key: str, condition_key: str | None = None, donor_key: str | None = None,
@@ -381,7 +406,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
           seed: int = 0, device=None, key: str = K.UNS_KEY, empty: str = "error", copy: bool = False,
           progress: bool = True, sequential: bool = True, budget: str | float | None = None, yes: bool = False,
           dry_run: bool = False, dtype: str = "fp32", max_tokens: int | None = None, first_order: bool = True,
-          on_plan=None):
+          on_plan=None, max_cells_per_donor: int | None = None, max_cells_per_condition: int | None = None):
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
 
     Writes ``uns[key]["collapse"]`` (the long `collapse.tsv` table with intervals and p-values vs random scalars),
@@ -402,6 +427,11 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     mask_ratio
         Fraction of each cell's genes masked for the reconstruction metrics; default the family's pretraining
         ratio (scGPT 0.25, Geneformer 0.15).
+    max_cells_per_donor, max_cells_per_condition
+        Further caps of the sample, per (label, donor) and per (label, condition); with either, the sample is drawn
+        by `scsuperweight.data.sources.stratified_sample` from obs. Data on disk (a path, a folder or glob of
+        per-donor .h5ad files, a backed AnnData or a Source) is always sampled that way, only the sampled cells are
+        read, and the sample is returned as a new AnnData holding the results (pass ``candidates=``).
     primary_metric
         The metric the report judges candidates on, recorded in the params; default ``gepc_mse`` for scGPT
         (``gep_mse`` when the model has no MVC decoder) and ``mlm_loss`` for a BERT-family model.
@@ -453,11 +483,18 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     >>> ssw.get.collapse(adata).query("group == 'all' and metric == 'gepc_mse'")
     >>> ssw.tl.prune(adata, model, label_key="cell_type", budget="15m")  # fit the run to 15 minutes
     """
+    from . import atlas
     from .judge import verdicts
     from .precision import parse_dtype
     from .prune import PruneOptions, select_candidates
     from .prune import prune as _prune
 
+    caps = dict(label_key=label_key, donor_key=donor_key, condition_key=condition_key,
+                max_per_label=max_cells_per_label, max_per_donor=max_cells_per_donor,
+                max_per_condition=max_cells_per_condition, seed=seed)
+    fresh = atlas.is_streamed(adata)
+    if fresh:  # only the sample is read; it is a new AnnData, returned with the results
+        adata, _ = atlas.sample(adata, layer=layer, **caps)
     parse_dtype(dtype)  # a bad name fails now, not after the plan
     case, control = _check_inputs(adata, model, device=device, label_key=label_key, condition_key=condition_key,
                                   donor_key=donor_key, case=case, control=control, empty=empty,
@@ -478,7 +515,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     labels = _obs_column(adata, label_key, "label_key")
     conditions = _obs_column(adata, condition_key, "condition_key")
     donors = _obs_column(adata, donor_key, "donor_key")
-    adata = adata.copy() if copy else adata
+    adata = adata.copy() if copy and not fresh else adata
     model = _resolve_model(model, device)
     runner, described = _runner(model, "prune", reconstruction=True, token_dictionary=token_dictionary,
                                 gene_medians=gene_medians, symbol_key=symbol_key)
@@ -500,7 +537,13 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     if dry_run:
         _record(adata, key, "prune", {**cost_params, "dry_run": True, "label_key": label_key})
         return adata if copy else None
-    cells = _subsample(labels, adata.n_obs, max_cells_per_label, seed, eligible)
+    if fresh or max_cells_per_donor is not None or max_cells_per_condition is not None:
+        from .data.sources import stratified_sample  # caps per donor / condition too, drawn from obs
+
+        cells = stratified_sample(adata.obs, **{**caps, "max_per_label": max_cells_per_label})
+        cells = cells if eligible is None else cells[eligible[cells]]
+    else:
+        cells = _subsample(labels, adata.n_obs, max_cells_per_label, seed, eligible)
     extra = {"max_tokens": max_tokens} if max_tokens else {}
     inputs = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
                             batch_size=batch_size, cells=cells, mask_ratio=mask_ratio, **extra)
@@ -540,8 +583,10 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                                   "pruned_embedding_of": top, "pruned_param": str(row["param"]),
                                   "primary_metric": primary_metric, "family": runner.family,
                                   "max_seq_len": max_seq_len, "max_tokens": max_tokens, **cost_params,
-                                  **_empty_record(eligible, empty), **described})
-    return adata if copy else None
+                                  **_empty_record(eligible, empty), **described,
+                                  "max_cells_per_donor": max_cells_per_donor,
+                                  "max_cells_per_condition": max_cells_per_condition})
+    return adata if copy or fresh else None
 
 
 @dataclass(frozen=True)

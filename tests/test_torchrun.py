@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -20,40 +19,22 @@ from test_tl import synthetic_model
 
 import scsuperweight as ssw
 from scsuperweight.models import save_scgpt
+from scsuperweight.runners import get_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = shutil.which("torchrun")
 pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not on PATH (it ships with torch)")
-
-SCAN = textwrap.dedent("""
-    import sys
-    import anndata as ad
-    import torch
-    from scsuperweight import dist, tl
-    from scsuperweight.loading import load_model
-
-    torch.set_num_threads(1)
-    ctx = dist.context()
-    model = load_model(sys.argv[1])
-    adata = ad.read_h5ad(sys.argv[2])
-    tl.scan(adata, model, label_key="cell_type", max_cells=96, batch_size=8, progress=False)
-    if ctx.is_main:
-        ssw_ns = adata.uns["ssw"]
-        ssw_ns["superweights"].to_csv(sys.argv[3] + "/superweights.tsv", sep="\\t", index=False)
-        ssw_ns["activations"].to_csv(sys.argv[3] + "/activations.tsv", sep="\\t", index=False)
-""")
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("torchrun")
     adata = ssw.datasets.synthetic_ad(n_cells=120, n_donors=4, seed=3)
     model = synthetic_model(adata, seed=3)
-    _, plain, _ = ssw.tl._inputs(adata, model, gene_key=None, layer=None, max_seq_len=None, seed=0, batch_size=32)
+    plain = get_runner(model).prepare(adata, gene_key=None, layer=None, max_seq_len=None, seed=0,
+                                      batch_size=32).plain
     plant_cls_superweight(model, plain, 1, 3, 7, magnitude=300.0)
     save_scgpt(model, d / "model")
     adata.write_h5ad(d / "data.h5ad")
-    (d / "scan.py").write_text(SCAN)
     return d
 
 
@@ -68,15 +49,36 @@ def _run(cmd: list[str], cwd: Path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
 
 
-def test_two_rank_scan_equals_one_process(files, tmp_path):
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    """Every table of a run directory, without the run id (each run has its own)."""
+    def read(p: Path) -> pd.DataFrame:
+        try:
+            return pd.read_csv(p, sep="\t").drop(columns="run_id", errors="ignore")
+        except pd.errors.EmptyDataError:  # a table with nothing to say (e.g. no contrasts)
+            return pd.DataFrame()
+
+    return {p.name: read(p) for p in sorted(out.glob("*.tsv"))}
+
+
+@pytest.mark.slow  # four launches of the CLI, two of them torchrun: ~2 min on a busy 2-core machine
+def test_torchrun_two_ranks_scan_and_prune_equal_one_process(files, tmp_path):
+    """`torchrun --nproc-per-node 2 -m scsuperweight scan|prune` (gloo): the same tables as one process, written by
+    rank 0 alone, with conditions really split (each rank computed some)."""
+    model, data = str(files / "model"), str(files / "data.h5ad")
+    scan = ["scan", "--model", model, "--data", data, "--label-key", "cell_type", "--max-cells", "96",
+            "--batch-size", "8", "--no-progress"]
+    prune = ["prune", "--model", model, "--label-key", "cell_type", "--condition-key", "condition", "--donor-key",
+             "donor", "--max-cells-per-label", "10", "--n-random", "6", "--n-boot", "20", "--max-candidates", "2",
+             "--batch-size", "8", "--no-progress"]
     one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    args = [str(files / "model"), str(files / "data.h5ad")]
-    _run([sys.executable, str(files / "scan.py"), *args, str(one)], files)
-    _run([TORCHRUN, "--standalone", "--nproc-per-node", "2", str(files / "scan.py"), *args, str(two)], files)
-    for name in ("superweights.tsv", "activations.tsv"):
-        a, b = pd.read_csv(one / name, sep="\t"), pd.read_csv(two / name, sep="\t")
-        pd.testing.assert_frame_equal(a, b, check_exact=True)
-    sw = pd.read_csv(two / "superweights.tsv", sep="\t")
-    assert "L1.linear2.w[3,7]" in set(sw["candidate"])  # the planted super weight is found
+    for out, launcher in ((one, [sys.executable, "-m", "scsuperweight"]),
+                          (two, [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "scsuperweight"])):
+        _run([*launcher, *scan, "--out", str(out)], files)
+        _run([*launcher, *prune, "--out", str(out)], files)
+    a, b = _tables(one), _tables(two)
+    assert set(a) == set(b) >= {"superweights.tsv", "activations.tsv", "collapse.tsv", "verdicts.tsv"}
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+    assert "L1.linear2.w[3,7]" in set(b["superweights.tsv"]["candidate"])  # the planted super weight
+    assert len(set(b["collapse.tsv"]["condition"])) > 10
+    assert not (two / ".conditions").exists()  # the finished prune cleared its kept conditions
