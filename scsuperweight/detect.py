@@ -118,7 +118,9 @@ def _choose_col(adapter: Adapter, site: Site, W: torch.Tensor, row: int, batch, 
             y = y - adapter.param(bias_name).detach().double().cpu()
         except AttributeError:
             pass
-        x = torch.linalg.lstsq(W.double().cpu(), y[:, None]).solution[:, 0]
+        # numpy's LAPACK, not torch's: torch's (MKL) lstsq differed in the last bits between runs of the same
+        # process (its kernels depend on memory alignment), so the table was not reproducible, nor equal across ranks
+        x = torch.from_numpy(np.linalg.lstsq(W.double().cpu().numpy(), y.numpy(), rcond=None)[0])
         how = "input recovered by least squares"
     contrib = (x * W[row].double().cpu()).abs()
     col = int(contrib.argmax())
