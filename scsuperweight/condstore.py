@@ -134,7 +134,7 @@ class ConditionStore:
 # ------------------------------------------------------------------------------------------------------------
 # running conditions: resume, persist, shard across ranks
 # ------------------------------------------------------------------------------------------------------------
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("ssw_condition_store", default=(None, None))
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("ssw_condition_store", default=(None, None, None))
 
 
 @contextmanager
@@ -142,7 +142,9 @@ def persisting(store: ConditionStore | None, *, writer: Callable[[dict], None] |
     """Within the block, conditions run by `execute` (prune, run) are read from and saved to `store`, and progress
     records go to `writer` (``RunLog.progress``). The CLI and the pipeline open it around a prune; library calls
     without it persist nothing. The store is reset on exit, also on error."""
-    token = _ACTIVE.set((store, writer))
+    # counts over every `execute` of the block (a prune runs conditions in several calls: sequential rounds of
+    # random draws, the joint phase), so the progress record says how many were reused and computed in all
+    token = _ACTIVE.set((store, writer, {"finished_before": 0, "computed_now": 0}))
     try:
         yield store
     finally:
@@ -165,7 +167,8 @@ def execute(run: Callable, conds: Sequence, *, progress: bool = False, ctx: dist
     """
     from .progress import Progress
 
-    active_store, active_writer = _ACTIVE.get()
+    active_store, active_writer, counts = _ACTIVE.get()
+    counts = counts if counts is not None else {"finished_before": 0, "computed_now": 0}
     store = store if store is not None else active_store
     writer = writer if writer is not None else active_writer
     ctx = ctx or dist.context()
@@ -179,7 +182,7 @@ def execute(run: Callable, conds: Sequence, *, progress: bool = False, ctx: dist
             done = store.load_done(defs)
     names_done = set(dist.gather_objects(sorted(done) if ctx.is_main else None, ctx)[0])
     todo = [c for c in conds if c.name not in names_done]
-    computed = [0]  # conditions computed in this session
+    counts["finished_before"] += len(names_done)
     with Progress(len(conds), initial=len(names_done), desc="prune conditions", unit="condition",
                   enabled=progress, is_main=ctx.is_main, writer=writer) as bar:
         def keep(cond, arrays) -> None:
@@ -188,9 +191,8 @@ def execute(run: Callable, conds: Sequence, *, progress: bool = False, ctx: dist
             done[cond.name] = arrays
 
         def count(batch) -> None:
-            computed[0] += len(batch)
-            bar.update(len(batch), condition=batch[-1].name, computed_now=computed[0],
-                       finished_before=len(names_done))
+            counts["computed_now"] += len(batch)
+            bar.update(len(batch), condition=batch[-1].name, **counts)
 
         dist.run_in_rounds(todo, run, keep, ctx, after=count)
     results = dist.gather_objects(done if ctx.is_main else None, ctx)[0] if ctx.active else done
