@@ -174,7 +174,7 @@ CASES = [
     ("embed: NaN weight", EMBED[:2] + ["{nan_model}"] + EMBED[3:], "non-finite"),
     # ---- data files
     ("data file missing", run_with(data="{dir}/nope.h5ad"), "data file not found"),
-    ("data is a directory", run_with(data="{a_dir}"), "is a directory"),
+    ("data is a folder without .h5ad files", run_with(data="{a_dir}"), "matches no .h5ad file"),
     ("data not .h5ad", run_with(data="{csv}"), "not an .h5ad"),
     ("data corrupt", run_with(data="{corrupt}"), "could not be read as AnnData"),
     ("embed: data missing", EMBED[:4] + ["{dir}/nope.h5ad"] + EMBED[5:], "data file not found"),
@@ -218,8 +218,10 @@ CASES = [
     ("--out is an existing file", run_with(out="{a_file}"), "is an existing file"),
     ("--out under a file", run_with(out="{a_file}/sub"), "is a file, so no directory"),
     ("--out holds an earlier run", run_with(out="{prior_run}"), "already holds run r-earlier"),
-    ("embed --out is a directory", EMBED[:6] + ["{a_dir}"] + EMBED[7:], "is a directory, not a file"),
-    ("embed --out without .h5ad", EMBED[:6] + ["{out}/emb.txt"] + EMBED[7:], "does not end with .h5ad"),
+    # (a directory as embed --out is a resumable store now, not an error)
+    ("embed --out is an existing file", EMBED[:6] + ["{a_file}"] + EMBED[7:], "File exists"),
+    ("embed --block-size 0", EMBED[:6] + ["{out}/store"] + EMBED[7:] + ["--block-size", "0"],
+     "block_size must be >= 1"),
     ("--out where nothing can be created", run_with(out="/proc/ssw_cannot/out"), "/proc/ssw_cannot"),
     # ---- device
     ("--device cuda on CPU torch", run_with(device="cuda"), "--device 'cuda'"),
