@@ -15,16 +15,22 @@ from scsuperweight.models import save_scgpt
 from scsuperweight.runners import get_runner
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    adata = ssw.datasets.synthetic_ad(n_cells=160, n_donors=4, seed=3)
+def write_planted_files(d, n_cells: int = 160):
+    """`d/model` (a small scGPT with a planted <cls> super weight, official format) and `d/data.h5ad`; the data."""
+    adata = ssw.datasets.synthetic_ad(n_cells=n_cells, n_donors=4, seed=3)
     model = synthetic_model(adata, seed=3)
     plain = get_runner(model).prepare(adata, gene_key=None, layer=None, max_seq_len=None, seed=0,
                                       batch_size=32).plain
     plant_cls_superweight(model, plain, 1, 3, 7, magnitude=300.0)
     save_scgpt(model, d / "model")
     adata.write_h5ad(d / "data.h5ad")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    write_planted_files(d)
     return d
 
 

@@ -16,12 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _plant import plant_cls_superweight
-from test_tl import synthetic_model
-
-import scsuperweight as ssw
-from scsuperweight.models import save_scgpt
-from scsuperweight.runners import get_runner
+from test_cli import write_planted_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
-    adata = ssw.datasets.synthetic_ad(n_cells=160, n_donors=4, seed=3)
-    model = synthetic_model(adata, seed=3)
-    plain = get_runner(model).prepare(adata, gene_key=None, layer=None, max_seq_len=None, seed=0,
-                                      batch_size=32).plain
-    plant_cls_superweight(model, plain, 1, 3, 7, magnitude=300.0)
-    save_scgpt(model, d / "model")
-    adata.write_h5ad(d / "data.h5ad")
+    adata = write_planted_files(d)
     (d / "donors").mkdir()
     for donor in adata.obs["donor"].cat.categories:
         part = adata[adata.obs["donor"] == donor].copy()

@@ -14,12 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from _plant import plant_cls_superweight
-from test_tl import synthetic_model
-
-import scsuperweight as ssw
-from scsuperweight.models import save_scgpt
-from scsuperweight.runners import get_runner
+from test_cli import write_planted_files
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = shutil.which("torchrun")
@@ -28,13 +23,7 @@ pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not on PAT
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("torchrun")
-    adata = ssw.datasets.synthetic_ad(n_cells=120, n_donors=4, seed=3)
-    model = synthetic_model(adata, seed=3)
-    plain = get_runner(model).prepare(adata, gene_key=None, layer=None, max_seq_len=None, seed=0,
-                                      batch_size=32).plain
-    plant_cls_superweight(model, plain, 1, 3, 7, magnitude=300.0)
-    save_scgpt(model, d / "model")
-    adata.write_h5ad(d / "data.h5ad")
+    write_planted_files(d, n_cells=120)
     return d
 
 
