@@ -25,6 +25,7 @@ import torch
 from . import _keys as K
 from . import results as R
 from ._log import logger
+from .data.tokenize import empty_cells_message
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -141,10 +142,7 @@ def _eligible(runner, adata, *, gene_key, layer, empty: str, step: str) -> np.nd
     n = int(is_empty.sum())
     if empty == "error":
         names = ", ".join(map(str, adata.obs_names[np.flatnonzero(is_empty)[:3]]))
-        msg = (f"tl.{step}: {n} of {adata.n_obs} cells have no counts in any vocab gene (e.g. {names}); pass "
-               "empty='drop' to leave them out or empty='keep' to keep them with NaN embeddings and a mask "
-               "(--empty drop|keep), or filter them first.")
-        raise DataError(msg)
+        raise DataError(empty_cells_message(n, adata.n_obs, names, where=f"tl.{step}: "))
     if n == adata.n_obs:
         msg = (f"tl.{step}: all {n} cells have no counts in any vocab gene; check layer= (raw counts) and "
                "gene_key= (gene names the vocab knows).")

@@ -307,6 +307,13 @@ def tokenize_counts(X: sp.csr_matrix, token_ids: np.ndarray, *, cls_token_id: in
 EMPTY_POLICIES = ("error", "drop", "keep")
 
 
+def empty_cells_message(n_empty: int, n_obs: int, names: str, where: str = "") -> str:
+    """The one-line refusal of cells without counts in any vocab gene, naming both ways out."""
+    return (f"{where}{n_empty} of {n_obs} cells have no counts in any vocab gene (e.g. {names}); pass "
+            "empty='drop' to leave them out or empty='keep' to keep them with NaN embeddings and a mask "
+            "(--empty drop|keep), or filter them first.")
+
+
 def tokenize_anndata(adata, vocab: dict[str, int], *, gene_key: str | None = None, layer: str | None = None,
                      n_bins: int = 51, max_seq_len: int = 1200, pad_value: float = -2.0,
                      pad_token: str = "<pad>", cls_token: str = "<cls>", include_zero_genes: bool = False,
@@ -344,10 +351,7 @@ def tokenize_anndata(adata, vocab: dict[str, int], *, gene_key: str | None = Non
     if n_empty:
         if empty == "error":
             names = ", ".join(map(str, adata.obs_names[np.flatnonzero(is_empty)[:5]]))
-            msg = (f"{n_empty} of {adata.n_obs} cells have no counts in any vocab gene (e.g. {names}); pass "
-                   "empty='drop' to leave them out or empty='keep' to keep them with NaN embeddings and a mask "
-                   "(--empty drop|keep), or filter them first.")
-            raise DataError(msg)
+            raise DataError(empty_cells_message(n_empty, adata.n_obs, names))
         if empty == "drop":
             if n_empty == adata.n_obs:
                 msg = (f"all {adata.n_obs} cells have no counts in any vocab gene, so empty='drop' leaves nothing; "
