@@ -146,9 +146,6 @@ def test_zero_fraction_sampling(small_ad):
         assert np.all(np.diff(g) > 0)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model was trained before 7328481 changed the tokeniser's "
-                   "random stream (per-cell draws); retrain it: scsuperweight pretrain --synthetic --recipe demo "
-                   "--out scsuperweight/checkpoints/demo")
 def test_demo_recipe_first_steps_reproduce(tmp_path):
     """`pretrain --recipe demo` reproduces the shipped model: its first steps match the shipped log exactly."""
     if not (DEMO_DIR / "training_log.json").is_file():
