@@ -1170,7 +1170,7 @@ def _cost(res: dict) -> str:
     """What the run planned and, with a budget, what it chose and why (run.json's ``plan`` and ``budget``); the
     draws each null pool used (collapse ``null_draws``) and the first-order null's agreement with the exact draws
     (firstorder.tsv). Presentation only: every figure is read from the run's record and tables."""
-    from .plan import format_duration
+    from scsuperweight.plan import format_duration
 
     run = _plain(res.get(_keys.UNS_RUN) or {})
     plan, budget = run.get("plan"), run.get("budget")
