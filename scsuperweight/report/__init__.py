@@ -13,12 +13,8 @@ data is passed through :func:`html.escape`; figures are embedded as base64 PNG a
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
-import io
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +35,10 @@ from scsuperweight._io import atomic_write_text
 from scsuperweight._log import logger
 from scsuperweight.errors import DataError
 from scsuperweight.judge import pool_labels, random_pools, verdicts
+from scsuperweight.report.page import _CSS, _fig_html, _flatten, _html_table, _kv_table
+from scsuperweight.report.record import _ci_label, _gather, _param, _plain, _run_state, _step_param
+from scsuperweight.report.record import load_results as load_results
+from scsuperweight.report.words import _e, _pair, _pct
 
 __all__ = ["report", "load_results", "census_page"]
 
@@ -55,105 +55,9 @@ _TABLE_FILES = {s.uns_key: s.file for s in R.TABLES.values()}
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_results(run_dir) -> dict[str, pd.DataFrame | dict]:
-    """Read a run directory's tables and provenance.
-
-    Parameters
-    ----------
-    run_dir
-        Directory written by ``scsuperweight run`` / ``demo`` (or the steps on their own).
-
-    Returns
-    -------
-    Dict with ``superweights``, ``activations``, ``collapse``, ``contrasts``, ``genes``, ``enrichment`` (and the
-    other tables of `scsuperweight.results.TABLES`; DataFrames typed by that schema) and ``run`` (the parsed
-    run.json), each present only when its file exists and can be read. An empty ``contrasts.tsv`` (what the prune
-    step writes when there is nothing to contrast) gives an empty DataFrame, so that "computed, no rows" stays
-    distinct from "absent". Tables of different runs raise MixedRunError.
-
-    Examples
-    --------
-    >>> res = load_results("out/")  # doctest: +SKIP
-    >>> res["collapse"].query("condition == 'baseline'")  # doctest: +SKIP
-    """
-    return R.load_run(Path(run_dir)).as_dict()
-
-
-_plain = R._plain
-
-
-def _gather(obj, key: str):
-    """(results dict, AnnData or None, where it came from)."""
-    if isinstance(obj, Mapping):
-        return dict(obj), None, "results dict"
-    if _pl._is_adata(obj) or (isinstance(obj, (str, Path)) and Path(obj).is_file() and Path(obj).suffix == ".h5ad"):
-        got = R.load_run(obj, key=key)
-        return got.as_dict(), (obj if _pl._is_adata(obj) else None), got.source
-    if isinstance(obj, R.RunResults):
-        return obj.as_dict(), None, obj.source or "run results"
-    if isinstance(obj, (str, Path)):
-        p = Path(obj)
-        got = R.load_run(p, key=key)
-        res = got.as_dict()
-        adata = None
-        h5 = p / R.RESULTS.file
-        if h5.is_file():
-            try:
-                import anndata as ad
-
-                adata = ad.read_h5ad(h5, backed="r")
-            except Exception as err:  # noqa: BLE001 - the page says why the embedding figure is missing
-                logger.warning("could not read %s for the embedding figure: %s", h5, err)
-        if adata is not None:  # each step's options (prune: n_random, alpha, n_cells, ...) live in its uns
-            stored = R.run_record(adata, key)
-            R.check_same_run([R.RunStamp.of({**got.run, R.RUN_ID: got.run_id}, str(p / R.RUN.file)),
-                              R.RunStamp.of(stored, str(h5))], "report")
-            params = R.step_params(adata, key)
-            if params:
-                res[_keys.UNS_RUN] = R._merge_params(res.get(_keys.UNS_RUN) or {}, params)
-        return res, adata, str(p)
-    msg = (f"report() takes an AnnData, a run directory or a results dict, got {type(obj).__name__}; "
-           f"pass adata after the ssw.tl steps or the --out directory of a run.")
-    raise DataError(msg)
-
-
-def _run_state(res: dict) -> str | None:
-    """A warning for the top of the page when the run failed, is still running, or lacks steps; else None."""
-    run = res.get(_keys.UNS_RUN) or {}
-    status = run.get("status")
-    done = run.get("steps_done")
-    missing = [s for s in R.STEPS if isinstance(done, list) and s not in done]
-    if status in ("failed", "running"):
-        what = ("incomplete: its run.json says it is still running" if status == "running"
-                else "a failed run" + (f" ({run['error']})" if run.get("error") else ""))
-        return (f"This run is {what}. Steps done: {', '.join(done or []) or 'none'}; what follows shows only what "
-                "those steps wrote.")
-    if missing:
-        return (f"This is a partial run: steps done {', '.join(done) or 'none'}; missing {', '.join(missing)}. "
-                "What follows shows only what those steps wrote.")
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Numbers in words
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _e(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _pair(a, b) -> tuple[str, str]:
-    """Two numbers to as few digits as show that they differ (1.23 → 1.233, not 1.23 → 1.23)."""
-    for d in range(3, 8):
-        sa, sb = _num(a, digits=d), _num(b, digits=d)
-        if sa != sb or not (_finite(a) and _finite(b)) or float(a) == float(b):
-            return sa, sb
-    return sa, sb
-
-
-def _pct(x) -> str:
-    return f"{100 * x:.0f}%"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -823,111 +727,6 @@ def _caveats(res: dict, verdicts: list[_Verdict], metric: str | None, alpha: flo
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cell(v, max_chars: int) -> tuple[str, bool]:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "", False
-    if isinstance(v, (bool, np.bool_)):
-        return _e(v), False
-    if isinstance(v, (int, np.integer)):
-        return _e(v), True
-    if isinstance(v, (float, np.floating)):
-        return _e(_num(v)), True
-    s = str(v)
-    if len(s) > max_chars:
-        s = s[: max_chars - 1] + "…"
-    return _e(s), False
-
-
-def _html_table(df: pd.DataFrame, *, max_rows: int = 20, max_chars: int = 60, caption: str | None = None) -> str:
-    """A DataFrame as an HTML table; every header and cell escaped, numbers right-aligned."""
-    out = ["<div class='tw'><table>"]
-    if caption:
-        out.append(f"<caption>{caption}</caption>")
-    out.append("<thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in df.columns) + "</tr></thead><tbody>")
-    for row in df.head(max_rows).itertuples(index=False):
-        tds = []
-        for v in row:
-            txt, num = _cell(v, max_chars)
-            tds.append(f"<td class='num'>{txt}</td>" if num else f"<td>{txt}</td>")
-        out.append("<tr>" + "".join(tds) + "</tr>")
-    out.append("</tbody></table></div>")
-    if len(df) > max_rows:
-        out.append(f"<p class='note'>Showing {max_rows} of {len(df)} rows; the full table is in the TSV.</p>")
-    return "".join(out)
-
-
-def _flatten(d, prefix: str = "") -> list[tuple[str, str]]:
-    rows = []
-    for k, v in (d or {}).items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            rows += _flatten(v, name + ".")
-        elif isinstance(v, (list, tuple)):
-            rows.append((name, ", ".join(str(x) for x in v)))
-        else:
-            rows.append((name, "" if v is None else str(v)))
-    return rows
-
-
-def _kv_table(d, caption: str) -> str:
-    rows = _flatten(_plain(d))
-    if not rows:
-        return f"<p class='skip'>{_e(caption)}: not recorded.</p>"
-    return _html_table(pd.DataFrame(rows, columns=["field", "value"]), max_rows=200, max_chars=120,
-                       caption=_e(caption))
-
-
-def _fig_html(fig_or_axes) -> str:
-    fig = fig_or_axes if hasattr(fig_or_axes, "savefig") else fig_or_axes[0].figure
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    b64 = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f"<img alt='figure' src='data:image/png;base64,{b64}'>"
-
-
-def _param(res: dict, *names: str):
-    """A recorded parameter, top-level or nested per step (params.prune.label_key), first name found wins."""
-    params = (res.get(_keys.UNS_RUN) or {}).get("params") or {}
-    flat = _flatten_raw(params)
-    for n in names:
-        if n in params and not isinstance(params[n], Mapping):
-            return params[n]
-        for k, v in flat:
-            if k.rsplit(".", 1)[-1] == n:
-                return v
-    return None
-
-
-def _step_param(res: dict, step: str, name: str):
-    """A parameter of one step (``params.<step>.<name>``, or run.json's ``<step>.<name>``), else None."""
-    run = res.get(_keys.UNS_RUN) or {}
-    params = run.get("params") if isinstance(run.get("params"), Mapping) else {}
-    for holder in (params.get(step), run.get(step)):
-        if isinstance(holder, Mapping) and name in holder:
-            return holder[name]
-    return None
-
-
-def _ci_label(res: dict) -> str:
-    """'95% CI' from the prune step's recorded alpha (its intervals are the alpha/2, 1 - alpha/2 quantiles),
-    plain 'CI' when the run does not record it."""
-    a = _step_param(res, "prune", "alpha")
-    if _finite(a) and 0 < float(a) < 1:
-        return f"{100 * (1 - float(a)):g}% CI"
-    return "CI"
-
-
-def _flatten_raw(d, prefix: str = "") -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = []
-    for k, v in (d or {}).items():
-        if isinstance(v, Mapping):
-            rows += _flatten_raw(v, f"{prefix}{k}.")
-        else:
-            rows.append((f"{prefix}{k}", v))
-    return rows
-
-
 def _label_key(res: dict, adata) -> str | None:
     v = _param(res, "label_key", "cell_type_key")
     if isinstance(v, str) and v in adata.obs.columns:
@@ -1354,49 +1153,6 @@ def census_page(result, path, *, title: str = "scsuperweight census", min_ratio:
     atomic_write_text(out, page)
     logger.info("wrote census page to %s", out)
     return out
-
-
-_CSS = """
-:root{--fg:#1d2330;--mut:#5b6475;--line:#dfe3ea;--bg:#ffffff;--soft:#f5f7fa;--acc:#1f4e79}
-*{box-sizing:border-box}
-body{margin:0;background:var(--bg);color:var(--fg);
- font:15px/1.55 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"DejaVu Sans",sans-serif}
-main{max-width:1120px;margin:0 auto;padding:28px 32px 60px}
-h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:38px 0 10px;padding-bottom:6px;
- border-bottom:2px solid var(--line)}h3{font-size:16px;margin:22px 0 8px}
-.sub{color:var(--mut);margin:0 0 18px;font-size:13px}
-nav{font-size:13px;margin:0 0 18px}nav a{color:var(--acc);margin-right:14px;text-decoration:none}
-code{font:12.5px/1.3 "SFMono-Regular",Menlo,Consolas,"DejaVu Sans Mono",monospace;background:var(--soft);
- padding:1px 4px;border-radius:3px;word-break:break-all}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}
-.card{border:1px solid var(--line);border-radius:8px;padding:10px 14px;min-width:150px;max-width:360px;
- background:var(--soft)}
-.card .k{font-size:11px;text-transform:uppercase;letter-spacing:.06em;color:var(--mut)}
-.card .v{font-size:15px;font-weight:600;word-break:break-all}.card small{font-weight:400;color:var(--mut)}
-.src,.note{color:var(--mut);font-size:13px}
-.rule{background:var(--soft);border-left:4px solid var(--acc);padding:10px 14px;border-radius:4px}
-.verdict{font-size:16px;padding:10px 14px;border-radius:6px}
-.verdict.pass{background:#e8f4ea;border:1px solid #9fcea8}.verdict.none{background:#fbeeee;border:1px solid #e3aaaa}
-ol.hyp li{margin:0 0 12px}ul.follow li{margin:0 0 6px}
-.badge{display:inline-block;font-size:11px;font-weight:700;text-transform:uppercase;padding:1px 7px;
- border-radius:10px;margin-right:4px;vertical-align:1px}
-.badge.pass{background:#1b7837;color:#fff}.badge.fail{background:#b2182b;color:#fff}
-.badge.na{background:#888;color:#fff}
-.why{color:var(--mut);font-size:13.5px;margin-top:2px}
-figure{margin:18px 0 26px}figcaption{font-size:13.5px;color:var(--mut);margin-bottom:6px}
-figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px}
-.skip{color:var(--mut);font-style:italic}.bad{color:#b2182b}
-.tw{overflow-x:auto;margin:6px 0 4px}
-table{border-collapse:collapse;font-size:12.5px;min-width:40%}
-caption{text-align:left;color:var(--mut);font-size:12.5px;padding:0 0 4px;caption-side:top}
-th,td{padding:4px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
-th{background:var(--soft);font-weight:600;white-space:nowrap}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tbody tr:nth-child(even){background:#fafbfc}
-ul.caveats li{margin:0 0 6px}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:6px 22px;align-items:start}
-.grid table{width:100%}.grid td{word-break:break-all}
-"""
 
 
 def report(
