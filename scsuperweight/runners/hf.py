@@ -9,6 +9,7 @@ they live here and not with the adapters.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -37,8 +38,21 @@ def _cell_index(batches: list, n_cells: int | None) -> tuple[list[np.ndarray], i
     return out, (nxt if n_cells is None else int(n_cells))
 
 
-def _edit_context(adapter: Adapter, edits, factor: float, patches):
-    return edit(adapter, edits, factor=factor, patches=patches)
+@contextmanager
+def _batch_loop(adapter: Adapter, batches: list, cells: list[np.ndarray], *, edits, factor: float, patches,
+                desc: str, progress: bool):
+    """Yields an iterator of (forward kwargs, cell indices) per batch with the model in eval mode under the edits;
+    a context manager rather than a plain generator so that the edits are undone and the training mode restored
+    as soon as the loop ends, also when its body raises."""
+    net = adapter.model
+    was_training = net.training
+    net.eval()
+    try:
+        with edit(adapter, edits, factor=factor, patches=patches):
+            yield ((adapter.forward_kwargs(batch), idx)
+                   for batch, idx in tqdm(list(zip(batches, cells)), desc=desc, disable=not progress, leave=False))
+    finally:
+        net.train(was_training)
 
 
 @torch.no_grad()
@@ -86,39 +100,34 @@ def evaluate_mlm(model, batches: Iterable[Mapping], *, edits=None, factor: float
     cells, n = _cell_index(batches, n_cells)
     res = {k: np.full(n, np.nan) for k in ("loss", "accuracy")}
     res["n_masked"] = np.zeros(n, dtype=np.int64)
-    was_training = net.training
-    net.eval()
-    try:
-        with _edit_context(adapter, edits, factor, patches):
-            for batch, idx in tqdm(list(zip(batches, cells)), desc="evaluate", disable=not progress, leave=False):
-                kw = adapter.forward_kwargs(batch)
-                labels = kw.pop("labels", None)
-                if labels is None:
-                    if not causal:
-                        msg = ("masked-LM evaluation needs batches with 'labels' (-100 where not masked); build them "
-                               "with scsuperweight.data.geneformer.mask_batches.")
-                        raise ValueError(msg)
-                    labels = kw["input_ids"].clone()
-                    if "attention_mask" in kw:
-                        labels[kw["attention_mask"] == 0] = -100
-                hidden = net.base_model(**kw)[0]  # (B, L, d)
-                if causal:
-                    hidden, labels = hidden[:, :-1], labels[:, 1:]
-                scored = labels != -100  # (B, L)
-                logits = head(hidden[scored]).float()  # (N, V)
-                target = labels[scored]
-                ce = torch.nn.functional.cross_entropy(logits, target, reduction="none").double()
-                hit = (logits.argmax(-1) == target).double()
-                row = scored.nonzero()[:, 0]
-                B = labels.shape[0]
-                cnt = torch.bincount(row, minlength=B).double()
-                loss = torch.zeros(B, dtype=torch.float64, device=ce.device).index_add_(0, row, ce) / cnt
-                acc = torch.zeros(B, dtype=torch.float64, device=ce.device).index_add_(0, row, hit) / cnt
-                res["loss"][idx] = loss.cpu().numpy()
-                res["accuracy"][idx] = acc.cpu().numpy()
-                res["n_masked"][idx] = cnt.long().cpu().numpy()
-    finally:
-        net.train(was_training)
+    with _batch_loop(adapter, batches, cells, edits=edits, factor=factor, patches=patches, desc="evaluate",
+                     progress=progress) as loop:
+        for kw, idx in loop:
+            labels = kw.pop("labels", None)
+            if labels is None:
+                if not causal:
+                    msg = ("masked-LM evaluation needs batches with 'labels' (-100 where not masked); build them "
+                           "with scsuperweight.data.geneformer.mask_batches.")
+                    raise ValueError(msg)
+                labels = kw["input_ids"].clone()
+                if "attention_mask" in kw:
+                    labels[kw["attention_mask"] == 0] = -100
+            hidden = net.base_model(**kw)[0]  # (B, L, d)
+            if causal:
+                hidden, labels = hidden[:, :-1], labels[:, 1:]
+            scored = labels != -100  # (B, L)
+            logits = head(hidden[scored]).float()  # (N, V)
+            target = labels[scored]
+            ce = torch.nn.functional.cross_entropy(logits, target, reduction="none").double()
+            hit = (logits.argmax(-1) == target).double()
+            row = scored.nonzero()[:, 0]
+            B = labels.shape[0]
+            cnt = torch.bincount(row, minlength=B).double()
+            loss = torch.zeros(B, dtype=torch.float64, device=ce.device).index_add_(0, row, ce) / cnt
+            acc = torch.zeros(B, dtype=torch.float64, device=ce.device).index_add_(0, row, hit) / cnt
+            res["loss"][idx] = loss.cpu().numpy()
+            res["accuracy"][idx] = acc.cpu().numpy()
+            res["n_masked"][idx] = cnt.long().cpu().numpy()
     return res
 
 
@@ -162,35 +171,30 @@ def embed_cells(model, batches: Iterable[Mapping], *, emb: str = "mean", n_cells
     specials = adapter.special_token_ids() if special_token_ids is None else special_token_ids
     specials = torch.tensor(sorted(int(i) for i in specials), dtype=torch.long)
     out: np.ndarray | None = None
-    was_training = net.training
-    net.eval()
-    try:
-        with _edit_context(adapter, edits, factor, patches):
-            for batch, idx in tqdm(list(zip(batches, cells)), desc="embed", disable=not progress, leave=False):
-                kw = adapter.forward_kwargs(batch)
-                kw.pop("labels", None)
-                hidden = net.base_model(**kw)[0].float()  # (B, L, d)
-                ids = kw["input_ids"]
-                if emb == "cls":
-                    start = adapter.start_token_id
-                    if start is None or not bool((ids[:, 0] == start).all()):
-                        msg = ("emb='cls' needs every sequence to start with the start token (<cls>); these do not "
-                               f"(first tokens {ids[:, 0].unique().tolist()[:5]}, start token {start}). Use "
-                               "emb='mean', or tokenise with the <cls> token.")
-                        raise ValueError(msg)
-                    e = hidden[:, 0]
-                else:
-                    keep = ~torch.isin(ids, specials.to(ids.device))
-                    if "attention_mask" in kw:
-                        keep &= kw["attention_mask"].bool()
-                    w = keep.float()[..., None]
-                    e = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
-                    e[~keep.any(1)] = float("nan")
-                if out is None:
-                    out = np.full((n, e.shape[-1]), np.nan, dtype=np.float32)
-                out[idx] = e.cpu().numpy()
-    finally:
-        net.train(was_training)
+    with _batch_loop(adapter, batches, cells, edits=edits, factor=factor, patches=patches, desc="embed",
+                     progress=progress) as loop:
+        for kw, idx in loop:
+            kw.pop("labels", None)
+            hidden = net.base_model(**kw)[0].float()  # (B, L, d)
+            ids = kw["input_ids"]
+            if emb == "cls":
+                start = adapter.start_token_id
+                if start is None or not bool((ids[:, 0] == start).all()):
+                    msg = ("emb='cls' needs every sequence to start with the start token (<cls>); these do not "
+                           f"(first tokens {ids[:, 0].unique().tolist()[:5]}, start token {start}). Use "
+                           "emb='mean', or tokenise with the <cls> token.")
+                    raise ValueError(msg)
+                e = hidden[:, 0]
+            else:
+                keep = ~torch.isin(ids, specials.to(ids.device))
+                if "attention_mask" in kw:
+                    keep &= kw["attention_mask"].bool()
+                w = keep.float()[..., None]
+                e = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
+                e[~keep.any(1)] = float("nan")
+            if out is None:
+                out = np.full((n, e.shape[-1]), np.nan, dtype=np.float32)
+            out[idx] = e.cpu().numpy()
     if out is None:
         msg = "no batches to embed."
         raise ValueError(msg)
