@@ -35,21 +35,16 @@ def _ref(root: dict, schema: dict) -> dict:
     return schema
 
 
+# JSON Schema's name for each Python type a parsed manifest holds, tried in this order: bool before int, since a
+# bool is an int in Python
+_JSON_TYPES = ((type(None), "null"), (bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+               (list, "array"), (dict, "object"))
+
+
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
+    for py, name in _JSON_TYPES:
+        if isinstance(value, py):
+            return name
     return type(value).__name__
 
 
