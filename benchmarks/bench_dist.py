@@ -15,27 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("WORLD_SIZE", None)
-    return env
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _procs import cli_env, finished_blocks, kill_when, saved_conditions, write_donor_files  # noqa: E402
 
 
 def _cli(args: list[str], launcher: list[str] | None = None) -> float:
     t0 = time.perf_counter()
-    p = subprocess.run([*(launcher or [sys.executable, "-m", "scsuperweight"]), *args], env=_env(),
+    p = subprocess.run([*(launcher or [sys.executable, "-m", "scsuperweight"]), *args], env=cli_env(),
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"failed: {' '.join(args)}\n{p.stderr[-3000:]}")
@@ -57,14 +50,12 @@ def _tables(out: Path) -> dict:
 def _killed_then_resumed(args: list[str], count, half: int) -> tuple[float, int]:
     """Run `args`, SIGKILL it once `count()` reaches `half`, rerun to the end; (seconds of both, units at kill)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "scsuperweight", *args], env=_env(), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen([sys.executable, "-m", "scsuperweight", *args], env=cli_env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    while count() < half:
-        if p.poll() is not None:
-            raise SystemExit("the run finished before it could be killed; use more cells")
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    try:
+        kill_when(p, lambda: count() >= half, f"{half} units were done", timeout=None)
+    except RuntimeError as err:
+        raise SystemExit(f"{err}; use more cells") from None
     at_kill = count()
     _cli(args)
     return time.perf_counter() - t0, at_kill
@@ -86,11 +77,7 @@ def main() -> None:
         tmp = Path(tmp)
         adata = synthetic_ad(n_cells=n, n_donors=4, seed=0)
         adata.write_h5ad(tmp / "data.h5ad")
-        (tmp / "donors").mkdir()
-        for d in adata.obs["donor"].cat.categories:
-            part = adata[adata.obs["donor"] == d].copy()
-            part.uns = {}
-            part.write_h5ad(tmp / "donors" / f"{d}.h5ad")
+        write_donor_files(adata, tmp / "donors")
         scan = ["scan", "--model", "demo", "--data", str(tmp / "data.h5ad"), "--label-key", "cell_type",
                 "--max-cells", str(min(n, 600)), "--no-progress"]
         prune = ["prune", "--model", "demo", "--label-key", "cell_type", "--condition-key", "condition",
@@ -116,10 +103,8 @@ def main() -> None:
                "--no-progress"]
         clean = _cli([*emb, "--out", str(tmp / "clean")])
         n_blocks = json.loads((tmp / "clean" / "run.json").read_text())["progress"]["total"]
-        done = tmp / "killed" / "done"
         both, at = _killed_then_resumed([*emb, "--out", str(tmp / "killed")],
-                                        lambda: sum(x.isdigit() for x in os.listdir(done)) if done.is_dir() else 0,
-                                        n_blocks // 2)
+                                        lambda: finished_blocks(tmp / "killed"), n_blocks // 2)
         per = clean / n_blocks
         startup = _cli([*emb, "--out", str(tmp / "killed")])  # a rerun with nothing left to do: start-up + finalize
         lost = both - clean - startup
@@ -135,15 +120,8 @@ def main() -> None:
                 (tmp / d / f).unlink(missing_ok=True)
         clean_p = _cli([*prune, "--out", str(tmp / "p_clean")])
         total = json.loads((tmp / "p_clean" / "run.json").read_text())["progress"]["total"]
-        manifest = tmp / "p_killed" / ".conditions" / "manifest.json"
-
-        def saved() -> int:
-            try:
-                return len(json.loads(manifest.read_text()))
-            except (FileNotFoundError, json.JSONDecodeError):
-                return 0
-
-        both_p, at_p = _killed_then_resumed([*prune, "--out", str(tmp / "p_killed")], saved, total // 2)
+        both_p, at_p = _killed_then_resumed([*prune, "--out", str(tmp / "p_killed")],
+                                            lambda: saved_conditions(tmp / "p_killed"), total // 2)
         rec = json.loads((tmp / "p_killed" / "run.json").read_text())["progress"]
         per_p = clean_p / total
         shutil.copytree(tmp / "p_clean", tmp / "p_again")  # a finished prune rerun: start-up, all conditions

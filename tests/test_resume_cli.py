@@ -4,40 +4,28 @@ conditions (not recomputed, counted in run.json), and both end with outputs iden
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from _procs import cli_env, finished_blocks, kill_when, saved_conditions, write_donor_files
 from test_cli import write_planted_files
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
-    adata = write_planted_files(d)
-    (d / "donors").mkdir()
-    for donor in adata.obs["donor"].cat.categories:
-        part = adata[adata.obs["donor"] == donor].copy()
-        part.uns = {}
-        part.write_h5ad(d / "donors" / f"{donor}.h5ad")
+    write_donor_files(write_planted_files(d), d / "donors")
     return d
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("WORLD_SIZE", None)
-    return subprocess.Popen([sys.executable, "-m", "scsuperweight", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "scsuperweight", *args], cwd=cwd, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -46,26 +34,15 @@ def _finish(p: subprocess.Popen) -> None:
     assert p.returncode == 0, err[-3000:]
 
 
-def _kill_when(p: subprocess.Popen, ready, what: str) -> None:
-    deadline = time.time() + 240
-    while not ready():
-        assert p.poll() is None, f"the command ended before {what}: nothing to resume"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-
-
 @pytest.mark.slow  # subprocess launches of the CLI
 def test_embed_killed_resumes_identical(files, tmp_path):
     args = ["embed", "--model", str(files / "model"), "--data", str(files / "donors"), "--block-size", "4",
             "--batch-size", "4", "--no-progress"]
     _finish(_cli([*args, "--out", str(tmp_path / "clean")], files))
     killed = tmp_path / "killed"
-    done = killed / "done"
     p = _cli([*args, "--out", str(killed)], files)
-    _kill_when(p, lambda: done.is_dir() and sum(n.isdigit() for n in os.listdir(done)) >= 3, "3 blocks")
-    before = sum(n.isdigit() for n in os.listdir(done))
+    kill_when(p, lambda: finished_blocks(killed) >= 3, "3 blocks")
+    before = finished_blocks(killed)
     assert 3 <= before < 40 and not (killed / "embeddings.h5ad").exists()  # killed part-way
     _finish(_cli([*args, "--out", str(killed)], files))
     a = ad.read_h5ad(tmp_path / "clean" / "embeddings.h5ad")
@@ -90,17 +67,9 @@ def test_prune_killed_resumes_without_recomputing(files, tmp_path):
             "--donor-key", "donor", "--max-cells-per-label", "12", "--n-random", "10", "--n-boot", "20",
             "--max-candidates", "2", "--batch-size", "16", "--no-progress"]
     _finish(_cli([*args, "--out", str(ref)], files))
-    manifest = killed / ".conditions" / "manifest.json"
-
-    def n_saved() -> int:
-        try:
-            return len(json.loads(manifest.read_text()))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return 0
-
     p = _cli([*args, "--out", str(killed)], files)
-    _kill_when(p, lambda: n_saved() >= 3, "3 conditions")
-    saved = n_saved()
+    kill_when(p, lambda: saved_conditions(killed) >= 3, "3 conditions")
+    saved = saved_conditions(killed)
     assert not (killed / "collapse.tsv").exists()
     _finish(_cli([*args, "--out", str(killed)], files))
     prog = json.loads((killed / "run.json").read_text())["progress"]
