@@ -512,3 +512,15 @@ def test_report_from_anndata_reads_step_params_and_contrasts_from_uns(tmp_path):
     assert "80% CI" in hyp and "vs 4 random draws of <code>" in hyp
     assert "123<br><small>at most 41 per label</small>" in _section(page, "summary")
     assert "difference +1.3 (bootstrap CI 1.12–1.47; 40 AD and 38 control cells)" in hyp
+
+
+def test_ssw_report_stays_callable_after_the_package_is_imported(tmp_path):
+    """`import scsuperweight.report` rebinds `ssw.report` to the package; calling it still writes the report."""
+    import scsuperweight as ssw
+    import scsuperweight.report as report_pkg
+
+    assert ssw.report is report_pkg
+    out = ssw.report(fake_results(), tmp_path / "r.html")
+    assert out == tmp_path / "r.html" and "<html" in out.read_text(encoding="utf-8")
+    assert out.read_text(encoding="utf-8").split("Generated")[0] == \
+        report(fake_results(), tmp_path / "f.html").read_text(encoding="utf-8").split("Generated")[0]

@@ -23,6 +23,8 @@ rooms it reads from (presentation only, every number comes from `scsuperweight.r
 from __future__ import annotations
 
 import datetime as _dt
+import sys
+import types
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -148,3 +150,14 @@ def report(
     atomic_write_text(out, page)
     logger.info("wrote report to %s", out)
     return out
+
+
+class _CallableReport(types.ModuleType):
+    """`ssw.report(...)` keeps working once this package has been imported: importing a submodule rebinds the
+    parent's attribute of the same name to the module, so the package forwards calls to `report`."""
+
+    def __call__(self, *args, **kwargs):
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableReport
