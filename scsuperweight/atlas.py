@@ -33,16 +33,67 @@ def is_streamed(data) -> bool:
     return bool(getattr(data, "isbacked", False))
 
 
-def gene_overlap(source: Source, model, gene_key: str | None = None) -> list[dict]:
-    """Per file: cells, genes, and genes the model's vocab knows (plain values for params and run.json)."""
-    vocab = getattr(model, "vocab", None)
-    if vocab is None:  # a BERT-family model reads genes through its token dictionary (Ensembl IDs)
-        from .adapters import get_adapter
+LOG_EACH_FILE = 8  # up to this many files get a log line each; more get one summary line
 
-        dicts = get_adapter(model).gene_dictionaries or {}
-        vocab = dicts.get("token_dictionary") or {}
-    table = source.genes_shared_with(vocab, gene_key=gene_key)
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in table.to_dict("records")]
+
+def gene_overlap(source: Source, model, gene_key: str | None = None) -> list[dict]:
+    """Per file: cells, genes, and genes the model's vocab knows (plain values for params and run.json).
+
+    Counted for a model with an scGPT vocab; a BERT-family model matches genes through its own rules (Ensembl IDs
+    found in a var column, versions stripped; its tokeniser logs the count), so ``n_shared`` is None there.
+    """
+    vocab = getattr(model, "vocab", None)
+    table = source.genes_shared_with(vocab or {}, gene_key=gene_key if vocab is not None else None)
+    rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in table.to_dict("records")]
+    if vocab is None:
+        for r in rows:
+            r["n_shared"] = r["fraction"] = None
+    return rows
+
+
+def file_overlap(data, model, gene_key: str | None = None) -> list[dict]:
+    """How many genes each file shares with the model's vocab: logged, checked, and returned for the record.
+
+    The one source of every command's ``gene_overlap`` (run.json, and the step's params): a list of ``{file,
+    n_cells, n_genes, n_shared, fraction}``. A file sharing too few genes (`scsuperweight.data.tokenize.
+    too_few_genes`, the tokeniser's own rule) is refused now, in one line naming the file and the fix, before any
+    cell is read. `data`: a `Source`, anything `open_source` opens, or a sample read by `sample` (its files'
+    record, made when it was drawn, is returned as is).
+    """
+    from .data.tokenize import too_few_genes, too_few_genes_message
+
+    stored = _stored_overlap(data)
+    if stored is not None:
+        return stored
+    source = open_source(data)
+    rows = gene_overlap(source, model, gene_key)
+    known = [r for r in rows if r["n_shared"] is not None]
+    if len(known) <= LOG_EACH_FILE:
+        for r in known:
+            logger.info("%s: %d of %d genes in the vocab (%.1f%%)", r["file"], r["n_shared"], r["n_genes"],
+                        100 * r["fraction"])
+    else:
+        shared = np.array([r["n_shared"] for r in known])
+        fewest = sorted(known, key=lambda r: r["n_shared"])[:3]
+        logger.info("%d files share %d to %d genes with the vocab (median %d); fewest: %s", len(known),
+                    shared.min(), shared.max(), int(np.median(shared)),
+                    ", ".join(f"{r['file']} ({r['n_shared']})" for r in fewest))
+    for r, f in zip(rows, source.files, strict=True):
+        if r["n_shared"] is not None and too_few_genes(r["n_shared"], r["n_genes"]):
+            names = f.var.index if gene_key is None else f.var[gene_key]
+            on_disk = f.path is not None
+            fix = (" Pass gene_key= (--gene-key) a var column of gene symbols the vocab knows, or move this file "
+                   "out of the data." if on_disk else "")
+            raise DataError(too_few_genes_message(r["n_shared"], names, where=f"{r['file']}: " if on_disk else "",
+                                                  fix=fix))
+    return rows
+
+
+def _stored_overlap(data) -> list[dict] | None:
+    """The record a sample carries (`read_sample`), or None."""
+    uns = getattr(data, "uns", None)
+    text = uns.get(K.UNS_SOURCE, {}).get("gene_overlap") if uns is not None else None
+    return None if text is None else json.loads(str(text))
 
 
 def source_hash(source) -> str:
@@ -59,9 +110,10 @@ def source_hash(source) -> str:
     return h.hexdigest()
 
 
-def read_sample(source: Source, cells: np.ndarray):
+def read_sample(source: Source, cells: np.ndarray, *, overlap: list[dict] | None = None):
     """The chosen cells as one in-memory AnnData: obs from the source, genes the union over their files (a gene a
-    file lacks counts 0 there, so each cell is tokenised with its own file's genes). Only these rows are read."""
+    file lacks counts 0 there, so each cell is tokenised with its own file's genes). Only these rows are read.
+    `overlap` (`file_overlap`'s record of the source) travels with the sample, for the steps' records."""
     import anndata as ad
 
     parts = [chunk for _, chunk in source.read(cells)]
@@ -72,19 +124,24 @@ def read_sample(source: Source, cells: np.ndarray):
     adata.obs = source.obs.iloc[np.sort(np.asarray(cells))].copy()
     adata.uns[K.UNS_SOURCE] = {"sha256": source_hash(source), "n_cells": int(source.n_obs),
                                "files": [f.label for f in source.files]}
+    if overlap is not None:  # JSON: a list of records is not an h5ad element
+        adata.uns[K.UNS_SOURCE]["gene_overlap"] = json.dumps(overlap)
     return adata
 
 
 def sample(data, *, label_key: str | None = None, donor_key: str | None = None, condition_key: str | None = None,
            max_per_label: int | str | None = None, max_per_donor: int | None = None,
            max_per_condition: int | None = None, max_cells: int | None = None, seed: int = 0,
-           layer: str | None = None):
+           layer: str | None = None, model=None, gene_key: str | None = None):
     """A stratified sample drawn from obs alone (`stratified_sample`), then read: (AnnData of the sample, cells).
 
     `cells` are the sample's global indices in the source. Nothing but obs and the sampled rows is read.
-    ``max_per_label="share"`` shares `max_cells` equally among the labels (the scan's balance).
+    ``max_per_label="share"`` shares `max_cells` equally among the labels (the scan's balance). With `model`,
+    each file's genes are matched to its vocab first (`file_overlap`: a file sharing too few is refused before
+    a row is read) and the record travels with the sample.
     """
     source = open_source(data, layer=layer)
+    overlap = None if model is None else file_overlap(source, model, gene_key)
     if max_per_label == "share":  # the scan's balance: max_cells shared equally by the labels
         max_per_label = per_label_cap(source.obs, label_key, max_cells)
     cells = stratified_sample(source.obs, label_key, donor_key, condition_key, max_per_label=max_per_label,
@@ -92,7 +149,7 @@ def sample(data, *, label_key: str | None = None, donor_key: str | None = None, 
                               max_cells=max_cells, seed=seed)
     logger.info("sampled %d of %d cells from obs (caps: label %s, donor %s, condition %s, all %s)", len(cells),
                 source.n_obs, max_per_label, max_per_donor, max_per_condition, max_cells)
-    return read_sample(source, cells), cells
+    return read_sample(source, cells, overlap=overlap), cells
 
 
 def per_label_cap(obs, label_key: str | None, max_cells: int | None) -> int | None:
@@ -150,6 +207,7 @@ def embed_store(data, model, store, *, gene_key: str | None = None, layer: str |
     runner, described = tl._runner(model, "embed", token_dictionary=token_dictionary, gene_medians=gene_medians,
                                    symbol_key=symbol_key)
     source = open_source(data, layer=layer)
+    overlap = dist.on_rank0(ctx, file_overlap, source, model, gene_key)  # a file sharing too few: refused now
     params = dict(gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed, batch_size=batch_size,
                   family=runner.family, **described)
     key = dist.gather_objects(store_key(model, params) if ctx.is_main else None, ctx)[0]
@@ -158,7 +216,6 @@ def embed_store(data, model, store, *, gene_key: str | None = None, layer: str |
     if not ctx.is_main:
         st = EmbeddingStore(store, source.obs_names, block_size=block_size, key=key)
     pending = dist.gather_objects(st.pending() if ctx.is_main else None, ctx)[0]
-    overlap = gene_overlap(source, model, gene_key) if ctx.is_main else None
 
     def embed_block(b: int) -> np.ndarray:
         parts = []

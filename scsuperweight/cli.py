@@ -414,11 +414,13 @@ def _check_common(args, **options) -> str:
     return device
 
 
-def _prune_sample(args, out: Path | None = None) -> dict:
-    """The stratified sample `prune` and `run` evaluate, for data read from disk (caps from the arguments)."""
+def _prune_sample(args, model) -> dict:
+    """The stratified sample `prune` and `run` evaluate, for data read from disk (caps from the arguments; each
+    file's genes matched to `model`'s vocab first)."""
     return dict(label_key=args.label_key, donor_key=args.donor_key, condition_key=args.condition_key,
                 max_per_label=args.max_cells_per_label, max_per_donor=args.max_cells_per_donor,
-                max_per_condition=args.max_cells_per_condition, seed=args.seed, layer=args.layer)
+                max_per_condition=args.max_cells_per_condition, seed=args.seed, layer=args.layer, model=model,
+                gene_key=args.gene_key)
 
 
 def _load_model(args):
@@ -448,9 +450,13 @@ def _step_log(step: str, out: Path, adata, model=None):
 
 
 def _write(adata, out: Path, step: str, log, t0: float) -> None:
-    """The step's tables (stamped with the run id), the run record on `adata`, results.h5ad, run.json."""
+    """The step's tables (stamped with the run id), the run record on `adata`, results.h5ad, run.json (with the
+    step's per-file gene overlap, when it recorded one)."""
+    from . import get
+
     R.write_run_dir(adata, out, steps=(step,), run_id=log.run_id)
-    log.step(step, time.perf_counter() - t0)
+    overlap = get.params(adata, step).get("gene_overlap")
+    log.step(step, time.perf_counter() - t0, **({"gene_overlap": overlap} if overlap else {}))
     R.set_run_record(adata, log.info)
     atomic_write_h5ad(adata, out / R.RESULTS.file)
 
@@ -499,7 +505,7 @@ def cmd_run(args) -> int:
                                     donor_key=args.donor_key, case=args.case, control=args.control,
                                     gene_sets=args.gene_sets, device=args.device, **knobs)
     model = _load_model(args)
-    adata, path = _load_data(str(path), sample=_prune_sample(args))
+    adata, path = _load_data(str(path), sample=_prune_sample(args, model))
     t0 = time.perf_counter()
     info = run_pipeline(adata, model, out, label_key=args.label_key, condition_key=args.condition_key,
                         donor_key=args.donor_key, case=checked.case, control=checked.control,
@@ -563,7 +569,8 @@ def cmd_scan(args) -> int:
         adata.var_names = [next(iter(model.vocab))] if hasattr(model, "vocab") else ["g0"]
     else:
         adata, _ = _load_data(args.data, out, sample=dict(label_key=args.label_key, max_cells=args.max_cells,
-                                                          seed=args.seed, layer=args.layer, max_per_label="share"))
+                                                          seed=args.seed, layer=args.layer, max_per_label="share",
+                                                          model=model, gene_key=args.gene_key))
     _rank0(R.prepare_run_dir, out, overwrite=args.overwrite)
     t0 = time.perf_counter()
     log = _rank0(_step_log, "scan", out, None if args.data_free else adata, model)
@@ -604,7 +611,7 @@ def cmd_prune(args) -> int:
                                     donor_key=args.donor_key, case=args.case, control=args.control, **knobs)
     _needs_scan(out / R.RESULTS.file if streamed(path) else path)
     model = _load_model(args)
-    adata, _ = _load_data(str(path), sample=_prune_sample(args))
+    adata, _ = _load_data(str(path), sample=_prune_sample(args, model))
     if K.UNS_KEY not in adata.uns and (out / R.RESULTS.file).is_file():  # a sample read from disk: the scan's
         import anndata as ad  # candidates and run record come from OUT
 

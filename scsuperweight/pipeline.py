@@ -232,8 +232,9 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                 log.info["params"]["primary_metric"] = get.params(adata, "prune")["primary_metric"]
             if name == "scan":  # cells without counts in any vocab gene: how many, and what was done with them
                 log.info["data"]["n_empty"] = int(get.params(adata, "scan").get("n_empty", 0))
-            log.step(name, time.perf_counter() - t0, **({"scan": get.params(adata, "scan")} if name == "scan"
-                                                         else {}))
+            scanned = get.params(adata, "scan") if name == "scan" else None
+            log.step(name, time.perf_counter() - t0, **({"scan": scanned, "gene_overlap": scanned.get("gene_overlap")}
+                                                        if scanned is not None else {}))
         if not ctx.is_main:
             return log.info
         t0 = time.perf_counter()

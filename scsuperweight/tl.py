@@ -317,8 +317,9 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
 
     fresh = mode == "data" and atlas.is_streamed(adata)
     if fresh:  # the sample is a new AnnData: the results go on it and it is returned
+        model = _resolve_model(model, device)  # each file's genes are matched to its vocab before any cell is read
         adata, _ = atlas.sample(adata, label_key=label_key, max_per_label="share", max_cells=max_cells, seed=seed,
-                                layer=layer)
+                                layer=layer, model=model, gene_key=gene_key)
     _check_inputs(adata, model, device=device, label_key=label_key, empty=empty, max_cells=max_cells,
                   batch_size=batch_size, max_seq_len=max_seq_len, min_ratio=min_ratio, min_abs=min_abs,
                   max_rounds=max_rounds, seed=seed)
@@ -335,6 +336,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     model = _resolve_model(model, device)
     runner, described = _runner(model, "scan", required=mode == "data", token_dictionary=token_dictionary,
                                 gene_medians=gene_medians, symbol_key=symbol_key)
+    overlap = atlas.file_overlap(adata, model, gene_key) if mode == "data" else None
     labels = _obs_column(adata, label_key, "label_key")
     per_label = None if labels is None or max_cells is None else max(1, max_cells // len(set(labels)))
     eligible = _eligible(runner, adata, gene_key=gene_key, layer=layer, empty=empty, step="scan") \
@@ -387,7 +389,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
                                  "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only,
                                  "screen": list(screens), "max_seq_len": max_seq_len, "max_tokens": max_tokens,
                                  "family": runner.family, "null": null or {"k": 0}, **_empty_record(eligible, empty),
-                                 **described})
+                                 "gene_overlap": overlap, **described})
     n_above = int(res.candidates["above_threshold"].sum()) if len(res.candidates) else 0
     logger.info("scan: %d candidates above threshold; %s", n_above, res.stop_reason)
     return adata if copy or fresh else None
@@ -492,7 +494,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                 max_per_condition=max_cells_per_condition, seed=seed)
     fresh = atlas.is_streamed(adata)
     if fresh:  # only the sample is read; it is a new AnnData, returned with the results
-        adata, _ = atlas.sample(adata, layer=layer, **caps)
+        model = _resolve_model(model, device)  # each file's genes are matched to its vocab before any cell is read
+        adata, _ = atlas.sample(adata, layer=layer, model=model, gene_key=gene_key, **caps)
     parse_dtype(dtype)  # a bad name fails now, not after the plan
     case, control = _check_inputs(adata, model, device=device, label_key=label_key, condition_key=condition_key,
                                   donor_key=donor_key, case=case, control=control, empty=empty,
@@ -518,6 +521,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     runner, described = _runner(model, "prune", reconstruction=True, token_dictionary=token_dictionary,
                                 gene_medians=gene_medians, symbol_key=symbol_key)
     mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
+    overlap = atlas.file_overlap(adata, model, gene_key)
     eligible = _eligible(runner, adata, gene_key=gene_key, layer=layer, empty=empty, step="prune")
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot,
                         scale_factors=tuple(scale_factors), seed=seed, mean_ablation=mean_ablation,
@@ -583,7 +587,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                                   "max_seq_len": max_seq_len, "max_tokens": max_tokens, **cost_params,
                                   **_empty_record(eligible, empty), **described,
                                   "max_cells_per_donor": max_cells_per_donor,
-                                  "max_cells_per_condition": max_cells_per_condition})
+                                  "max_cells_per_condition": max_cells_per_condition, "gene_overlap": overlap})
     return adata if copy or fresh else None
 
 

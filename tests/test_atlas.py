@@ -141,3 +141,73 @@ def test_embed_store_refuses_a_store_of_other_inputs(donors, demo, tmp_path):
     EmbeddingStore(tmp_path / "s", open_source(donors).obs_names, block_size=32, key="another model")
     with pytest.raises(Exception, match="other inputs"):
         atlas.embed_store(donors, demo, tmp_path / "s", block_size=32, batch_size=16, progress=False)
+
+
+# -- genes shared per file, for every command ----------------------------------------------------------------
+def _planted_genes(folder, demo, bad: bool = False):
+    """Per-donor files with planted gene lists: A keeps 600 vocab genes and gets 20 the vocab lacks, B keeps 300
+    vocab genes and gets 100 it lacks; with `bad`, C keeps 10 vocab genes and gets 300 it lacks (too few)."""
+    a = synthetic_ad(n_cells=60, n_donors=3, seed=1)
+    in_vocab = np.flatnonzero([g in demo.vocab for g in a.var_names])
+    plan = {"A": (in_vocab[:600], 20), "B": (in_vocab[200:500], 100)}
+    if bad:
+        plan["C"] = (in_vocab[:10], 300)
+    others = np.flatnonzero([g not in demo.vocab for g in a.var_names])
+    folder.mkdir(exist_ok=True)
+    for (name, (keep, n_extra)), donor in zip(plan.items(), a.obs["donor"].cat.categories, strict=False):
+        extra = np.setdiff1d(np.arange(a.n_vars), keep)[:n_extra]  # any genes, renamed so the vocab lacks them
+        part = a[a.obs["donor"] == donor][:, np.concatenate([keep, extra])].copy()
+        part.var_names = [*part.var_names[:len(keep)], *(f"NOVOCAB{i}" for i in range(n_extra))]
+        part.uns = {}
+        part.write_h5ad(folder / f"donor{name}.h5ad")
+    assert len(others) < 100  # the renamed genes, not the synthetic set, are what the vocab lacks
+    return {"donorA": (620, 600), "donorB": (400, 300), "donorC": (310, 10)}
+
+
+def test_file_overlap_counts_each_file_and_refuses_one_sharing_too_few(demo, tmp_path, caplog):
+    want = _planted_genes(tmp_path / "ok", demo)
+    rows = atlas.file_overlap(tmp_path / "ok", demo)
+    assert [(r["file"], r["n_genes"], r["n_shared"]) for r in rows] == \
+        [(f, *want[f]) for f in ("donorA", "donorB")]
+    assert [r["n_cells"] for r in rows] == [int((open_source(tmp_path / "ok").obs["ssw_file"] == f).sum())
+                                            for f in ("donorA", "donorB")]
+    # a sample carries its files' record, so the step after it reports the same counts without the files
+    adata, _ = atlas.sample(tmp_path / "ok", label_key="cell_type", max_cells=20, model=demo)
+    assert atlas.file_overlap(adata, demo) == rows
+    # one file with 10 shared genes (fewer than the tokeniser's 20) is refused before any cell is read
+    _planted_genes(tmp_path / "bad", demo, bad=True)
+    with pytest.raises(Exception, match=r"donorC: only 10 of 310 genes .* gene_key= .* move this file out"):
+        atlas.sample(tmp_path / "bad", label_key="cell_type", max_cells=20, model=demo)
+    with pytest.raises(Exception, match="donorC: only 10 of 310"):
+        atlas.embed_store(tmp_path / "bad", demo, tmp_path / "store", progress=False)
+
+
+@pytest.mark.slow  # the CLI's scan and prune in process: ~45 s on a busy 2-core machine
+def test_scan_and_prune_record_each_files_genes_in_run_json(demo, tmp_path, capsys):
+    import anndata as ad
+
+    from scsuperweight.cli import main
+
+    want = _planted_genes(tmp_path / "donors", demo)
+    out, data = tmp_path / "out", str(tmp_path / "donors")
+    rc = main(["scan", "--model", "demo", "--data", data, "--label-key", "cell_type", "--max-cells", "30",
+               "--null-k", "0", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    expected = [(f, *want[f]) for f in ("donorA", "donorB")]
+    run = json.loads((out / "run.json").read_text())
+    assert [(o["file"], o["n_genes"], o["n_shared"]) for o in run["gene_overlap"]] == expected
+    rc = main(["prune", "--model", "demo", "--data", data, "--label-key", "cell_type", "--out", str(out),
+               "--max-cells-per-label", "4", "--n-random", "2", "--n-boot", "10", "--max-candidates", "1",
+               "--granularities", "scalar", "--no-mean-ablation", "--no-joint", "--n-matched", "0",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert [(o["file"], o["n_genes"], o["n_shared"]) for o in run["gene_overlap"]] == expected
+    prm = json.loads(ad.read_h5ad(out / "results.h5ad").uns["ssw"]["params"]["prune"])
+    assert [(o["file"], o["n_genes"], o["n_shared"]) for o in prm["gene_overlap"]] == expected
+    # a folder with a file sharing too few genes: exit 2, one line naming the file and the fix
+    _planted_genes(tmp_path / "bad", demo, bad=True)
+    rc = main(["scan", "--model", "demo", "--data", str(tmp_path / "bad"), "--label-key", "cell_type",
+               "--out", str(tmp_path / "out2"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "donorC: only 10 of 310 genes" in err and "--gene-key" in err and err.count("\n") == 1

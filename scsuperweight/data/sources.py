@@ -95,7 +95,8 @@ class Source:
 
     # -- genes -----------------------------------------------------------------------------------------------
     def genes_shared_with(self, vocab: dict[str, int], *, gene_key: str | None = None) -> pd.DataFrame:
-        """Per file: its genes and how many of them the vocab knows (what each file's tokenisation will use)."""
+        """Per file: its genes and how many of them the vocab knows (what each file's tokenisation will use).
+        `scsuperweight.atlas.file_overlap` logs it, records it and refuses a file sharing too few."""
         rows = []
         for f in self.files:
             if gene_key is None:
@@ -109,11 +110,7 @@ class Source:
             shared = int(pd.Index(names).unique().isin(list(vocab)).sum())
             rows.append({"file": f.label, "n_cells": f.n_obs, "n_genes": len(names), "n_shared": shared,
                          "fraction": shared / max(len(names), 1)})
-        table = pd.DataFrame(rows)
-        for r in rows:
-            logger.info("%s: %d of %d genes in the vocab (%.1f%%)", r["file"], r["n_shared"], r["n_genes"],
-                        100 * r["fraction"])
-        return table
+        return pd.DataFrame(rows)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _element(self, k: int):

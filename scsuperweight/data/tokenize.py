@@ -39,8 +39,31 @@ class GeneMatch:
         return len(self.var_index) / max(self.n_total, 1)
 
 
-def match_genes(adata, vocab: dict[str, int], *, gene_key: str | None = None, min_genes: int = 20,
-                min_fraction: float = 0.05) -> GeneMatch:
+MIN_GENES, MIN_FRACTION = 20, 0.05  # fewer genes in the vocab than this and a cell's tokens say too little
+
+
+def too_few_genes(n_shared: int, n_genes: int, min_genes: int = MIN_GENES, min_fraction: float = MIN_FRACTION
+                  ) -> bool:
+    """Does a gene list sharing `n_shared` of its `n_genes` genes with the vocab share too few to use?"""
+    return n_shared < min_genes or n_shared / max(n_genes, 1) < min_fraction
+
+
+def too_few_genes_message(n_shared: int, names, *, where: str = "", fix: str = "", min_genes: int = MIN_GENES,
+                          min_fraction: float = MIN_FRACTION) -> str:
+    """The one-line refusal of a gene list (`names`) that shares too few genes with the vocab: the counts, the
+    first names, the Ensembl-ID hint when the names look like Ensembl IDs, then `fix`."""
+    names = np.asarray(names, dtype=str)
+    hint = ""
+    if len(names) and np.mean([bool(_ENSEMBL.match(n)) for n in names[:200]]) > 0.5:
+        hint = (" The gene names look like Ensembl IDs while the vocab holds symbols: pass gene_key= a var "
+                "column of symbols (CELLxGENE files call it 'feature_name').")
+    return (f"{where}only {n_shared} of {len(names)} genes ({100 * n_shared / max(len(names), 1):.1f}%) are in the "
+            f"model vocab (need at least {min_genes} and {100 * min_fraction:.0f}%); first names: "
+            f"{', '.join(names[:3])}.{hint}{fix}")
+
+
+def match_genes(adata, vocab: dict[str, int], *, gene_key: str | None = None, min_genes: int = MIN_GENES,
+                min_fraction: float = MIN_FRACTION) -> GeneMatch:
     """Match `adata.var_names` (or `adata.var[gene_key]`) to the model vocab; errors say why too few match."""
     if gene_key is None:
         names = np.asarray(adata.var_names, dtype=str)
@@ -60,15 +83,8 @@ def match_genes(adata, vocab: dict[str, int], *, gene_key: str | None = None, mi
     var_index = np.flatnonzero((ids >= 0) & keep)
     match = GeneMatch(var_index, ids[var_index], names[var_index], len(names))
     logger.info("matched %d of %d genes to the vocab (%.1f%%)", len(var_index), len(names), 100 * match.fraction)
-    if len(var_index) < min_genes or match.fraction < min_fraction:
-        sample = ", ".join(names[:3])
-        hint = ""
-        if np.mean([bool(_ENSEMBL.match(n)) for n in names[:200]]) > 0.5:
-            hint = (" The gene names look like Ensembl IDs while the vocab holds symbols: pass gene_key= a var "
-                    "column of symbols (CELLxGENE files call it 'feature_name').")
-        msg = (f"only {len(var_index)} of {len(names)} genes ({100 * match.fraction:.1f}%) are in the model "
-               f"vocab (need at least {min_genes} and {100 * min_fraction:.0f}%); first names: {sample}.{hint}")
-        raise DataError(msg)
+    if too_few_genes(len(var_index), len(names), min_genes, min_fraction):
+        raise DataError(too_few_genes_message(len(var_index), names, min_genes=min_genes, min_fraction=min_fraction))
     return match
 
 
