@@ -167,6 +167,46 @@ def on_rank0(ctx: DistContext, fn: Callable, *args, **kwargs):
     return result
 
 
+class _Sender:
+    """Rank 0's `send` inside `rank0_sends`: hands one value to every rank (once)."""
+
+    def __init__(self, ctx: DistContext):
+        self.ctx, self.sent = ctx, False
+
+    def __call__(self, value):
+        self.sent = True
+        return gather_objects(("ok", value), self.ctx)[0][1]
+
+
+@contextmanager
+def rank0_sends(ctx: DistContext):
+    """Rank 0 alone runs the block (work only it needs, e.g. the tables it writes); the others wait in
+    `receive_from_rank0` for the one value rank 0 hands them with ``send(value)`` inside the block.
+
+    A failure on rank 0 before it sends is sent instead, so the waiting ranks raise it rather than hang; a block
+    that ends without sending sends None. Collectives may follow the send inside the block (the others run the
+    same ones after receiving). With one process ``send`` returns its value.
+    """
+    send = _Sender(ctx)
+    try:
+        yield send
+    except Exception as exc:
+        if ctx.active and not send.sent:
+            gather_objects(("error", f"{type(exc).__name__}: {exc}"), ctx)
+        raise
+    if not send.sent:
+        send(None)
+
+
+def receive_from_rank0(ctx: DistContext):
+    """On a rank other than 0: the value rank 0 sends from its `rank0_sends` block, or rank 0's error."""
+    kind, value = gather_objects(None, ctx)[0]
+    if kind == "error":
+        msg = f"rank 0 of {ctx.world} failed: {value}"
+        raise RankError(msg)
+    return value
+
+
 def run_in_rounds(items: list, work: Callable, keep: Callable, ctx: DistContext, *,
                   after: Callable | None = None) -> None:
     """Deal `items` out in rounds of one per rank (a strided shard): each rank runs ``work(item)``; rank 0 gathers

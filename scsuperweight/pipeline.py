@@ -84,6 +84,9 @@ def _model_info(model) -> dict:
             "ntoken": first("ntoken", "vocab_size")}
 
 
+_SHARED_STEPS = ("scan", "prune")  # the steps whose work is split across torchrun's ranks
+
+
 def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | None = None,
                  donor_key: str | None = None, case=None, control=None, empty: str = "error",
                  gene_sets=("bundled",), seed: int = 0, batch_size: int = 32,
@@ -221,6 +224,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     store = ConditionStore(out, inputs) if ctx.is_main else None  # finished prune conditions, for a resume
     try:
         for name, run in steps:
+            if not ctx.is_main and name not in _SHARED_STEPS:  # genes and enrich feed only what rank 0 writes
+                break
             t0 = time.perf_counter()
             logger.info("step %s", name)
             with persisting(store, writer=log.progress if ctx.is_main else None):

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import _keys as K
 from . import ablation as A
+from . import dist
 from . import metrics as M
 from ._log import logger
 from .adapters import get_adapter
@@ -515,6 +516,8 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
     family runner's, `scsuperweight.runners.get_runner(model).evaluator`); `labels`/`conditions`/`donors` are per
     cell (global cell index = the batches' ``.cells``).
     `n_cells` defaults to one past the largest cell index (pass it when some cells have no batch).
+    Under torchrun the conditions are shared across ranks and rank 0 alone computes the tables (the others get
+    empty ones, and their candidates and cell count in ``params``).
     """
     opts = options or PruneOptions()
     if n_cells is None:
@@ -536,9 +539,16 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             conds, results, nulls = _run_sequential(ev, conds, model, opts, progress=progress)
         else:
             results, nulls = run_conditions(ev, conds, progress=progress), {}
+    ctx = dist.context()
+    if not ctx.is_main:  # under torchrun rank 0 alone computes the tables (it writes them); the others run their
+        extra = dist.receive_from_rank0(ctx)  # share of the joint conditions it decides, and return no tables
+        if extra:
+            run_conditions(ev, extra, progress=progress)
+        return PruneResult(pd.DataFrame(), pd.DataFrame(), params={"candidates": list(cands["candidate"]),
+                                                                   "n_cells": n_cells, "rank": ctx.rank})
     # the metrics are many small matrix operations: multi-threaded BLAS only spins on them (measured 200x slower
     # on a busy 2-core machine), so they run on one BLAS thread
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"), dist.rank0_sends(ctx) as send:
         base = results[K.COND_BASELINE]
         groups = _groups(labels, conditions, opts.min_group_cells) if (labels is not None or conditions is not None) \
             else [(K.GROUP_ALL, np.ones(n_cells, dtype=bool), False)]
@@ -604,7 +614,7 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
 
         rows = [r for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False) for r in rows_of(cond)]
         collapse = _add_p_values(pd.DataFrame(rows))
-        extra = joint_conditions(model, cands, collapse, opts)  # second phase: needs the zeroing verdicts
+        extra = send(joint_conditions(model, cands, collapse, opts))  # second phase: needs the zeroing verdicts
         if extra:
             results.update(run_conditions(ev, extra, progress=progress))
             rows += [r for cond in extra for r in rows_of(cond)]

@@ -553,6 +553,10 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                  conditions=None if conditions is None else conditions[cells],
                  donors=None if donors is None else donors[cells], options=opts, n_cells=len(cells),
                  case=case, control=control, progress=progress)
+    from . import dist
+
+    if not dist.context().is_main:  # under torchrun rank 0 alone has the tables, embeds every cell and writes
+        return adata if copy or fresh else None
     metrics = set(res.collapse["metric"]) if len(res.collapse) else set()
     if primary_metric is None:
         primary_metric = runner.primary_metric(metrics)

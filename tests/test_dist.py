@@ -117,3 +117,41 @@ def test_two_gloo_ranks_merge_exactly_and_fail_together(tmp_path):
         msg, seconds = (tmp_path / f"error{rank}.txt").read_text().splitlines()
         assert msg == "rank 1 of 2 failed: ValueError: planted failure on rank 1"
         assert float(seconds) < 10
+
+
+def _sends_worker(rank: int, world: int, port: int, out: str) -> None:
+    from scsuperweight.dist import rank0_sends, receive_from_rank0
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    ctx = context(timeout_s=30)
+    got = []
+    for fail in (False, True):  # rank 0 sends a value; then rank 0 fails before it sends
+        t0 = time.time()
+        try:
+            if ctx.is_main:
+                with rank0_sends(ctx) as send:
+                    time.sleep(0.2)  # the others are already waiting
+                    if fail:
+                        raise ValueError("planted failure on rank 0")
+                    value = send({"extra": [rank, 7]})
+            else:
+                value = receive_from_rank0(ctx)
+            got.append(f"{value}")
+        except (RankError, ValueError) as exc:
+            got.append(f"{type(exc).__name__}: {exc} after {time.time() - t0:.1f}s")
+    with open(os.path.join(out, f"sends{ctx.rank}.txt"), "w") as fh:
+        fh.write("\n".join(got))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_rank0_sends_its_value_or_its_error_to_the_waiting_ranks(tmp_path):
+    mp.spawn(_sends_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = (tmp_path / "sends0.txt").read_text().splitlines()
+    r1 = (tmp_path / "sends1.txt").read_text().splitlines()
+    assert r0[0] == r1[0] == "{'extra': [0, 7]}"  # rank 0's value on both ranks
+    assert r0[1].startswith("ValueError: planted failure on rank 0")
+    assert r1[1].startswith("RankError: rank 0 of 2 failed: ValueError: planted failure on rank 0")
+    assert float(r1[1].rsplit(" ", 1)[1].rstrip("s")) < 10  # raised at once, not at the collective's timeout
