@@ -71,3 +71,20 @@ def test_torchrun_two_ranks_scan_and_prune_equal_one_process(files, tmp_path):
     assert "L1.linear2.w[3,7]" in set(b["superweights.tsv"]["candidate"])  # the planted super weight
     assert len(set(b["collapse.tsv"]["condition"])) > 10
     assert not (two / ".conditions").exists()  # the finished prune cleared its kept conditions
+
+
+@pytest.mark.slow  # two launches of the whole pipeline, one of them torchrun: ~2 min on a busy 2-core machine
+def test_torchrun_two_ranks_run_equals_one_process(files, tmp_path):
+    """`torchrun ... run`: rank 0 alone computes prune's tables, genes and enrich; the tables equal one process's."""
+    run = ["run", "--model", str(files / "model"), "--data", str(files / "data.h5ad"), "--label-key", "cell_type",
+           "--condition-key", "condition", "--donor-key", "donor", "--max-cells-per-label", "8", "--n-random", "4",
+           "--n-boot", "10", "--max-candidates", "1", "--batch-size", "8", "--granularities", "scalar",
+           "--no-mean-ablation", "--no-joint", "--n-matched", "0", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "scsuperweight", *run, "--out", str(one)], files)
+    _run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "scsuperweight", *run, "--out", str(two)], files)
+    a, b = _tables(one), _tables(two)
+    assert set(a) == set(b) >= {"collapse.tsv", "genes.tsv", "enrichment.tsv"}
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+    assert len(b["genes.tsv"]) > 0
