@@ -18,7 +18,7 @@ import numpy as np
 from . import _keys as K
 from . import dist
 from ._log import logger
-from .data.sources import Source, open_source, stratified_sample
+from .data.sources import Source, is_soma, open_source, stratified_sample
 from .embedstore import EmbeddingStore
 from .errors import DataError
 from .progress import Progress
@@ -27,8 +27,9 @@ DEFAULT_BLOCK = 2048  # cells per store block: the unit of work, of writing, and
 
 
 def is_streamed(data) -> bool:
-    """True when `data` is read from disk in chunks (a path, a glob, a folder, a backed AnnData or a Source)."""
-    if isinstance(data, Source | str | Path):
+    """True when `data` is read from disk in chunks (a path, a glob, a folder, a backed AnnData, a TileDB-SOMA
+    experiment or a Source)."""
+    if isinstance(data, Source | str | Path) or is_soma(data):
         return True
     return bool(getattr(data, "isbacked", False))
 
@@ -81,7 +82,7 @@ def file_overlap(data, model, gene_key: str | None = None) -> list[dict]:
     for r, f in zip(rows, source.files, strict=True):
         if r["n_shared"] is not None and too_few_genes(r["n_shared"], r["n_genes"]):
             names = f.var.index if gene_key is None else f.var[gene_key]
-            on_disk = f.path is not None
+            on_disk = f.adata is None
             fix = (" Pass gene_key= (--gene-key) a var column of gene symbols the vocab knows, or move this file "
                    "out of the data." if on_disk else "")
             raise DataError(too_few_genes_message(r["n_shared"], names, where=f"{r['file']}: " if on_disk else "",

@@ -36,6 +36,7 @@ class SourceFile:
     var: pd.DataFrame
     path: Path | None = None  # read lazily from disk
     adata: object | None = None  # an in-memory AnnData
+    soma: SomaReader | None = None  # a TileDB-SOMA experiment, read through tiledbsoma
 
     @property
     def stop(self) -> int:
@@ -137,6 +138,14 @@ class Source:
 
         f = self.files[k]
         obs = self.obs.iloc[f.start + rows]
+        if f.soma is not None:
+            chunk = ad.AnnData(obs=obs.copy(), var=f.var.copy())
+            X = f.soma.read_rows(rows)
+            if self.layer is None:
+                chunk.X = X
+            else:
+                chunk.layers[self.layer] = X
+            return chunk
         if f.adata is not None:
             view = f.adata[rows]
             view = view.copy() if view.is_view else view
@@ -222,7 +231,8 @@ def _unique_names(obs: list[pd.DataFrame], labels: list[str]) -> list[pd.DataFra
 
 def open_source(data, *, layer: str | None = None) -> Source:
     """A `Source` over `data`: an .h5ad path, a folder or glob of .h5ad files, a backed or in-memory AnnData,
-    or a Source (returned as is).
+    a TileDB-SOMA experiment (its folder or URI, or an open ``tiledbsoma.Experiment``; the ``[soma]`` extra; see
+    `SomaReader`), or a Source (returned as is).
 
     Only obs and var are read now; the counts (``X``, or ``layers[layer]``) stay on disk until `iter_chunks`.
     ``obs`` gets a column ``ssw_file`` naming each cell's file.
@@ -237,6 +247,8 @@ def open_source(data, *, layer: str | None = None) -> Source:
 
     if isinstance(data, Source):
         return data
+    if is_soma(data):
+        return _open_soma(data, layer=layer)
     if isinstance(data, ad.AnnData):
         if data.isbacked:
             paths, given = [Path(data.filename)], data.obs
@@ -303,3 +315,80 @@ def stratified_sample(obs: pd.DataFrame, label_key: str | None = None, donor_key
         pos = np.flatnonzero(kept)
         kept[pos[max_cells:]] = False
     return np.sort(order[kept])
+
+
+# -- TileDB-SOMA (the CELLxGENE Census format) ------------------------------------------------------------------
+SOMA_MEASUREMENT = "RNA"
+
+
+def is_soma(data) -> bool:
+    """Is `data` a TileDB-SOMA experiment: an open ``tiledbsoma.Experiment``, a remote URI (``tiledb://``,
+    ``s3://``, ...) or a local TileDB group folder holding ``ms`` (its measurements)?"""
+    if type(data).__module__.startswith("tiledbsoma"):
+        return True
+    if not isinstance(data, str | Path):
+        return False
+    text = str(data)
+    if "://" in text and not text.startswith("file://"):
+        return not text.endswith(".h5ad")
+    p = Path(text.removeprefix("file://"))
+    return p.is_dir() and (p / "__tiledb_group.tdb").exists() and (p / "ms").is_dir()
+
+
+class SomaReader:
+    """Rows of one X layer of a SOMA measurement, read on demand with tiledbsoma's own sparse reader.
+
+    Cells and genes are addressed by their ``soma_joinid``; a chunk of rows comes back as a CSR matrix of those
+    rows (in the order asked) over every gene of the measurement, in var order.
+    """
+
+    def __init__(self, experiment, measurement: str, layer: str, obs_ids: np.ndarray, var_ids: np.ndarray):
+        self.experiment, self.measurement, self.layer = experiment, measurement, layer
+        self.obs_ids, self.var_ids = obs_ids, var_ids
+        self._var_pos = pd.Series(np.arange(len(var_ids)), index=var_ids)
+
+    def read_rows(self, rows: np.ndarray):
+        import scipy.sparse as sp
+
+        joinids = self.obs_ids[rows]
+        X = self.experiment.ms[self.measurement].X[self.layer]
+        table = X.read(coords=(joinids,)).tables().concat()
+        r = pd.Series(np.arange(len(joinids)), index=joinids)[table["soma_dim_0"].to_numpy()].to_numpy()
+        c = self._var_pos[table["soma_dim_1"].to_numpy()].to_numpy()
+        vals = table["soma_data"].to_numpy().astype(np.float32)
+        return sp.csr_matrix((vals, (r, c)), shape=(len(joinids), len(self.var_ids)))
+
+
+def _open_soma(data, *, layer: str | None = None, measurement: str = SOMA_MEASUREMENT) -> Source:
+    """A one-member Source over a SOMA experiment: obs and var read now (small), X rows on demand.
+
+    The counts are the X layer `layer` (then given to the steps as that AnnData layer), or without `layer` the X
+    layer ``raw`` (the Census's counts) or the experiment's only X layer, given as ``X``.
+    """
+    try:
+        import tiledbsoma
+    except ImportError:
+        msg = (f"data={str(data)!r} is a TileDB-SOMA experiment, but tiledbsoma is not installed; "
+               "pip install 'scsuperweight[soma]'.")
+        raise DataError(msg) from None
+    exp = data if type(data).__module__.startswith("tiledbsoma") else tiledbsoma.Experiment.open(str(data))
+    if measurement not in exp.ms:
+        msg = f"the SOMA experiment {exp.uri} has no measurement {measurement!r}; it has {list(exp.ms.keys())}."
+        raise DataError(msg)
+    ms = exp.ms[measurement]
+    names = list(ms.X.keys())
+    x_layer = layer if layer is not None else "raw" if "raw" in names else names[0] if len(names) == 1 else None
+    if x_layer not in names:
+        msg = (f"the SOMA experiment {exp.uri} has X layers {names}; pass layer= the one with raw counts "
+               "(--layer).")
+        raise DataError(msg)
+    obs = exp.obs.read().concat().to_pandas()
+    var = ms.var.read().concat().to_pandas()
+    obs_ids, var_ids = obs.pop("soma_joinid").to_numpy(), var.pop("soma_joinid").to_numpy()
+    obs.index = pd.Index(obs.pop("obs_id").astype(str) if "obs_id" in obs else obs_ids.astype(str), name=None)
+    var.index = pd.Index(var.pop("var_id").astype(str) if "var_id" in var else var_ids.astype(str), name=None)
+    label = Path(str(exp.uri).rstrip("/")).name or "soma"
+    reader = SomaReader(exp, measurement, x_layer, obs_ids, var_ids)
+    obs[FILE_COLUMN] = pd.Categorical([label] * len(obs))
+    logger.info("opened %d cells of the SOMA experiment %s (X layer %r)", len(obs), exp.uri, x_layer)
+    return Source([SourceFile(label, 0, len(obs), var, soma=reader)], obs, layer=layer)
