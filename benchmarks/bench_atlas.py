@@ -102,7 +102,7 @@ def main() -> None:
     small, large = results
     print(f"peak RSS large/small: {large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x for "
           f"{large['cells'] / small['cells']:.0f}x the cells (aim <= 1.2x); block {args.block}, max_seq_len "
-          f"{max_len or 'the model'}'s, {args.threads} threads")
+          f"{max_len or 'of the model'}, {args.threads} threads")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-tiledbsoma = pytest.importorskip("tiledbsoma", reason="tiledbsoma is not installed (pip install 'scsuperweight[soma]')")
-import tiledbsoma.io  # noqa: E402
+soma_io = pytest.importorskip("tiledbsoma.io", reason="tiledbsoma is not installed (pip install 'scsuperweight[soma]')")
 
 from scsuperweight import atlas  # noqa: E402
 from scsuperweight.data.sources import FILE_COLUMN, is_soma, open_source  # noqa: E402
@@ -20,7 +19,7 @@ def experiment(tmp_path_factory):
     a = synthetic_ad(n_cells=40, n_donors=2, seed=4)
     a.uns = {}
     uri = str(tmp_path_factory.mktemp("soma") / "exp")
-    tiledbsoma.io.from_anndata(uri, a, measurement_name="RNA", X_layer_name="raw")
+    soma_io.from_anndata(uri, a, measurement_name="RNA", X_layer_name="raw")
     return uri, a
 
 
