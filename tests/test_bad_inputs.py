@@ -99,6 +99,15 @@ def env(tmp_path_factory):
         a.X = X
 
     variant("data_empty_cells", no_vocab_genes)
+    # per-donor files, one of which shares only 5 genes with the vocab (the others renamed)
+    (d / "donors_few").mkdir()
+    for donor in ("D01", "D02"):
+        part = adata[adata.obs["donor"] == donor].copy()
+        part.uns = {}
+        if donor == "D02":
+            part.var_names = [*part.var_names[:5], *(f"NOVOCAB{i}" for i in range(part.n_vars - 5))]
+        part.write_h5ad(d / "donors_few" / f"{donor}.h5ad")
+    p["donors_few"] = str(d / "donors_few")
     adata[:10].copy().write_h5ad(d / "data_tiny.h5ad")
     p["data_tiny"] = str(d / "data_tiny.h5ad")
     (d / "data.csv").write_text("cell,gene\n")
@@ -194,6 +203,9 @@ CASES = [
     ("too few cells per label", run_with(max_cells_per_label="2"), "too few cells"),
     ("no vocab genes without --empty", EMBED[:4] + ["{data_empty_cells}"] + EMBED[5:], "--empty drop|keep"),
     ("run: no vocab genes without --empty", run_with(data="{data_empty_cells}"), "--empty drop|keep"),
+    ("run: a donor file sharing 5 genes with the vocab", run_with(data="{donors_few}"), "D02: only 5 of"),
+    ("scan: a donor file sharing 5 genes", [*SCAN[:4], "{donors_few}", *SCAN[5:]], "move this file out"),
+    ("embed: a donor file sharing 5 genes", [*EMBED[:4], "{donors_few}", *EMBED[5:]], "D02: only 5 of"),
     # ---- gene sets
     ("GMT typo", run_with(gene_sets=["bundled", "{dir}/hallmark.gtm"]), "hallmark.gtm"),
     ("GMT malformed", run_with(gene_sets=["{bad_gmt}"]), "sets_bad.gmt"),
