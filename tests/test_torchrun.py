@@ -6,12 +6,14 @@ depends on the thread count, so only equal thread counts can be compared bit for
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import pandas as pd
 import pytest
 from test_cli import write_planted_files
@@ -88,3 +90,8 @@ def test_torchrun_two_ranks_run_equals_one_process(files, tmp_path):
     for name in a:
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
     assert len(b["genes.tsv"]) > 0
+    # run.json says how many genes the data shares with the vocab (one file read whole: one record)
+    vocab = json.loads((files / "model" / "vocab.json").read_text())
+    genes = ad.read_h5ad(files / "data.h5ad", backed="r").var_names
+    (rec,) = json.loads((two / "run.json").read_text())["gene_overlap"]
+    assert (rec["n_cells"], rec["n_genes"], rec["n_shared"]) == (120, len(genes), sum(g in vocab for g in genes))
