@@ -278,23 +278,36 @@ def _planted(model, adata, layer: int, row: int, col: int, n_cells: int = 64):
     return plant_superweight(model, layer=layer, row=row, col=col, batches=plain)
 
 
+# the issue-time defaults (issue 14): fixed draws, no #17 ablations, no first-order null, every top candidate
+# restored and scaled
+OLD = dict(sequential=False, first_order=False, mean_ablation=False, granularities=("scalar",), joint=False,
+           n_matched=0, characterise="all")
+# the new defaults restricted to the same condition kinds (the #17 ablations off)
+NEW_SAME = dict(mean_ablation=False, granularities=("scalar",), joint=False, n_matched=0)
+
+
 def bench_cost(argv) -> None:
-    """(a) The planted 4-layer official-format model over the Darmanis cells: the old defaults (fixed 40 draws per
-    parameter, full length, no first-order null) against the new default plan (sequential nulls, first-order
-    null), through `tl.prune` after one shared `tl.scan`: wall-time ratio and identical verdicts."""
+    """(a) The planted 4-layer official-format model over the Darmanis cells, through `tl.prune` after one shared
+    `tl.scan`, three arms: ``old`` (the issue-time defaults: fixed 40 draws, full length, no #17 ablations, no
+    first-order null, every top candidate restored and scaled), ``new-same`` (the new defaults restricted to the
+    old condition kinds) and ``new`` (the full new default plan): wall times, conditions run per kind, ratios,
+    and whether the verdicts are identical (zeroing across all arms; every verdict between old and new-same)."""
     import tempfile
     import time
+    from collections import Counter
 
     import scsuperweight as ssw
+    from scsuperweight.plan import condition_kind
 
     ap = argparse.ArgumentParser(prog="bench_prune.py cost", description=bench_cost.__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="40 cells, 10 per label, 256 tokens, 20 draws: minutes")
-    ap.add_argument("--max-seq-len", type=int, default=None, help="both arms (default: full length, 1200)")
-    ap.add_argument("--n-random", type=int, default=40, help="draws per parameter, both arms (default 40)")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="every arm (default: full length, 1200)")
+    ap.add_argument("--n-random", type=int, default=40, help="draws per parameter, every arm (default 40)")
     ap.add_argument("--cells", type=int, default=None, help="subsample the 466 cells (label-stratified)")
     ap.add_argument("--max-cells-per-label", type=int, default=200, help="as tl.prune (default 200)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plant-layer", type=int, default=1)
+    ap.add_argument("--arms", nargs="+", default=["old", "new-same", "new"], choices=["old", "new-same", "new"])
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cells = a.cells or (40 if a.quick else None)
@@ -311,35 +324,43 @@ def bench_cost(argv) -> None:
               f"{adata.n_obs} Darmanis cells, at most {per_label} per label, max_seq_len {max_len or 'full'}, "
               f"{n_random} draws per parameter at most")
         ssw.tl.scan(adata, model, label_key="cell_type", max_seq_len=max_len, progress=False)
-        arms = {"old": dict(sequential=False, first_order=False), "new": {}}
+        arms = {"old": OLD, "new-same": NEW_SAME, "new": {}}
         out, wall = {}, {}
-        for name, kw in arms.items():
+        for name in a.arms:
             b = adata.copy()
             t0 = time.perf_counter()
             ssw.tl.prune(b, model, label_key="cell_type", max_cells_per_label=per_label, n_random=n_random,
-                         max_seq_len=max_len, yes=True, progress=False, **kw)
+                         max_seq_len=max_len, yes=True, progress=False, **arms[name])
             wall[name] = time.perf_counter() - t0
             out[name] = b
+    verdict = {}
     for name, b in out.items():
         col = ssw.get.collapse(b)
-        rand = col[col["condition"].str.startswith("random:")].drop_duplicates("condition")
-        draws = rand.groupby("control_for").size().to_dict()
-        plan = ssw.get.params(b, "prune")["plan"]
-        print(f"\n{name}: {wall[name]:.1f} s wall; {len(set(col['condition']))} conditions run "
-              f"(planned {plan['n_conditions']}, estimated {plan['est_seconds']:.0f} s); draws per parameter "
-              f"{draws}")
+        ran = Counter(condition_kind(c) for c in set(col["condition"]))
+        p = ssw.get.params(b, "prune")
+        plan = p["plan"]
+        print(f"\n{name}: {wall[name]:.1f} s wall; {sum(ran.values())} conditions run {dict(ran)}")
+        print(f"  planned at most {plan['n_conditions']} ({plan['est_seconds']:.0f} s estimated), expected "
+              f"{sum(plan.get('expected_by_kind', {}).values()) or plan['n_conditions']}; draws per pool "
+              f"{p.get('null_draws') or 'all'}; not characterised: {p.get('not_characterised') or 'none'}")
         v = ssw.get.verdicts(b)
         print(v[["candidate", "ablation", "delta", "p_value", "passes"]].to_string(index=False))
-    va, vb = (ssw.get.verdicts(out[k]).set_index(["candidate", "ablation"])["passes"] for k in ("old", "new"))
-    same = va.to_dict() == vb.to_dict()  # every judged row: zeroing, mean ablations, neurons, channels, joint
-    vb = vb.xs("prune", level="ablation")
-    fo = ssw.get.firstorder(out["new"])
-    if len(fo):
-        print("\nfirst-order null (new):\n" + fo[["candidate", "rank", "percentile", "rank_correlation",
-                                                  "n_draws"]].to_string(index=False))
-    print(f"\nwall-time ratio old / new: {wall['old'] / wall['new']:.2f}x; verdicts "
-          f"{'identical' if same else 'DIFFERENT'}; planted {pw.candidate} passes: "
-          f"{bool(vb.get(pw.candidate, False))}")
+        verdict[name] = v.set_index(["candidate", "ablation"])["passes"].to_dict()
+    zeroing = {k: {c: ok for (c, ab), ok in v.items() if ab == "prune"} for k, v in verdict.items()}
+    if "new" in out:
+        fo = ssw.get.firstorder(out["new"])
+        if len(fo):
+            print("\nfirst-order null (new):\n" + fo[["candidate", "rank", "percentile", "rank_correlation",
+                                                      "n_draws"]].to_string(index=False))
+    print()
+    for name in [n for n in ("new-same", "new") if n in wall and "old" in wall]:
+        print(f"wall-time ratio old / {name}: {wall['old'] / wall[name]:.2f}x")
+    same_zero = len({tuple(sorted(z.items())) for z in zeroing.values()}) == 1
+    print(f"verdicts on zeroing across {', '.join(out)}: {'identical' if same_zero else 'DIFFERENT'}")
+    if "old" in verdict and "new-same" in verdict:
+        print(f"every verdict old vs new-same: {'identical' if verdict['old'] == verdict['new-same'] else 'DIFFERENT'}")
+    last = list(zeroing)[-1]
+    print(f"planted {pw.candidate} passes ({last}): {bool(zeroing[last].get(pw.candidate, False))}")
 
 
 def bench_standin(argv) -> None:
@@ -377,6 +398,8 @@ def bench_standin(argv) -> None:
         run = json.loads((Path(tmp) / "run" / "run.json").read_text())
         sw = pd.read_csv(Path(tmp) / "run" / "superweights.tsv", sep="\t")
         ver = pd.read_csv(Path(tmp) / "run" / "verdicts.tsv", sep="\t").query("ablation == 'prune'")
+        fo_path = Path(tmp) / "run" / "firstorder.tsv"
+        fo = pd.read_csv(fo_path, sep="\t") if fo_path.is_file() else pd.DataFrame()
     b = run["budget"]
     print(f"\nbudget {budget} chose: " + ", ".join(f"{k} {b[k]}" for k in ("scan_cells", "cells_per_label",
                                                                           "max_seq_len", "n_random", "n_boot")))
@@ -388,6 +411,14 @@ def bench_standin(argv) -> None:
     top = sw.iloc[0]["candidate"] if len(sw) else None
     passes = bool(ver.set_index("candidate")["passes"].get(pw.candidate, False)) if len(ver) else False
     print(f"planted {pw.candidate}: ranked first {top == pw.candidate} (top: {top}); passes the controls {passes}")
+    if len(fo):
+        print("first-order null (rank among all scalars of the matrix; Spearman with the exact draws):\n"
+              + fo[["candidate", "rank", "percentile", "rank_correlation", "n_draws"]].to_string(index=False))
+    else:
+        print("first-order null: no firstorder.tsv in the run")
+    pp = run.get("prune_conditions") or {}
+    if pp.get("conditions_by_kind"):
+        print(f"conditions run {pp['conditions_by_kind']}; not characterised: {pp.get('not_characterised')}")
 
 
 if __name__ == "__main__":

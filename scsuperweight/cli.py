@@ -282,8 +282,8 @@ def _cost_args(p: argparse.ArgumentParser) -> None:
                         "bootstrap resamples and scan cells are chosen, validity floors first")
     g.add_argument("--yes", action="store_true", help="run a plan estimated above one hour as planned")
     g.add_argument("--fixed-draws", action="store_true",
-                   help="all --n-random draws per parameter (default: sequential nulls that stop once the "
-                        "decision is settled, Besag & Clifford 1991)")
+                   help="every draw of every control pool (uniform, neuron, channel, matched, joint; default: "
+                        "sequential nulls that stop a pool once its decisions are settled, Besag & Clifford 1991)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="forward precision (autocast; metrics stay float32): bf16 on a recent GPU (default fp32)")
     _fidelity_args(g)

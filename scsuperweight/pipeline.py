@@ -234,7 +234,11 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                 continue
             R.write_run_dir(adata, out, steps=(name,), run_id=log.run_id)
             if name == "prune":  # the report judges candidates on the metric prune chose for the family
-                log.info["params"]["primary_metric"] = get.params(adata, "prune")["primary_metric"]
+                pp = get.params(adata, "prune")
+                log.info["params"]["primary_metric"] = pp["primary_metric"]
+                # what ran of the plan: sequential pools' draws, candidates left uncharacterised and why
+                log.info["prune_conditions"] = {k: pp.get(k) for k in ("conditions_by_kind", "null_draws",
+                                                                       "characterised", "not_characterised")}
             if name == "scan":  # cells without counts in any vocab gene: how many, and what was done with them
                 log.info["data"]["n_empty"] = int(get.params(adata, "scan").get("n_empty", 0))
             scanned = get.params(adata, "scan") if name == "scan" else None

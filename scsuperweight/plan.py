@@ -155,6 +155,10 @@ class Plan:
     overhead_seconds: float = 0.0  # non-forward work (metrics, bootstrap), estimated
     device: str = ""
     notes: tuple = field(default_factory=tuple)
+    # the counts above are the most a run can do; what it is expected to do under an assumption stated in the notes
+    # (sequential nulls stop early, only passing candidates are characterised): kind -> count, and its estimate
+    expected_by_kind: dict = field(default_factory=dict)
+    expected_seconds: float = float("nan")
 
     @property
     def n_conditions(self) -> int:
@@ -282,6 +286,11 @@ def format_plan(plan: Plan) -> str:
     rate = f" at {_si(plan.flop_rate, 'FLOP/s')} measured on {plan.device or 'this device'}" if plan.flop_rate else ""
     over = f" + {format_duration(plan.overhead_seconds)} metrics" if plan.overhead_seconds else ""
     lines.append(f"  total {_si(plan.total_flops, 'FLOP')}{rate}: about {format_duration(plan.est_seconds)}{over}")
+    if plan.expected_by_kind:
+        n_exp = int(sum(plan.expected_by_kind.values()))
+        exp = ", ".join(f"{k} {n}" for k, n in plan.expected_by_kind.items())
+        lines.append(f"  at most {plan.n_conditions} conditions (the estimate above, used for the 1-hour check and "
+                     f"budgets); expected {n_exp} ({exp}): about {format_duration(plan.expected_seconds)}")
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
 

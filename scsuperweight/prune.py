@@ -14,6 +14,12 @@ scalars of the candidate's |w| quantile bin: ``p_matched``), and, in a second ph
 ``joint`` (the passing candidates zeroed together; null: ``random_joint:<k>``, as many random scalars of the same
 parameters).
 
+Phases and cost (issue 14): every control pool (a ``control_for``) is drawn sequentially, stopping once every
+condition judged against it is settled (Besag & Clifford 1991; `_Runner`); restore, scaling and the |w|-matched
+draws characterise a candidate that matters, so by default (``characterise="passing"``) they run in a second
+phase, with the joint ablation, only for the candidates whose zeroing passes the controls (params record which
+were left out and why). `plan_prune` counts all of it at the most.
+
 All conditions share the same tokenised, masked inputs. An evaluator runs each condition and returns per-cell
 reconstruction arrays (whatever the model family defines: ``gep_*``/``gepc_*`` for scGPT, ``mlm_*`` for masked-LM
 transformers such as Geneformer) and the cell embeddings under ``"cls"``; it is the family runner's
@@ -54,7 +60,7 @@ from .precision import forward_precision
 from .runners import get_runner, l2_normalise
 from .runners.bert import HFEvaluator  # noqa: F401 - re-exported: the evaluators used to live here
 from .runners.scgpt import ScGPTEvaluator  # noqa: F401
-from .sequential import SequentialPool, decision_h
+from .sequential import SequentialNull, decision_h
 
 GRANULARITIES = ("scalar", "neuron", "channel")
 
@@ -90,11 +96,17 @@ class PruneOptions:
     sequential: bool = True
     first_order: bool = True  # the first-order null over every scalar of each candidate's matrix (firstorder.tsv)
     dtype: str = "fp32"  # the evaluator forwards' precision (autocast); metrics are float32/float64 either way
+    # which candidates get the characterisation conditions (restore, scaling, |w|-matched draws): "passing", those
+    # whose zeroing passes the controls (a second phase after the zeroing verdicts); "all", every candidate
+    characterise: str = "passing"
 
     def __post_init__(self):
         bad = sorted(set(self.granularities) - set(GRANULARITIES))
         if bad:
             msg = f"granularities={tuple(self.granularities)!r} has {bad}; choose from {GRANULARITIES}."
+            raise ValueError(msg)
+        if self.characterise not in ("passing", "all"):
+            msg = f"characterise={self.characterise!r}; choose 'passing' (the default) or 'all'."
             raise ValueError(msg)
 
 
@@ -262,35 +274,146 @@ def condition_layers(model, conds: Sequence[Condition]) -> list[tuple[str, int]]
             out.append((c.name, -1))
             continue
         layers = [adapter.first_layer_of(e.param) for e in c.edits]
-        if c.restore is not None:
-            layers.append(adapter.sites[c.restore[0]].layer)
+        for at in (c.restore, c.patch):  # an activation put back or patched: rerun from its site's block
+            if at is not None and at[0] in adapter.sites:
+                layers.append(adapter.sites[at[0]].layer)
         out.append((c.name, min(layers) if layers else adapter.n_layers))
     return out
 
 
-def _planned_layers(model, candidates: pd.DataFrame | None, opts: PruneOptions
-                    ) -> tuple[list[tuple[str, int]], list[int], list[str]]:
-    """(fixed conditions' (name, first layer), each null pool's first layer, notes) of the run `opts` describes.
+def _planned_ablations(model, cands: pd.DataFrame, opts: PruneOptions) -> list[Condition]:
+    """The conditions `ablation_conditions` will build for `cands`, without the forwards its means need: the mean
+    and mean-activation ablations as placeholders with the edits' parameters and the patched site (what the plan
+    needs: how many, and the first block each reruns); neurons, channels and matched draws as built."""
+    kinds = [k for k, on in (("neuron", "neuron" in opts.granularities), ("channel", "channel" in opts.granularities),
+                             ("matched", opts.n_matched > 0)) if on]
+    adapter = get_adapter(model)
+    out: list[Condition] = []
+    if opts.mean_ablation:
+        for _, r in cands.iterrows():
+            cid, param, idx = str(r["candidate"]), str(r["param"]), A._index(r)
+            bias = f"{A._module_of(param)}.bias"
+            site = A._norm_out_site(adapter, param) if len(idx) == 1 else A._proj_site(adapter, param)
+            if len(idx) == 2 and site is not None and A._has(adapter, bias) or \
+                    len(idx) == 1 and site is not None and site.norm_weight and site.norm_bias:
+                out.append(Condition(A.cond_mean(cid), [ScalarEdit(param, idx, 0.0)], candidate=cid, kind="mean",
+                                     null_pool=param))
+            token = r.get("token")
+            tid = _token_id(adapter, str(token)) if token is not None and not pd.isna(token) and token else None
+            target = A._activation_target(adapter, r)
+            if target is not None and tid is not None:
+                out.append(Condition(A.cond_mean_activation(cid), [], candidate=cid, kind="mean_activation",
+                                     patch=(target[0], target[1], 0.0, tid), null_pool=param))
+    if kinds:
+        abl = A.build_ablations(model, cands, (), n_random=opts.n_unit_random, n_bins=opts.n_bins, seed=opts.seed,
+                                kinds=kinds, n_matched=opts.n_matched)
+        out += [Condition.of(a) for a in abl]
+    if opts.joint and len(cands) >= 2:  # the most: every candidate passes, all zeroed together
+        taken = [(str(r["param"]), A._index(r)) for _, r in cands.iterrows()]
+        out += [Condition.of(a) for a in (A.joint_ablation(model, cands),
+                                          *A.random_joints(model, cands, opts.n_joint, seed=opts.seed,
+                                                           exclude=taken))]
+    return out
 
-    With candidates, the conditions `build_conditions` makes for them. Without (a whole run plans before its scan
-    has found any), an assumed layout, stated in the notes: `max_candidates` prune conditions, the restores and
-    scaling curves, in 3 parameters, all in block 0 (every block rerun: the most a condition can cost).
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a prune run will compute, for its plan: the conditions at most (name, first block), each draw pool's
+    first block and size, and the conditions expected under a stated assumption."""
+
+    fixed: list  # (name, first layer) of every condition but the uniform random: draws
+    null_layers: list  # first layer of each parameter whose uniform draws are drawn (n_random each)
+    expected: list  # (name, first layer) of every condition expected, draws included
+    notes: list
+
+
+def _planned_layout(model, candidates: pd.DataFrame | None, opts: PruneOptions) -> _Layout:
+    """Every condition the run `opts` describes can run (`prune` runs these and no others; at most these with
+    sequential nulls, characterisation only for passing candidates and the joint phase), and an expected subset.
+
+    With candidates, the conditions `build_conditions` and `_planned_ablations` make for them. Without (a whole run
+    plans before its scan has found any), an assumed layout, stated in the notes: `max_candidates` down-projection
+    scalars in 3 parameters of block 0 (every block rerun: the most a condition can cost), each with every
+    ablation. The expected count assumes the first candidate is a super weight (it passes, its pools run every
+    draw, it alone is characterised, no joint phase) and every other pool settles in its first round of draws.
     """
     if candidates is not None:
-        conds = build_conditions(model, select_candidates(candidates, opts.max_candidates), opts)
+        sel = select_candidates(candidates, opts.max_candidates)
+        conds = build_conditions(model, sel, opts) + _planned_ablations(model, sel, opts)
         layers = condition_layers(model, conds)
-        fixed = [lay for lay, c in zip(layers, conds) if c.kind != "random"]
-        first = {}
+        notes: list[str] = []
+    else:
+        sel = None
+        n, nl = opts.max_candidates, get_adapter(model).n_layers
+        names = [K.COND_BASELINE] + [f"prune:c{i}" for i in range(n)] + [K.COND_TOP_OUTLIERS] \
+            + [f"restore:c{i}" for i in range(min(n, opts.n_restore))] \
+            + [f"scale:c{i}:{f}" for i in range(min(n, opts.n_scale)) for f in opts.scale_factors] \
+            + [f"{k}:c{i}" for i in range(n) for k in ("mean", "mean_activation") if opts.mean_ablation] \
+            + [f"{k}:c{i}" for i in range(n) for k in ("neuron", "channel") if k in opts.granularities] \
+            + [f"random_{k}:L0:{j}" for k in ("neuron", "channel") if k in opts.granularities
+               for j in range(opts.n_unit_random)] \
+            + [f"matched:c{i}:{j}" for i in range(n) for j in range(opts.n_matched)] \
+            + ([K.COND_JOINT] + [f"random_joint:{j}" for j in range(opts.n_joint)] if opts.joint and n > 1 else [])
+        pools = min(3, n)
+        layers = [(x, nl if x == K.COND_BASELINE else 0) for x in names]
+        layers += [(K.cond_random(k), 0) for k in range(pools * opts.n_random)]
+        conds = None
+        notes = [f"candidates not found yet: assumed {n} in {pools} parameters of block 0 (the costliest place: "
+                 f"every block rerun), each with every ablation"]
+    kind = lambda name: name.split(":", 1)[0]  # noqa: E731
+    fixed = [x for x in layers if kind(x[0]) != "random"]
+    if conds is not None:
+        first: dict = {}
         for (_, lay), c in zip(layers, conds):
             if c.kind == "random":
                 first.setdefault(c.control_for, lay)
-        return fixed, list(first.values()), []
-    n = opts.max_candidates
-    fixed = [(K.COND_BASELINE, get_adapter(model).n_layers)] + [("prune", 0)] * n + [(K.COND_TOP_OUTLIERS, 0)] \
-        + [("restore", 0)] * min(n, opts.n_restore) + [("scale", 0)] * (min(n, opts.n_scale) * len(opts.scale_factors))
-    pools = min(3, n)
-    return fixed, [0] * pools, [f"candidates not found yet: assumed {n} in {pools} parameters of block 0 (the "
-                                f"costliest place: every block rerun)"]
+        null_layers = list(first.values())
+    else:
+        null_layers = [0] * min(3, opts.max_candidates)
+    expected = _expected(layers, conds, sel, opts)
+    return _Layout(fixed, null_layers, expected, notes)
+
+
+def _expected(layers, conds, sel, opts: PruneOptions) -> list:
+    """The conditions expected under `_planned_layout`'s stated assumption (see there)."""
+    if conds is None:  # the assumed layout: c0 is the super weight; the uniform draws of parameter i are p<i>
+        top, top_pools = "c0", {"c0", "p0", "neuron:L0", "channel:L0"}
+
+        def pool_of(name: str) -> str:
+            kind, _, rest = name.partition(":")
+            if kind == "random":
+                return f"p{int(rest) // max(1, opts.n_random)}"
+            if kind in ("random_neuron", "random_channel"):
+                return f"{kind[len('random_'):]}:L0"
+            return rest.split(":")[0] if kind == "matched" else ""
+
+        def cand_of(name: str) -> str:
+            return name.split(":")[1] if ":" in name else ""
+    else:
+        top = str(sel["candidate"].iloc[0]) if len(sel) else ""
+        by_name = {c.name: c for c in conds}
+        top_pools = {p for c in conds if c.candidate == top for p in _judging_pools(c)}
+
+        def pool_of(name: str) -> str:
+            return by_name[name].control_for
+
+        def cand_of(name: str) -> str:
+            return _owner(by_name[name])
+    out, seen = [], Counter()
+    sizes = Counter(pool_of(n) for n, _ in layers if pool_of(n))
+    for name, lay in layers:
+        kind = name.split(":", 1)[0]
+        if kind in ("joint", "random_joint"):
+            continue
+        if kind in GATED_KINDS and opts.characterise == "passing" and cand_of(name) != top:
+            continue
+        pool = pool_of(name)
+        if pool and opts.sequential and pool not in top_pools:
+            seen[pool] += 1
+            if seen[pool] > decision_h(opts.alpha, sizes[pool]):
+                continue
+        out.append((name, lay))
+    return out
 
 
 def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_cells: int, tokens,
@@ -298,19 +421,30 @@ def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_
                scan_cells: int = 0, scan_rounds: int = 2, embed_cells: int = 0,
                seconds_per_boot_cell: float = 2e-7) -> Plan:
     """The plan of a prune run (`scsuperweight.plan.make_plan`) over `n_cells` cells of `tokens` tokens each (an
-    array of per-cell counts, or one number), before any forward: the conditions by kind, the blocks each reruns,
-    forward FLOPs and, with `flop_rate` (`scsuperweight.plan.calibrate`), the estimated time. With sequential
-    nulls the random draws are counted at their maximum (a strong candidate uses them all)."""
-    fixed, null_layers, notes = _planned_layers(model, candidates, opts)
-    conds = fixed + [("random", lay) for lay in null_layers for _ in range(opts.n_random)]
-    if opts.sequential:
-        notes.append("random draws counted at their maximum: sequential nulls (Besag & Clifford 1991) stop a "
-                     "parameter's draws as soon as its candidates' decisions are settled")
+    array of per-cell counts, or one number), before any forward: every condition kind it can run (zeroing, its
+    controls, restore and scaling, the mean / neuron / channel ablations and their pools, matched draws, the joint
+    phase), the blocks each reruns, forward FLOPs and, with `flop_rate` (`scsuperweight.plan.calibrate`), the
+    estimated time. The counts and the estimate are the MOST the run can do (every draw, every candidate
+    characterised, the joint phase); ``expected_by_kind`` / ``expected_seconds`` are what it is expected to do
+    under the assumption stated in the notes (see `_planned_layout`)."""
+    lay = _planned_layout(model, candidates, opts)
+    conds = lay.fixed + [("random", x) for x in lay.null_layers for _ in range(opts.n_random)]
+    notes = list(lay.notes)
+    if opts.sequential or opts.characterise == "passing":
+        notes.append("counted at the most: every draw of every pool, every candidate characterised and the joint "
+                     "phase; sequential nulls (Besag & Clifford 1991) stop a pool once its decisions are settled, "
+                     "and restore, scaling and matched draws run only for candidates whose zeroing passes")
+        notes.append("expected: the top candidate is a super weight (passes, all its pools' draws, it alone "
+                     "characterised, no joint phase) and every other pool settles in one round of draws")
+    cfg = get_adapter(model).model.config
+    common = dict(n_cells=n_cells, tokens=tokens, max_seq_len=max_seq_len, flop_rate=flop_rate, device=device)
     overhead = len(conds) * seconds_per_boot_cell * opts.n_boot * n_cells
-    return make_plan(get_adapter(model).model.config, conds, n_cells=n_cells, tokens=tokens,
-                     max_seq_len=max_seq_len, scan_cells=scan_cells, scan_rounds=scan_rounds,
-                     embed=embed_cells > 0, embed_cells=embed_cells, flop_rate=flop_rate,
-                     overhead_seconds=overhead, device=device, notes=notes)
+    plan = make_plan(cfg, conds, scan_cells=scan_cells, scan_rounds=scan_rounds, embed=embed_cells > 0,
+                     embed_cells=embed_cells, overhead_seconds=overhead, notes=notes, **common)
+    exp = make_plan(cfg, lay.expected, scan_cells=scan_cells, scan_rounds=scan_rounds, embed=embed_cells > 0,
+                    embed_cells=embed_cells, overhead_seconds=len(lay.expected) * seconds_per_boot_cell * opts.n_boot
+                    * n_cells, **common)
+    return replace(plan, expected_by_kind=dict(exp.conditions_by_kind), expected_seconds=exp.est_seconds)
 
 
 def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, budget_seconds: float, *,
@@ -320,10 +454,11 @@ def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, bud
     """`scsuperweight.plan.choose_budget` for the prune run `opts` describes (its conditions as `plan_prune`
     counts them): cells per label, tokens per cell, random draws, bootstrap resamples and scan cells that fit
     `budget_seconds`, validity floors first, with the reasons."""
-    fixed, null_layers, notes = _planned_layers(model, candidates, opts)
+    lay = _planned_layout(model, candidates, opts)
+    notes = lay.notes
     choice = choose_budget(budget_seconds, config=get_adapter(model).model.config, flop_rate=flop_rate,
-                           label_counts=label_counts, tokens=tokens, fixed_conditions=fixed,
-                           null_layers=null_layers, alpha=opts.alpha, n_random=opts.n_random, n_boot=opts.n_boot,
+                           label_counts=label_counts, tokens=tokens, fixed_conditions=lay.fixed,
+                           null_layers=lay.null_layers, alpha=opts.alpha, n_random=opts.n_random, n_boot=opts.n_boot,
                            max_seq_len=max_seq_len, scan_cells=scan_cells, scan_rounds=scan_rounds,
                            cells_per_label=cells_per_label, embed_cells=embed_cells)
     if notes and choice.plan is not None:
@@ -331,19 +466,28 @@ def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, bud
     return choice
 
 
-def joint_conditions(model, cands: pd.DataFrame, collapse: pd.DataFrame, opts: PruneOptions) -> list[Condition]:
-    """The second phase: ``joint`` (every candidate whose zeroing passes the controls on the primary metric,
-    zeroed together) and its null, ``random_joint:<k>``; nothing when fewer than two pass (one alone is its own
-    ``prune:`` condition)."""
+def _passing(model, cands: pd.DataFrame, collapse: pd.DataFrame, opts: PruneOptions) -> set[str]:
+    """The candidates whose zeroing passes the controls on the primary metric (`scsuperweight.judge.verdicts`)."""
     from .judge import verdicts
 
-    if not opts.joint or collapse.empty:
-        return []
+    if collapse.empty:
+        return set()
     metric = opts.primary_metric or get_runner(model).primary_metric(set(collapse["metric"]))
     v = verdicts(collapse, primary_metric=metric, alpha=opts.alpha, ablations=())
-    passing = cands[cands["candidate"].astype(str).isin(set(v.loc[v["passes"], "candidate"].astype(str)))]
+    return set(v.loc[v["passes"].astype(bool), "candidate"].astype(str)) & set(cands["candidate"].astype(str))
+
+
+def joint_conditions(model, cands: pd.DataFrame, collapse: pd.DataFrame, opts: PruneOptions, *,
+                     passing: set[str] | None = None) -> list[Condition]:
+    """The second phase: ``joint`` (every candidate whose zeroing passes the controls on the primary metric,
+    zeroed together) and its null, ``random_joint:<k>``; nothing when fewer than two pass (one alone is its own
+    ``prune:`` condition). `passing`: those candidates, when the caller has judged them already."""
+    if not opts.joint or collapse.empty:
+        return []
+    passing = _passing(model, cands, collapse, opts) if passing is None else passing
+    passing = cands[cands["candidate"].astype(str).isin(passing)]
     if len(passing) < 2:
-        logger.info("joint ablation skipped: %d candidate(s) pass on %s", len(passing), metric)
+        logger.info("joint ablation skipped: %d candidate(s) pass", len(passing))
         return []
     taken = [(str(r["param"]), A._index(r)) for _, r in cands.iterrows()]
     abl = [A.joint_ablation(model, passing),
@@ -531,19 +675,24 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
         case, control = resolve_case_control(sorted(set(conditions)), None if case is None else str(case),
                                              None if control is None else str(control))
     cands = select_candidates(candidates, opts.max_candidates)
-    conds = build_conditions(model, cands, opts, batches=plain)
-    logger.info("pruning: %d candidates, %d conditions over %d cells", len(cands), len(conds), n_cells)
-    with forward_precision(get_adapter(model).model, opts.dtype):
+    built = build_conditions(model, cands, opts, batches=plain)
+    gated = [c for c in built if opts.characterise == "passing" and c.kind in GATED_KINDS]
+    logger.info("pruning: %d candidates, %d conditions over %d cells (%d more for the candidates that pass)",
+                len(cands), len(built) - len(gated), n_cells, len(gated))
+    net = get_adapter(model).model
+    with forward_precision(net, opts.dtype):
         ev = evaluator_for(model, masked, plain, n_cells, emb=opts.embedding, progress=progress)
-        if opts.sequential:
-            conds, results, nulls = _run_sequential(ev, conds, model, opts, progress=progress)
-        else:
-            results, nulls = run_conditions(ev, conds, progress=progress), {}
+        runner = _Runner(ev, model, opts, progress)
+        later_names = {c.name for c in gated}
+        runner.run([c for c in built if c.name not in later_names])  # phase 1: zeroing, its controls, the #17 ablations
+    results = runner.results
+    conds = runner.ordered(built)
     ctx = dist.context()
     if not ctx.is_main:  # under torchrun rank 0 alone computes the tables (it writes them); the others run their
-        extra = dist.receive_from_rank0(ctx)  # share of the joint conditions it decides, and return no tables
+        extra = dist.receive_from_rank0(ctx)  # share of the phase-2 conditions it decides, and return no tables
         if extra:
-            run_conditions(ev, extra, progress=progress)
+            with forward_precision(net, opts.dtype):
+                runner.run(extra)  # the same sequential rounds: every rank holds every result
         return PruneResult(pd.DataFrame(), pd.DataFrame(), params={"candidates": list(cands["candidate"]),
                                                                    "n_cells": n_cells, "rank": ctx.rank})
     # the metrics are many small matrix operations: multi-threaded BLAS only spins on them (measured 200x slower
@@ -614,12 +763,21 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
 
         rows = [r for cond in tqdm(conds, desc="metrics", disable=not progress, leave=False) for r in rows_of(cond)]
         collapse = _add_p_values(pd.DataFrame(rows))
-        extra = send(joint_conditions(model, cands, collapse, opts))  # second phase: needs the zeroing verdicts
-        if extra:
-            results.update(run_conditions(ev, extra, progress=progress))
+        # phase 2, on the zeroing verdicts: restore, scaling and |w|-matched draws of the candidates that pass
+        # (what a candidate that does not matter does when restored or scaled is not a question), and the joint
+        # ablation of the passing candidates; under torchrun rank 0 decides and sends them to the other ranks
+        passing = _passing(model, cands, collapse, opts)
+        later = [c for c in gated if _owner(c) in passing]
+        skipped = sorted({_owner(c) for c in gated} - passing)
+        phase2 = send([*later, *joint_conditions(model, cands, collapse, opts, passing=passing)])
+        if phase2:
+            with forward_precision(net, opts.dtype):
+                runner.run(phase2)
+            extra = [c for c in runner.ordered(phase2) if c.name not in {x.name for x in conds}]
             rows += [r for cond in extra for r in rows_of(cond)]
             conds = [*conds, *extra]
             collapse = _add_p_values(pd.DataFrame(rows))
+    nulls = runner.nulls()
     collapse = _add_null_columns(collapse, conds, nulls)
     firstorder = _first_order_table(model, masked, conds, collapse, nulls, opts) if opts.first_order else None
     contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts, case, control) \
@@ -633,7 +791,12 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                                for c in conds])
     params = {**opts.__dict__, "n_cells": n_cells, "n_conditions": len(conds), "blocks_recomputed": ev.forwards,
               "candidates": list(cands["candidate"]), "case": case, "control": control,
-              "null_draws": {p: n.draws for p, n in nulls.items()} if nulls else None}
+              "null_draws": {p: n.draws for p, n in nulls.items()} if nulls else None,
+              "conditions_by_kind": dict(Counter(c.kind for c in conds)),
+              "characterised": sorted(passing & {_owner(c) for c in gated}) if gated else None,
+              "not_characterised": {cid: (f"zeroing does not pass the controls on {runner.metric}: no "
+                                          f"{', '.join(sorted({c.kind for c in gated if _owner(c) == cid}))}")
+                                    for cid in skipped}}
     params["scale_factors"] = list(opts.scale_factors)
     params["granularities"] = list(opts.granularities)
     return PruneResult(collapse, contrasts, embeddings, cond_table, params, firstorder)
@@ -673,62 +836,150 @@ def _all_delta(res: dict, base: dict, metric: str) -> float:
     return float(np.mean(v[ok] - b[ok])) if ok.sum() >= 2 else float("nan")
 
 
-def _run_sequential(ev, conds: Sequence[Condition], model, opts: PruneOptions, *, progress: bool = False
-                    ) -> tuple[list[Condition], dict[str, dict], dict[str, NullRecord]]:
-    """Run every non-random condition, then each parameter's random draws in rounds until settled.
+# the kinds of control draws (each names its pool in control_for) and the characterisation conditions that run
+# only for candidates whose zeroing passes (``PruneOptions.characterise="passing"``)
+DRAW_KINDS = ("random", "random_neuron", "random_channel", "matched", "random_joint")
+GATED_KINDS = ("restore", "scale", "matched")
 
-    The draws are `build_conditions`'s, in its order, so a sequential run measures a prefix of the fixed run's
-    draws. Per parameter a `SequentialPool` holds the all-cells primary-metric delta of every condition judged
-    against that parameter's draws (its candidates' zeroing, mean ablations, restores, scaling) and stops after
-    ``h = decision_h(alpha, n_random)`` draws at least as extreme (two-sided, about 0) as each of them, or at
-    `n_random` (Besag & Clifford 1991). On the sequential statistic the
-    decision p < alpha is then the full-draw decision; the collapse p-values are still `_add_p_values` on the
-    draws made (same formula for every metric). A round gives each unsettled parameter `h` more draws (no
-    parameter can stop sooner). Returns the conditions run (in `conds` order), their results and one `NullRecord`
-    per parameter.
+
+def _judging_pools(cond: Condition) -> list[str]:
+    """The pools of control draws a condition's p-values are taken against: its ``null_pool`` (the p-value) and,
+    for a candidate's scalar-level conditions, the candidate's |w|-matched draws (``p_matched``), as
+    `_add_p_values` takes them."""
+    if cond.control_for or cond.kind in ("baseline", K.COND_TOP_OUTLIERS):
+        return []
+    pool = _null_pool(cond)
+    out = [pool] if pool else []
+    if cond.candidate and not pool.startswith(_UNIT_POOLS):
+        out.append(cond.candidate)
+    return out
+
+
+def _owner(cond: Condition) -> str:
+    """The candidate a condition belongs to (a |w|-matched draw names it as its pool)."""
+    return cond.candidate or (cond.control_for if cond.kind == "matched" else "")
+
+
+def _edits_key(cond: Condition) -> tuple:
+    """What a condition computes (its edits, restore and patch): two conditions with one key give one result."""
+    return (tuple((e.param, tuple(e.index), e.factor, e.value, e.add) for e in cond.edits), cond.restore, cond.patch)
+
+
+class _Runner:
+    """Runs a prune's conditions in phases, the control draws of every pool sequentially.
+
+    Each call to `run` runs the phase's non-draw conditions, then its draws pool by pool (a pool: the draws
+    sharing a ``control_for``: a parameter's uniform ``random:`` draws, a block's random neurons or channels, a
+    candidate's |w|-matched draws, the joint ablation's random sets) in rounds until every condition judged
+    against that pool is settled (Besag & Clifford 1991, `scsuperweight.sequential`) or the pool is exhausted.
+    A condition judged against a pool that stopped in an earlier phase first replays the draws made, and the pool
+    draws on if that does not settle it, so no judged p rests on a truncated pool. Draws run in `build_conditions`
+    order, so a sequential run measures a prefix of the fixed run's draws. A condition computing exactly what an
+    earlier one did (``scale:<cand>:0`` is ``prune:<cand>``) shares its result instead of a second forward.
+    Without ``opts.sequential`` (or without a per-cell primary metric) every draw runs.
     """
-    fixed = [c for c in conds if c.kind != "random"]  # other controls (neurons, channels, matched) run in full
-    results = run_conditions(ev, fixed, progress=progress)
-    base = results[K.COND_BASELINE]
-    measured = reconstruction_metrics(base)
-    metric = opts.primary_metric or get_runner(model).primary_metric(set(measured))
-    draws: dict[str, list[Condition]] = {}
-    for c in conds:
-        if c.kind == "random":
-            draws.setdefault(c.control_for, []).append(c)
-    if metric not in measured:  # a set-level primary metric cannot be scored per draw: every draw, as before
-        logger.warning("sequential nulls need a per-cell primary metric; %r is not one: all %d draws are run",
-                       metric, opts.n_random)
-        results.update(run_conditions(ev, [c for c in conds if c.kind == "random"], progress=progress))
-        return list(conds), results, {}
-    h = decision_h(opts.alpha, opts.n_random)
-    pools, used = {}, {p: 0 for p in draws}
-    for param in draws:
-        # every condition whose p is taken against this parameter's draws (zeroing, mean ablations, restores,
-        # scaling): drawing stops only when all of them are settled, so no judged p rests on a truncated pool
-        cands = {c.name: _all_delta(results[c.name], base, metric) for c in fixed
-                 if c.name != K.COND_BASELINE and _null_pool(c) == param}
-        cands = {k: v for k, v in cands.items() if np.isfinite(v)}
-        pools[param] = SequentialPool(cands, h=h, max_draws=opts.n_random) if cands else None
-    while True:
-        todo = {p: draws[p][used[p]:used[p] + h] for p in draws
-                if used[p] < len(draws[p]) and (pools[p] is None or not pools[p].done)}
-        if not todo:
-            break
-        batch = [c for cs in todo.values() for c in cs]
-        results.update(run_conditions(ev, batch, progress=progress))
-        for p, cs in todo.items():  # deltas on the host once per round, not per condition
-            used[p] += len(cs)
-            for c in cs:
-                if pools[p] is not None and not pools[p].done:
-                    pools[p].add(_all_delta(results[c.name], base, metric))
-    nulls = {p: NullRecord(p, used[p], used[p] < len(draws[p]), h, opts.n_random,
-                           {} if pools[p] is None else pools[p].p) for p in draws}
-    for n in nulls.values():
-        logger.info("null of %s: %d of %d draws%s", n.param, n.draws, n.max_draws,
-                    " (stopped early: decision settled)" if n.stopped_early else "")
-    ran = [c for c in conds if c.name in results]
-    return ran, results, nulls
+
+    def __init__(self, ev, model, opts: PruneOptions, progress: bool = False):
+        self.ev, self.model, self.opts, self.progress = ev, model, opts, progress
+        self.results: dict[str, dict] = {}
+        self.ran: list[Condition] = []
+        self.pools: dict[str, list[Condition]] = {}
+        self.used: dict[str, int] = {}
+        self.deltas: dict[str, list[float]] = {}
+        self.tests: dict[str, dict[str, SequentialNull]] = {}
+        self.metric: str | None = None
+        self.sequential = opts.sequential
+        self._keys: dict[tuple, str] = {}
+
+    def _execute(self, conds: Sequence[Condition]) -> None:
+        todo, alias = [], {}
+        for c in conds:
+            key = _edits_key(c)
+            if key in self._keys:
+                alias[c.name] = self._keys[key]
+            else:
+                self._keys[key] = c.name
+                todo.append(c)
+        self.results.update(run_conditions(self.ev, todo, progress=self.progress))
+        for name, same in alias.items():
+            self.results[name] = self.results[same]
+
+    def _delta(self, name: str) -> float:
+        return _all_delta(self.results[name], self.results[K.COND_BASELINE], self.metric)
+
+    def run(self, conds: Sequence[Condition]) -> None:
+        fixed = [c for c in conds if not c.control_for]
+        draws = [c for c in conds if c.control_for]
+        self._execute(fixed)
+        self.ran += fixed
+        if self.metric is None:
+            measured = reconstruction_metrics(self.results[K.COND_BASELINE])
+            self.metric = self.opts.primary_metric or get_runner(self.model).primary_metric(set(measured))
+            if self.sequential and self.metric not in measured:
+                # a set-level primary metric cannot be scored per draw: every draw, as before
+                logger.warning("sequential nulls need a per-cell primary metric; %r is not one: every draw is run",
+                               self.metric)
+                self.sequential = False
+        for c in draws:
+            self.pools.setdefault(c.control_for, []).append(c)
+            self.used.setdefault(c.control_for, 0)
+            self.deltas.setdefault(c.control_for, [])
+        if not self.sequential:
+            self._execute(draws)
+            self.ran += draws
+            for p in self.pools:
+                self.used[p] = len(self.pools[p])
+            return
+        for c in self.ran:  # every condition judged against a pool joins it, replaying the draws made so far
+            for p in _judging_pools(c):
+                if p in self.pools and c.name not in self.tests.setdefault(p, {}):
+                    d = self._delta(c.name)
+                    if np.isfinite(d):
+                        t = SequentialNull(decision_h(self.opts.alpha, len(self.pools[p])), len(self.pools[p]),
+                                           candidate=d)
+                        for x in self.deltas[p]:
+                            if t.done:
+                                break
+                            t.add(x)
+                        self.tests[p][c.name] = t
+        while True:
+            todo = {}
+            for p, pool in self.pools.items():
+                tests = self.tests.get(p, {})
+                if self.used[p] < len(pool) and (not tests or not all(t.done for t in tests.values())):
+                    step = decision_h(self.opts.alpha, len(pool))  # no pool can settle in fewer draws
+                    todo[p] = pool[self.used[p]:self.used[p] + step]
+            if not todo:
+                break
+            batch = [c for cs in todo.values() for c in cs]
+            self._execute(batch)
+            self.ran += batch
+            for p, cs in todo.items():  # deltas on the host once per round, not per condition
+                self.used[p] += len(cs)
+                for c in cs:
+                    d = self._delta(c.name)
+                    self.deltas[p].append(d)
+                    for t in self.tests.get(p, {}).values():
+                        if not t.done:
+                            t.add(d)
+
+    def nulls(self) -> dict[str, NullRecord]:
+        """One `NullRecord` per pool (empty without sequential nulls: every draw ran)."""
+        if not self.sequential:
+            return {}
+        out = {}
+        for p, pool in self.pools.items():
+            tests = self.tests.get(p, {})
+            h = decision_h(self.opts.alpha, len(pool))
+            out[p] = NullRecord(p, self.used[p], self.used[p] < len(pool), h, len(pool),
+                                {k: t.p for k, t in tests.items()})
+            logger.info("null %s: %d of %d draws%s", p, self.used[p], len(pool),
+                        " (stopped early: decisions settled)" if self.used[p] < len(pool) else "")
+        return out
+
+    def ordered(self, conds: Sequence[Condition]) -> list[Condition]:
+        """The conditions of `conds` that ran, in `conds` order."""
+        return [c for c in conds if c.name in self.results]
 
 
 def _add_null_columns(df: pd.DataFrame, conds: Sequence[Condition], nulls: dict[str, NullRecord]) -> pd.DataFrame:
@@ -742,8 +993,9 @@ def _add_null_columns(df: pd.DataFrame, conds: Sequence[Condition], nulls: dict[
     total = sum(1 for c in conds if c.kind == "random")
     df["null_draws"] = [n_pool.get(p, 0) if p else total for p in df["null_pool"]]
     df["null_stopped_early"] = [bool(nulls[p].stopped_early) if p in nulls else False for p in df["null_pool"]]
-    p_seq = {c: p for n in nulls.values() for c, p in n.p.items()}
-    df["p_sequential"] = [p_seq.get(c, np.nan) for c in df["condition"]]
+    # a condition judged against two pools (its parameter's draws and its |w|-matched draws): its null_pool's p
+    p_seq = {(n.param, c): p for n in nulls.values() for c, p in n.p.items()}
+    df["p_sequential"] = [p_seq.get((pool, c), np.nan) for c, pool in zip(df["condition"], df["null_pool"])]
     return df
 
 

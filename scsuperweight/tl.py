@@ -406,7 +406,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
           seed: int = 0, device=None, key: str = K.UNS_KEY, empty: str = "error", copy: bool = False,
           progress: bool = True, sequential: bool = True, budget: str | float | None = None, yes: bool = False,
           dry_run: bool = False, dtype: str = "fp32", max_tokens: int | None = None, first_order: bool = True,
-          on_plan=None, max_cells_per_donor: int | None = None, max_cells_per_condition: int | None = None):
+          on_plan=None, max_cells_per_donor: int | None = None, max_cells_per_condition: int | None = None,
+          characterise: str = "passing"):
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
 
     Writes ``uns[key]["collapse"]`` (the long `collapse.tsv` table with intervals and p-values vs random scalars),
@@ -476,6 +477,10 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     first_order
         The first-order null (``uns[key]["firstorder"]``, firstorder.tsv): each candidate's rank among all
         scalars of its matrix from one backward pass, and its rank correlation with the exact draws.
+    characterise
+        ``"passing"`` (default): restore, scaling and the |w|-matched draws only for the candidates whose zeroing
+        passes the controls (a second phase after the zeroing verdicts; ``params["not_characterised"]`` says
+        which were left out and why); ``"all"``: for every candidate (the issue-time behaviour).
 
     Examples
     --------
@@ -527,7 +532,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                         scale_factors=tuple(scale_factors), seed=seed, mean_ablation=mean_ablation,
                         granularities=tuple(granularities), joint=joint, n_unit_random=n_unit_random,
                         n_matched=n_matched, n_joint=n_joint, primary_metric=primary_metric,
-                        sequential=sequential, first_order=first_order, dtype=dtype)
+                        sequential=sequential, first_order=first_order, dtype=dtype,
+                        characterise=characterise)
     cost = plan_cost(adata, model, cand, opts, labels=labels, max_cells_per_label=max_cells_per_label,
                      max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
                      batch_size=batch_size)

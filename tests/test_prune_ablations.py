@@ -199,7 +199,10 @@ def test_prune_p_matched_from_the_candidates_bin():
     from scsuperweight.prune import prune
 
     m, masked, plain = _planted(0, 0.01, 1.0, lambda w, g: w.__setitem__((5, 10), 50.0))
-    res = prune(m, masked, plain, _cands(), options=_opts(mean_ablation=False, n_matched=8, n_random=4))
+    # 4 uniform draws cannot pass at ALPHA, and matched draws are characterisation (run for passing candidates by
+    # default): characterise='all' asks for them on every candidate
+    res = prune(m, masked, plain, _cands(), options=_opts(mean_ablation=False, n_matched=8, n_random=4,
+                                                          characterise="all"))
     lo, hi = magnitude_bin(m.get_parameter(PARAM).detach(), (5, 10), 20)
     conds = res.conditions[res.conditions["condition"].str.startswith(f"matched:{CAND}:")]
     assert len(conds) == 8 and (conds["control_for"] == CAND).all()

@@ -115,3 +115,47 @@ def test_every_ablation_judged_against_a_pool_keeps_its_full_draw_verdict(plante
     assert not out[False][("L0.norm2.b[6]", "prune")]
     assert any(ok for (c, a), ok in out[False].items() if c == "L0.norm2.b[6]" and a != "prune")
     assert out[True] == out[False]
+
+
+@pytest.fixture(scope="module")
+def every_pool(planted):
+    """Every ablation with its pool (uniform, neuron, channel, |w|-matched), fixed draws against sequential ones;
+    every candidate characterised so that a null candidate's matched draws run too."""
+    m, plain, masked, cands, labels = planted
+    # a null down-projection scalar: its neuron and channel have pools of their own (block 2)
+    null_c = {"candidate": "null_c", "param": "transformer_encoder.layers.2.linear2.weight", "row": 3, "col": 5,
+              "screen": "activation", "above_threshold": True}
+    cands = pd.concat([cands, pd.DataFrame([null_c])], ignore_index=True)
+    out = {}
+    for seq in (False, True):
+        opts = PruneOptions(n_random=20, n_boot=20, n_boot_set=0, max_candidates=4, n_scale=0, n_restore=0, seed=3,
+                            mean_ablation=True, granularities=("scalar", "neuron", "channel"), joint=True,
+                            n_unit_random=10, n_matched=10, n_joint=10, sequential=seq, first_order=False,
+                            characterise="all")
+        out[seq] = prune(m, masked, plain, cands, labels=labels, options=opts)
+    return out
+
+
+def test_every_pool_stops_sequentially_with_the_full_draw_decisions(every_pool):
+    full, seq = every_pool[False], every_pool[True]
+    vf, vs = (verdicts(r.collapse, primary_metric="gepc_mse", candidates=r.params["candidates"])
+              .set_index(["candidate", "ablation"]) for r in (full, seq))
+    assert vs["passes"].to_dict() == vf["passes"].to_dict()
+    assert vf.loc[("planted", "prune"), "passes"] and not vf.loc[("null_a", "prune"), "passes"]
+    # p_matched (beside the rule) gives the same decision on the primary metric from the truncated matched pools
+    assert ((vs["p_matched"] < 0.05) == (vf["p_matched"] < 0.05)).all()
+    draws = seq.params["null_draws"]
+    kinds = dict(zip(seq.conditions["control_for"], seq.conditions["kind"]))
+    print({p: (kinds.get(p), n) for p, n in draws.items()})
+    # the planted candidate's uniform and matched pools run every draw; null candidates' channel and matched
+    # pools stop early
+    assert draws[PLANTED] == 20 and draws["planted"] == 10
+    assert draws["null_a"] < 10 and draws["null_b"] < 10
+    assert draws["null_a"] < 10 and draws["null_c"] < 10
+    assert draws["neuron:L2"] < 10 and draws["channel:L2"] < 10
+    # the draws made are a prefix of the fixed run's, with the same deltas
+    c, fc = (r.collapse[(r.collapse["metric"] == "gepc_mse") & (r.collapse["group"] == K.GROUP_ALL)]
+             .set_index("condition") for r in (seq, full))
+    ran = [x for x in c.index if c.loc[x, "control_for"]]
+    assert set(ran) < set(x for x in fc.index if fc.loc[x, "control_for"])
+    np.testing.assert_allclose(c.loc[ran, "delta"], fc.loc[ran, "delta"])
