@@ -2,7 +2,8 @@
 
 `quantize` measures round-to-nearest INT8/INT4 with and without the scan's candidates held out (quantize.tsv,
 quantize.png and the report's quantisation section). `census` compares the spikes of several checkpoints, or of a
-training run's snapshots in step order (census.tsv, census.png, census.html).
+training run's snapshots in step order (census.tsv, census.png, census.html), data-free or (``--data``) over the
+same real cells for every model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ EXAMPLES = {
   (candidates come from --candidates FILE, else OUT/superweights.tsv, else a scan of the data run first)""",
     "census": """examples:
   scsuperweight census --models /tmp/demo_train --out census_out     # a pretrain --save-every run, in step order
-  scsuperweight census --models scGPT_human/ scGPT_brain/ scGPT_CP/ --null-k 20 --out census_out""",
+  scsuperweight census --models scGPT_human/ scGPT_brain/ scGPT_CP/ --null-k 20 --out census_out
+  scsuperweight census --models /tmp/dar_train --data cells.h5ad --label-key cell_type --max-cells 100 \\
+      --out census_cells    # every snapshot traced over the same real cells, not the synthetic one""",
 }
 
 
@@ -70,6 +73,12 @@ def add_science_parsers(sub, cli) -> None:
     p.add_argument("--null-method", default="gaussian", choices=["gaussian", "permute"],
                    help="null copies: gaussian (no outlier; calls a lone super weight) or permute (default gaussian)")
     p.add_argument("--n-tokens", type=int, default=256, help="tokens of the data-free synthetic cell (default 256)")
+    data_args(p)
+    p.add_argument("--label-key", default=None, help="with --data: obs column of cell types; the cells traced are "
+                   "spread evenly over them")
+    p.add_argument("--max-cells", type=int, default=200,
+                   help="with --data: cells traced per model, the same seeded cells for each (default 200)")
+    p.add_argument("--batch-size", type=int, default=32, help="with --data: cells per forward pass (default 32)")
     p.add_argument("--no-candidates", action="store_true", help="skip the per-model candidate search")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic cell and the null (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -132,17 +141,27 @@ def cmd_quantize(args) -> int:
 
 def cmd_census(args) -> int:
     from . import pl
-    from .census import census
+    from .census import cell_batches, census
     from .report import census_page
 
     out = Path(args.out)
-    log = _run_log(out, "census", {"params": {"census_models": list(args.models)}, "seed": args.seed},
-                   args.overwrite)
+    if args.data is None and (args.label_key is not None or args.layer is not None or args.gene_key is not None):
+        from .errors import OptionError
+
+        msg = "--label-key, --layer and --gene-key choose cells of --data; pass --data cells.h5ad with them."
+        raise OptionError(msg)
+    batches = None
+    if args.data is not None:
+        adata, _ = args.cli._load_data(args.data)
+        batches = cell_batches(adata, label_key=args.label_key, max_cells=args.max_cells, layer=args.layer,
+                               gene_key=args.gene_key, batch_size=args.batch_size, seed=args.seed)
+    log = _run_log(out, "census", {"params": {"census_models": list(args.models), "census_data": args.data},
+                                   "seed": args.seed}, args.overwrite)
     t0 = time.perf_counter()
     models = args.models[0] if len(args.models) == 1 else list(args.models)
-    res = census(models, names=args.names, top=args.top, min_ratio=args.min_ratio, candidates=not args.no_candidates,
-                 null_k=args.null_k, null_method=args.null_method, n_tokens=args.n_tokens, seed=args.seed,
-                 progress=not args.no_progress)
+    res = census(models, batches, names=args.names, top=args.top, min_ratio=args.min_ratio,
+                 candidates=not args.no_candidates, null_k=args.null_k, null_method=args.null_method,
+                 n_tokens=args.n_tokens, seed=args.seed, progress=not args.no_progress)
     R.write_table(out, "census", res.spikes, run_id=log.run_id)
     pl.census(res.spikes, min_ratio=args.min_ratio, save=out / "census.png")
     census_page(res, out / "census.html", min_ratio=args.min_ratio)

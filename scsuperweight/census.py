@@ -64,6 +64,42 @@ def _step_of(path: Path | None, model) -> float:
     return float(steps) if steps is not None else np.nan
 
 
+def cell_batches(adata, *, label_key: str | None = None, max_cells: int | None = 200, layer: str | None = None,
+                 gene_key: str | None = None, max_seq_len: int | None = None, batch_size: int = 32,
+                 seed: int = 0) -> Callable:
+    """``model -> batches`` for a data-mode `census`: the same seeded cells of `adata` (at most `max_cells`, spread
+    evenly over the `label_key` types when given) tokenised for each model's own vocabulary, so that every
+    checkpoint is traced over the same real cells rather than a synthetic one.
+
+    Examples
+    --------
+    >>> census(checkpoint_dirs("pretrain_out"), batches=cell_batches(adata, label_key="cell_type", max_cells=100))
+    """
+    from .data.sources import stratified_sample
+    from .runners import get_runner
+
+    if adata is None or adata.n_obs == 0:
+        msg = "a data-mode census needs cells; pass an AnnData with raw counts (CLI: --data cells.h5ad)."
+        raise DataError(msg)
+    per_label = None
+    if label_key is not None and max_cells is not None:
+        if label_key not in adata.obs.columns:
+            msg = f"label_key={label_key!r} is not an obs column; columns are {list(adata.obs.columns)}."
+            raise DataError(msg)
+        per_label = max(1, int(max_cells) // adata.obs[label_key].nunique())
+    cells = stratified_sample(adata.obs, label_key if per_label else None, max_per_label=per_label,
+                              max_cells=max_cells, seed=seed)
+
+    def batches(model) -> list:
+        runner = get_runner(model)
+        runner.configure("scan", required=True)
+        return list(runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                                   batch_size=batch_size, cells=cells).plain)
+
+    batches.n_cells = len(cells)  # type: ignore[attr-defined]  # recorded in the census params
+    return batches
+
+
 def _load(item):
     if isinstance(item, (str, Path)):
         from .loading import load_model
@@ -164,6 +200,7 @@ def census(models: Sequence, batches: Sequence | Callable | None = None, *, name
     table["coincides"] = table["n_models"] > 1
     params = {"n_models": len(items), "top": top, "min_ratio": min_ratio, "min_abs": min_abs, "null_k": null_k,
               "null_method": null_method, "inputs": "data_free" if batches is None else "batches",
+              "n_cells": getattr(batches, "n_cells", None),
               "n_tokens": n_tokens, "seed": seed}
     cand_frame = pd.concat(cands, ignore_index=True) if cands else pd.DataFrame()
     return CensusResult(table[CENSUS_COLUMNS], cand_frame, coincide, params)

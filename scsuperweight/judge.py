@@ -43,8 +43,11 @@ __all__ = ["verdicts", "random_pools", "pool_labels", "VERDICT_COLUMNS", "ABLATI
 VERDICT_COLUMNS = [
     "candidate", "metric", "delta", "ci_low", "ci_high", "p_value", "control_delta", "cond_p", "cond_control",
     "cond_interval", "passes", "reason", "status", "group", "baseline", "value", "harmful", "null_pool", "n_random",
-    "p_source", "alpha", "direction", "ablation", "condition", "p_matched", "n_matched",
+    "p_source", "alpha", "direction", "ablation", "condition", "p_matched", "n_matched", "rel_effect",
 ]
+# below this relative change (|Δ| / |baseline|) a pass is flagged in words as a tiny effect; the rule itself has
+# no effect-size floor (a mean ablation can pass at Δ 2e-5 when its null moves 1e-7), so the reason says it
+TINY_EFFECT = 0.01
 # the ablations judged, in row order (a candidate's zeroing first: the rows the report and CLI lead with)
 ABLATIONS = ("prune", "mean", "mean_activation", "neuron", "channel", "joint")
 # the control draws: each row names its pool in control_for (a parameter, neuron:L<l>, channel:L<l>, joint, or a
@@ -145,7 +148,7 @@ def _judge(col, cand, metric, group, alpha, pools, superweights, ci_name, direct
            "p_value": np.nan, "control_delta": top_d, "cond_p": None, "cond_control": None, "cond_interval": None,
            "baseline": np.nan, "value": np.nan, "null_pool": pool or "", "n_random": n_rand, "p_source": "",
            "alpha": float(alpha), "direction": direction, "harmful": None, "ablation": ablation, "condition": cond,
-           "p_matched": np.nan, "n_matched": 0 if matched is None else int(matched.size)}
+           "p_matched": np.nan, "n_matched": 0 if matched is None else int(matched.size), "rel_effect": np.nan}
     if r is None or not _finite(r["delta"]):
         return {**out, "passes": False, "status": NOT_EVALUABLE, "reason": f"no {ablation} row for {metric} on "
                 f"{group if group != K.GROUP_ALL else 'all'} cells"}
@@ -179,7 +182,10 @@ def _judge(col, cand, metric, group, alpha, pools, superweights, ci_name, direct
         "; ".join(no for ok, no, _ in checks.values() if ok is not True)
     value = float(r["value"])
     base = value - d if _finite(value) else np.nan
-    return {**out, "delta": d, "ci_low": lo, "ci_high": hi, "p_value": p, "p_source": source,
+    rel = abs(d) / abs(base) if _finite(base) and base != 0 else np.nan
+    if status == PASSES and _finite(rel) and rel < TINY_EFFECT:
+        reason += f"; passes, but changes {metric} by only {100 * rel:.2g}% of its baseline"
+    return {**out, "rel_effect": rel, "delta": d, "ci_low": lo, "ci_high": hi, "p_value": p, "p_source": source,
             **{k: v[0] for k, v in checks.items()}, "passes": status == PASSES, "status": status, "reason": reason,
             "baseline": base, "value": value, "harmful": _harmful(d, metric)}
 
@@ -228,7 +234,8 @@ def verdicts(collapse: pd.DataFrame, *, primary_metric: str, alpha: float = 0.05
     ``null_pool`` and ``n_random`` (the draws the p-value is against), ``p_source`` ("collapse":
     the prune step's; "draws": computed here for an older table), ``alpha``, ``direction``, ``ablation``,
     ``condition`` (the collapse condition judged), ``p_matched`` and ``n_matched`` (the p against the candidate's
-    |w|-matched draws and their number: information, not part of the rule).
+    |w|-matched draws and their number: information, not part of the rule), ``rel_effect`` (|Δ| / |baseline|
+    of the metric: no part of the rule either; a pass below 1% says so in its reason).
 
     Examples
     --------

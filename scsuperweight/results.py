@@ -150,7 +150,7 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({s.name: s for s in (
           "(<NA>: could not be checked), passes, and why in words.",
           extra={"status": STR, "group": STR, "baseline": FLOAT, "value": FLOAT, "harmful": MAYBE, "null_pool": STR,
                  "n_random": FLOAT, "p_source": STR, "alpha": FLOAT, "direction": STR, "ablation": STR,
-                 "condition": STR, "p_matched": FLOAT, "n_matched": FLOAT}),
+                 "condition": STR, "p_matched": FLOAT, "n_matched": FLOAT, "rel_effect": FLOAT}),
     _spec("quantize", "quantize.tsv", "quantize",
           {"setting": STR, "bits": INT, "granularity": STR, "block_size": INT, "holdout": BOOL, "clip": STR,
            "n_weights": INT, "n_held_out": INT, "weight_rel_error": FLOAT, "cls_cosine": FLOAT, "recon_metric": STR,

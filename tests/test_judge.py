@@ -159,3 +159,21 @@ def test_no_face_computes_a_p_value():
         called = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
                   for n in ast.walk(tree) if isinstance(n, ast.Call)}
         assert "empirical_p" not in called and "_add_p_values" not in called, name
+
+
+def test_a_tiny_passing_effect_is_flagged_in_words_but_still_passes():
+    # planted: a mean ablation moving GEPC by 2e-5 on a baseline of 200 while its null moves at most 1e-7; the
+    # rule has no effect-size floor, so it passes, and the reason states how small the change is
+    metric, base = "gepc_mse", 200.0
+    rows = [{**_r(K.COND_BASELINE, metric, 0.0, pool=""), "value": base}]
+    for k, d in enumerate(np.linspace(-1e-7, 1e-7, N_RANDOM)):
+        rows.append({**_r(K.cond_random(k), metric, float(d), control_for=PARAM), "value": base + d})
+    rows.append({**_r(K.COND_TOP_OUTLIERS, metric, 1e-6, 5e-7, 2e-6, pool=""), "value": base + 1e-6})
+    for cand, d in (("tiny", 2e-5), ("big", 20.0)):
+        rows.append({**_r(K.cond_prune(cand), metric, d, 0.5 * d, 1.5 * d, candidate=cand), "value": base + d})
+    v = _by_cand(verdicts(_add_p_values(pd.DataFrame(rows)), primary_metric=metric, alpha=0.1, ci_level=0.95))
+    tiny, big = v["tiny"], v["big"]
+    assert tiny["passes"] and big["passes"]
+    assert tiny["rel_effect"] == pytest.approx(1e-7) and big["rel_effect"] == pytest.approx(0.1)
+    assert tiny["reason"].endswith("; passes, but changes gepc_mse by only 1e-05% of its baseline")
+    assert "passes, but" not in big["reason"]

@@ -110,6 +110,24 @@ def test_census_cli_two_planted_copies_coincide(planted_dir, tmp_path):
     assert "1 recur in more than one" in page and (out / "census.png").is_file()
 
 
+def test_census_cli_data_mode_finds_the_planted_spike_on_real_cells(planted_dir, cells, tmp_path):
+    out = tmp_path / "census_cells"
+    assert main(["census", "--models", str(planted_dir / "a"), str(planted_dir / "clean"), "--data", str(cells),
+                 "--label-key", "cell_type", "--max-cells", "12", "--batch-size", "6", "--top", "3", "--null-k", "4",
+                 "--no-candidates", "--no-progress", "--out", str(out)]) == 0
+    c, _ = R.read_table(out / "census.tsv", "census")
+    top = c[c["rank"] == 1].set_index("model")
+    assert (top.loc["a", "layer"], top.loc["a", "kind"], top.loc["a", "channel"]) == (1, "ffn_out", 5)
+    assert bool(top.loc["a", "above_threshold"]) and top.loc["a", "token"] == "<cls>"
+    assert top.loc["a", "perm_p"] == pytest.approx(1 / 5)
+    assert not c.loc[c["model"] == "clean", "above_threshold"].any()
+    params = R.read_run_json(out)["census"]
+    assert params["inputs"] == "batches" and params["n_cells"] == 12
+    # the cell options without cells are one clear refusal
+    assert main(["census", "--models", str(planted_dir / "a"), "--label-key", "cell_type", "--no-progress",
+                 "--out", str(tmp_path / "refused")]) == 2
+
+
 def test_quantize_and_census_have_help_with_examples():
     from scsuperweight.cli import build_parser
 
