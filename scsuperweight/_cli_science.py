@@ -104,8 +104,7 @@ def _run_log(out: Path, step: str, info: dict, overwrite: bool) -> R.RunLog:
 
 
 def cmd_quantize(args) -> int:
-    from . import pl, tl
-    from .report import report
+    from . import tl
 
     out = Path(args.out)
     adata, _ = args.cli._load_data(args.data)
@@ -124,10 +123,20 @@ def cmd_quantize(args) -> int:
         R.write_run_dir(adata, out, steps=("scan",), run_id=log.run_id)
         log.step("scan", time.perf_counter() - t0, scan=R.step_params(adata)["scan"])
         t0 = time.perf_counter()
-    tl.quantize(adata, model, candidates=cand, label_key=args.label_key, bits=args.bits,
-                granularities=args.granularity, block_sizes=args.block_sizes, clips=args.clip,
-                max_candidates=args.max_candidates, max_cells=args.max_cells, layer=args.layer,
-                gene_key=args.gene_key, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    _quantize_step(args.cli, out, adata, model, log, t0, candidates=cand, label_key=args.label_key,
+                   bits=args.bits, granularities=args.granularity, block_sizes=args.block_sizes, clips=args.clip,
+                   max_candidates=args.max_candidates, max_cells=args.max_cells, layer=args.layer,
+                   gene_key=args.gene_key, batch_size=args.batch_size, seed=args.seed,
+                   progress=not args.no_progress)
+    return 0
+
+
+def _quantize_step(cli, out: Path, adata, model, log: R.RunLog, t0: float, **options) -> None:
+    """`tl.quantize` with `options`, then quantize.tsv, quantize.png, run.json and the report rewritten."""
+    from . import pl, tl
+    from .report import report
+
+    tl.quantize(adata, model, **options)
     R.write_run_dir(adata, out, steps=("quantize",), run_id=log.run_id)
     pl.quantize(adata, save=out / "quantize.png")
     log.step("quantize", time.perf_counter() - t0, quantize=R.step_params(adata)["quantize"])
@@ -135,8 +144,17 @@ def cmd_quantize(args) -> int:
         log.info["status"] = "partial"
         log.write()
     report(out, out / R.REPORT.file)
-    args.cli._say(f"wrote {out / R.spec('quantize').file}, {out / 'quantize.png'} and {out / R.REPORT.file}")
-    return 0
+    cli._say(f"wrote {out / R.spec('quantize').file}, {out / 'quantize.png'} and {out / R.REPORT.file}")
+
+
+def quantize_after_run(cli, args, adata, model, out: Path) -> None:
+    """`run --quantize`: the quantisation sweep with `scsuperweight quantize`'s defaults on the run's own cells,
+    holding out the run's candidates (uns superweights), into the same run directory."""
+    t0 = time.perf_counter()
+    log = R.RunLog.resume(out, {})
+    _quantize_step(cli, out, adata, model, log, t0, label_key=args.label_key, layer=args.layer,
+                   gene_key=args.gene_key, batch_size=args.batch_size, seed=args.seed,
+                   progress=not args.no_progress)
 
 
 def cmd_census(args) -> int:

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="resume the unfinished run in --out (automatic when its data, model and parameters are "
                         "these; with --resume a run that cannot be resumed is an error)")
+    p.add_argument("--quantize", action="store_true",
+                   help="after the run, INT8/INT4 quantisation with and without the candidates held out, with "
+                        "`scsuperweight quantize`'s defaults (quantize.tsv, quantize.png, a report section)")
     _pipeline_knobs(p)
     _empty_arg(p)
     _cost_args(p)
@@ -520,6 +523,10 @@ def cmd_run(args) -> int:
     if args.dry_run:
         _say(f"dry run: nothing computed; the plan is in {out / R.RUN.file}")
         return 0
+    if args.quantize and _is_main():
+        from ._cli_science import quantize_after_run
+
+        quantize_after_run(sys.modules[__name__], args, adata, model, out)
     if _is_main():
         _summary(adata, out, time.perf_counter() - t0, info)
     return 0

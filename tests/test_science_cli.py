@@ -95,6 +95,26 @@ def test_quantize_cli_holding_out_the_planted_weight_helps_at_large_blocks(plant
     assert R.load_run(out).quantize["granularity"].tolist()[1:] == ["tensor", "tensor"]
 
 
+def test_run_quantize_adds_the_sweep_to_the_same_run(planted_dir, cells, tmp_path):
+    out, gmt = tmp_path / "run", tmp_path / "sets.gmt"  # gene sets over the cells' own names, for the enrich step
+    gmt.write_text("".join(f"SET{k}\tna\t" + "\t".join(f"GENE{i}" for i in range(k, 120, 4)) + "\n"
+                           for k in range(4)))
+    assert main(["run", "--model", str(planted_dir / "a"), "--data", str(cells), "--label-key", "cell_type",
+                 "--max-cells-per-label", "12", "--n-random", "19", "--n-boot", "20", "--max-candidates", "1",
+                 "--granularities", "scalar", "--no-mean-ablation", "--n-matched", "0", "--gene-sets", str(gmt),
+                 "--quantize", "--no-progress", "--yes", "--out", str(out)]) == 0
+    run = R.read_run_json(out)
+    q, rid = R.read_table(out / "quantize.tsv", "quantize")
+    assert rid == run["run_id"] and run["status"] == "done" and "quantize" in run["steps_done"]
+    assert run["quantize"]["held_out"] == [PLANTED]
+    rounded = q[q["bits"] < 32]  # beside the full-precision reference row: quantize's default settings
+    assert set(rounded["bits"]) == {8, 4} and set(rounded["clip"]) == {"none", "mse"}
+    assert set(rounded["granularity"]) == {"tensor", "row", "block"} and len(rounded) == 2 * 6 * 2 * 2
+    loss = q.set_index("setting")["cls_cosine"].rsub(1.0)
+    assert loss["int4/block4096/holdout"] < 0.5 * loss["int4/block4096"]
+    assert "Holding out the 1 candidate scalar(s) helps" in (out / "report.html").read_text()
+
+
 def test_census_cli_two_planted_copies_coincide(planted_dir, tmp_path):
     out = tmp_path / "census"
     assert main(["census", "--models", *(str(planted_dir / n) for n in ("a", "b", "clean")), "--top", "3",
