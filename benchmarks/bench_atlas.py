@@ -9,7 +9,11 @@ the small one's (aim <= 1.2x): what grows with the cells is obs (names, a few co
 the counts or the tokens. The block (default 500) is at most one donor file of the smaller atlas, so both sizes
 hold chunks of the same size and the ratio measures growth with the cells alone (``--quick``: 50).
 
-Usage: python benchmarks/bench_atlas.py [--quick] [--sizes 20000 200000] [--block 500] [--threads 2]
+One torch thread by default: the tiny model's matrices are too small to share, and on a busy machine a second
+intra-op thread that has to wait for a core made the whole run about 10x slower (measured on 2 loaded cores:
+3,000 cells in 53 s with 2 threads, 4.4 s with 1).
+
+Usage: python benchmarks/bench_atlas.py [--quick] [--sizes 20000 200000] [--block 500] [--threads 1]
        [--max-seq-len N] [--tmp DIR]
 """
 
@@ -69,7 +73,7 @@ def main() -> None:
                     help="the two atlas sizes (default 20,000 and 200,000)")
     ap.add_argument("--block", type=int, default=None,
                     help="cells per block (default 500, --quick 50: at most one donor file of the small atlas)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the docstring)")
     ap.add_argument("--max-seq-len", type=int, default=None,
                     help="shorter inputs for a faster run (default the model's; --quick 32); memory is what this "
                          "measures")

@@ -220,7 +220,8 @@ def embed_store(data, model, store, *, gene_key: str | None = None, layer: str |
 
     def embed_block(b: int) -> np.ndarray:
         parts = []
-        for _, chunk in source.iter_chunks(np.arange(st.n)[st.block(b)], chunk_size=block_size):
+        sl = st.block(b)
+        for _, chunk in source.iter_chunks(np.arange(sl.start, sl.stop), chunk_size=block_size):
             inputs = runner.prepare(chunk, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
                                     batch_size=batch_size)
             parts.append(np.asarray(runner.embed(inputs), dtype=np.float32))

@@ -2,8 +2,10 @@
 
 Hours of embedding must survive a crash. The store is a zarr group with one (n_cells, d) float32 array whose
 zarr chunks are exactly the store's blocks, so writing a block touches no other block's file. A block counts as
-finished only when its marker file exists, and the marker is written (atomically) after the block's data has
-been fsynced: a run killed at any instant leaves each block either finished or redone on resume. `finalize`
+finished only when its marker file exists, and the marker is made after the block's data has been fsynced: a
+run killed at any instant (or a machine that loses power) leaves each block either finished or redone on resume.
+A block costs two fsyncs, its chunk file and the folder that zarr renamed it into; the marker itself needs none
+(it is empty, so never half written, and a marker lost in a crash only means that block is computed again). `finalize`
 writes ``obs`` + ``obsm`` to an .h5ad through a temporary file and a rename, so a reader never sees half a file.
 
 Blocks are positions in the store's cell order (``cells``, global indices of a `Source`), not file chunks: a
@@ -40,6 +42,11 @@ def _fsync_tree(path: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(root))
+
+
+def _touch(path: Path) -> None:
+    """Create the empty file `path` (kept if it exists): a marker, which has no content to be half written."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
 
 
 def _names_hash(names) -> str:
@@ -90,6 +97,7 @@ class EmbeddingStore:
             atomic_write_bytes(meta_file, json.dumps(meta).encode())
         (self.path / _DONE).mkdir(exist_ok=True)
         self._group = zarr.open_group(self.path / "zarr", mode="a")
+        self._arr = None  # the embedding array, opened once (each open reads its metadata from disk)
 
     @property
     def n_blocks(self) -> int:
@@ -113,14 +121,16 @@ class EmbeddingStore:
         return [b for b in (range(self.n_blocks) if blocks is None else blocks) if b not in done]
 
     def _array(self, d: int):
-        if _ARRAY in self._group:
-            arr = self._group[_ARRAY]
-            if arr.shape[1] != d:
-                msg = f"embedding width {d} differs from the store's {arr.shape[1]}: another model wrote {self.path}."
-                raise DataError(msg)
-            return arr
-        return self._group.create_array(_ARRAY, shape=(self.n, d), chunks=(self.block_size, d), dtype="float32",
-                                        fill_value=np.nan)
+        if self._arr is None:
+            if _ARRAY in self._group:
+                self._arr = self._group[_ARRAY]
+            else:
+                self._arr = self._group.create_array(_ARRAY, shape=(self.n, d), chunks=(self.block_size, d),
+                                                     dtype="float32", fill_value=np.nan)
+        if self._arr.shape[1] != d:
+            msg = f"embedding width {d} differs from the store's {self._arr.shape[1]}: another model wrote {self.path}."
+            raise DataError(msg)
+        return self._arr
 
     def write(self, b: int, emb: np.ndarray) -> None:
         """Write block `b` and mark it finished once its data is on disk."""
@@ -132,7 +142,7 @@ class EmbeddingStore:
         arr = self._array(emb.shape[1])
         arr[sl] = emb
         _fsync_tree(self.path / "zarr" / _ARRAY / "c" / str(b))
-        atomic_write_bytes(self._marker(b), b"")
+        _touch(self._marker(b))  # only now: the marker never exists before the data is on disk
 
     def read(self) -> np.ndarray:
         """All embeddings (n, d); raises unless every block is finished."""

@@ -121,3 +121,23 @@ def test_sampled_cells_and_guards(atlas, tmp_path):
     assert half.done_blocks() == [0, 2]
     with pytest.raises(DataError, match="not finished"):
         half.read()
+
+
+def test_a_block_costs_two_fsyncs_and_its_marker_comes_after_them(atlas, tmp_path, monkeypatch):
+    """Per block: the chunk file and its folder are fsynced, then the (empty) marker is made, with no fsync of its
+    own; the data is already on disk when the marker appears, and a lost marker only means the block is redone."""
+    import scsuperweight.embedstore as es
+
+    folder, _ = atlas
+    src = open_source(folder)
+    store = EmbeddingStore(tmp_path / "s", src.obs_names, block_size=10)
+    events: list[str] = []
+    real_fsync, real_touch = os.fsync, es._touch
+    monkeypatch.setattr(es.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(es, "_touch", lambda p: (events.append("marker"), real_touch(p))[1])
+    embed_fn = _namespace()
+    assert embed_to_store(src, embed_fn, store) == store.n_blocks
+    assert events == ["fsync", "fsync", "marker"] * store.n_blocks
+    assert store.done_blocks() == list(range(store.n_blocks))
+    whole = np.concatenate([embed_fn(chunk) for _, chunk in src.iter_chunks(chunk_size=10**6)])  # file by file
+    np.testing.assert_allclose(store.read(), whole, rtol=1e-6, atol=1e-6)

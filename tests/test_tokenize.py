@@ -456,3 +456,23 @@ def test_cell_uniforms_are_uniform_and_independent_of_neighbours():
     counts = np.histogram(u, bins=10, range=(0, 1))[0]
     assert np.all(np.abs(counts - 10_000) < 500)  # ~5 sd of a binomial(100k, 0.1)
     np.testing.assert_array_equal(cell_uniforms(keys[5:6], [3], 0, DRAW_BIN), u[5 * 50 + 3:5 * 50 + 4])
+
+
+def test_a_remembered_gene_match_is_reused_only_for_the_same_vocab_and_genes():
+    """match_genes remembers a gene list's match per vocab object: the same vocab and genes give the very same
+    match; another vocab (same genes) or a vocab that changed size is matched afresh."""
+    from scsuperweight.data.tokenize import match_genes
+
+    names = [f"G{i}" for i in range(30)]
+    adata = ad.AnnData(sp.csr_matrix((2, 30), dtype=np.float32), var=pd.DataFrame(index=names))
+    vocab_a = {"<pad>": 0, "<cls>": 1, **{g: i + 2 for i, g in enumerate(names)}}
+    vocab_b = {"<pad>": 0, "<cls>": 1, **{g: 100 + i for i, g in enumerate(reversed(names))}}
+    first = match_genes(adata, vocab_a)
+    assert match_genes(adata[:1], vocab_a) is first  # a chunk of the same file: remembered
+    b = match_genes(adata, vocab_b)
+    assert b.token_ids.tolist() == [129 - i for i in range(30)]
+    vocab_a["EXTRA"] = 999  # the vocab changed: matched again, and still right
+    again = match_genes(adata, vocab_a)
+    assert again is not first and again.token_ids.tolist() == list(range(2, 32))
+    other = ad.AnnData(sp.csr_matrix((2, 25), dtype=np.float32), var=pd.DataFrame(index=names[5:]))
+    assert match_genes(other, vocab_a).token_ids.tolist() == list(range(7, 32))

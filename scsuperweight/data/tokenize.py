@@ -13,7 +13,9 @@ multi-process runs equal one in-memory pass).
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,9 +64,17 @@ def too_few_genes_message(n_shared: int, names, *, where: str = "", fix: str = "
             f"{', '.join(names[:3])}.{hint}{fix}")
 
 
+_MATCHES: OrderedDict = OrderedDict()  # (id(vocab), gene list digest, limits) -> (vocab, its size, GeneMatch)
+_MATCHES_KEPT = 16  # gene lists remembered: an atlas's chunks share their file's genes
+
+
 def match_genes(adata, vocab: dict[str, int], *, gene_key: str | None = None, min_genes: int = MIN_GENES,
                 min_fraction: float = MIN_FRACTION) -> GeneMatch:
-    """Match `adata.var_names` (or `adata.var[gene_key]`) to the model vocab; errors say why too few match."""
+    """Match `adata.var_names` (or `adata.var[gene_key]`) to the model vocab; errors say why too few match.
+
+    The match of a gene list is remembered for the same vocab object (a streamed atlas tokenises every chunk of a
+    file against that file's genes: matched once, logged once).
+    """
     if gene_key is None:
         names = np.asarray(adata.var_names, dtype=str)
     elif gene_key in adata.var.columns:
@@ -73,6 +83,11 @@ def match_genes(adata, vocab: dict[str, int], *, gene_key: str | None = None, mi
         msg = (f"gene_key={gene_key!r} is not a column of adata.var; columns are {list(adata.var.columns)}. "
                "Pass one that holds gene symbols, or gene_key=None to use adata.var_names.")
         raise DataError(msg)
+    key = (id(vocab), hashlib.sha256("\0".join(names).encode()).hexdigest(), min_genes, min_fraction)
+    hit = _MATCHES.get(key)
+    if hit is not None and hit[0] is vocab and hit[1] == len(vocab):  # `is`: the entry's reference keeps the id
+        _MATCHES.move_to_end(key)
+        return hit[2]
     special = {"<pad>", "<cls>", "<eoc>", "<mask>"}
     ids = np.fromiter((vocab.get(g, -1) if g not in special else -1 for g in names), dtype=np.int64,
                       count=len(names))
@@ -85,6 +100,9 @@ def match_genes(adata, vocab: dict[str, int], *, gene_key: str | None = None, mi
     logger.info("matched %d of %d genes to the vocab (%.1f%%)", len(var_index), len(names), 100 * match.fraction)
     if too_few_genes(len(var_index), len(names), min_genes, min_fraction):
         raise DataError(too_few_genes_message(len(var_index), names, min_genes=min_genes, min_fraction=min_fraction))
+    _MATCHES[key] = (vocab, len(vocab), match)
+    while len(_MATCHES) > _MATCHES_KEPT:
+        _MATCHES.popitem(last=False)
     return match
 
 
