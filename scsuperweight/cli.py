@@ -293,13 +293,16 @@ def _cost_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plan_gate(args):
-    """The CLI's answer to a plan: print it; stop with exit 2 above one hour without --budget or --yes."""
+    """The CLI's answer to a plan: print it; stop with exit 2 above one hour without --budget or --yes, and over a
+    budget that even the smallest run exceeds without --yes."""
     from .plan import format_plan, is_long, long_run_message
 
     def on_plan(plan) -> None:
         _say(format_plan(plan))
         if is_long(plan) and not (args.budget or args.yes or args.dry_run):
             raise OptionError(long_run_message(plan))
+        if plan.over_budget and not (args.yes or args.dry_run):
+            raise OptionError(plan.over_budget)
 
     return on_plan
 

@@ -158,17 +158,30 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
 
     ctx = dist.context()
     runner = get_runner(model)
+    fields = PruneOptions.__dataclass_fields__
+    po = dict(prune_options or {})
     opts = PruneOptions(n_random=n_random, max_candidates=max_candidates, n_boot=n_boot, seed=seed,
-                        sequential=sequential, primary_metric=primary_metric, dtype=dtype)
+                        sequential=sequential, primary_metric=primary_metric, dtype=dtype,
+                        **{k: tuple(v) if k in ("granularities", "scale_factors") else v for k, v in po.items()
+                           if k in fields})
     labels = tl._obs_column(adata, label_key, "label_key")
+    genes_candidates = min(3, max_candidates)  # tl.genes' default
     cost = tl.plan_cost(adata, model, None, opts, labels=labels, max_cells_per_label=max_cells_per_label,
                         max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
-                        batch_size=batch_size, scan_cells=min(max_cells_scan or adata.n_obs, adata.n_obs))
-    if cost.budget is not None:  # the budget's choices are the parameters every step uses
+                        batch_size=batch_size, scan_cells=min(max_cells_scan or adata.n_obs, adata.n_obs),
+                        embed_all=po.get("embed_all", True), genes_candidates=genes_candidates)
+    if cost.budget is not None:  # the budget's choices (knobs and structural levers) are what every step uses
         b = cost.budget
         max_cells_scan, max_cells_per_label, max_seq_len, n_random, n_boot = \
             b.scan_cells, b.cells_per_label, b.max_seq_len, b.n_random, b.n_boot
-    tl._announce(cost.plan, on_plan, confirmed=yes or budget is not None)
+        levers = b.settings()
+        max_candidates = levers.pop("max_candidates", max_candidates)
+        genes_candidates = levers.pop("genes_candidates", genes_candidates)
+        from .plan import BUDGET_ORDER
+
+        po.update({k: list(v) if isinstance(v, tuple) else v for k, v in levers.items() if k not in BUDGET_ORDER})
+        prune_options = po
+    tl._announce(cost.plan, on_plan, confirmed=yes or budget is not None, yes=yes)
     family_options = runner.accepted(dict(token_dictionary=token_dictionary, gene_medians=gene_medians,
                                           symbol_key=symbol_key))
     params = dict(label_key=label_key, condition_key=condition_key, donor_key=donor_key, case=case, control=control,
@@ -217,7 +230,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                                    max_cells_per_condition=max_cells_per_condition, **(prune_options or {}),
                                    **common)),
         ("genes", lambda: tl.genes(adata, model, label_key=label_key, max_cells_per_label=max_cells_per_label,
-                                   **common)),
+                                   max_candidates=genes_candidates, **common)),
         ("enrich", lambda: tl.enrich(adata, gene_sets=gene_sets, permutations=permutations, seed=seed,
                                      progress=progress)),
     ]

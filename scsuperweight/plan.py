@@ -17,6 +17,7 @@ docstring), and says why in words.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 import warnings
@@ -80,23 +81,53 @@ def forward_flops(config, n_tokens, *, first_layer: int = -1, decoders: bool = T
 
 @dataclass(frozen=True)
 class Calibration:
-    """One short timed forward on the device: its FLOPs, seconds and the rate they give."""
+    """A short timed forward on the device: its FLOPs, the best of `repeats` timed repetitions (after one warm-up),
+    the rate they give, every repetition's seconds and the load average when it ran (a busy machine times slow:
+    the fastest repetition is the one least disturbed)."""
 
-    flop_rate: float  # FLOP/s
-    seconds: float
+    flop_rate: float  # FLOP/s of the fastest repetition
+    seconds: float  # the fastest repetition
     flops: float
     n_cells: int
     n_tokens: int
     device: str
+    repeats: int = 1
+    times: tuple = ()  # every timed repetition, seconds
+    load_average: float = float("nan")  # 1-minute load average at calibration (nan where the OS has none)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["times"] = list(self.times)
+        return d
+
+    def describe(self) -> str:
+        """``calibrated at 123 GFLOP/s (best of 3; load average 2.5)``."""
+        load = f"{self.load_average:.1f}" if np.isfinite(self.load_average) else "unknown"
+        return f"calibrated at {_si(self.flop_rate, 'FLOP/s')} (best of {self.repeats}; load average {load})"
+
+
+def best_of(once, repeats: int) -> tuple[float, tuple]:
+    """Call `once` (returns seconds) once to warm up, then `repeats` times; the fastest and every timed one.
+
+    The fastest is the estimate least disturbed by other work on the machine (a shared CPU can time a forward
+    100x slower under load); the warm-up pays one-off costs (allocation, kernel selection) the run pays once."""
+    once()
+    times = tuple(float(once()) for _ in range(max(1, int(repeats))))
+    return min(times), times
+
+
+def _load_average() -> float:
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):  # not every OS has one
+        return float("nan")
 
 
 @torch.no_grad()
-def calibrate(model, *, n_tokens: int = 256, n_cells: int = 2, repeats: int = 2, seed: int = 0) -> Calibration:
+def calibrate(model, *, n_tokens: int = 256, n_cells: int = 2, repeats: int = 3, seed: int = 0) -> Calibration:
     """Time a real forward (encoders, blocks, both decoders) of `n_cells` synthetic cells of `n_tokens` tokens
-    after one warm-up; the fastest of `repeats` gives the FLOP rate. Weights are not touched."""
+    (the run's batch shape, or a slice of it): one warm-up, then the fastest of `repeats` gives the FLOP rate
+    (`best_of`). Weights are not touched."""
     net = getattr(model, "model", model)
     device = next(net.parameters()).device
     rng = np.random.default_rng(seed)
@@ -119,13 +150,14 @@ def calibrate(model, *, n_tokens: int = 256, n_cells: int = 2, repeats: int = 2,
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
+    load = _load_average()
     try:
-        once()
-        seconds = min(once() for _ in range(max(1, repeats)))
+        seconds, times = best_of(once, repeats)
     finally:
         net.train(was_training)
     flops = forward_flops(net.config, np.full(n_cells, n + 1))
-    return Calibration(flops / max(seconds, 1e-9), seconds, flops, n_cells, n + 1, str(device))
+    return Calibration(flops / max(seconds, 1e-9), seconds, flops, n_cells, n + 1, str(device), len(times), times,
+                       load)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -159,6 +191,8 @@ class Plan:
     # (sequential nulls stop early, only passing candidates are characterised): kind -> count, and its estimate
     expected_by_kind: dict = field(default_factory=dict)
     expected_seconds: float = float("nan")
+    # with a budget that even the smallest run exceeds: one line saying so (the CLI stops on it without --yes)
+    over_budget: str = ""
 
     @property
     def n_conditions(self) -> int:
@@ -204,7 +238,7 @@ def _lengths(tokens, max_seq_len: int | None) -> np.ndarray:
 def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, tokens, max_seq_len: int | None = None,
               scan_cells: int = 0, scan_rounds: int = 2, embed: bool = False, flop_rate: float | None = None,
               overhead_seconds: float = 0.0, device: str = "", notes: Sequence[str] = (),
-              embed_cells: int | None = None) -> Plan:
+              embed_cells: int | None = None, first_order: bool = False, genes_candidates: int = 0) -> Plan:
     """Plan a run.
 
     Parameters
@@ -227,10 +261,22 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
         embeds every cell of the data twice, baseline and pruned).
     flop_rate
         FLOP/s on this device (`calibrate`); without it the plan has FLOPs but no time.
+    first_order
+        The first-order null's backward pass over the `n_cells` masked cells (a full forward with the decoders and
+        its backward, counted as three forwards).
+    genes_candidates
+        Candidates whose genes are scored after prune (`run`'s genes step over the same cells): a plain forward and
+        a masked forward with and without the candidate, each.
     """
     L = _lengths(tokens, max_seq_len)
     d, d_hid, nlayers, mvc = _arch(config)
-    per_cell = lambda first, dec: forward_flops(config, L, first_layer=first, decoders=dec) / L.size  # noqa: E731
+    memo: dict = {}
+
+    def per_cell(first: int, dec: bool) -> float:  # mean FLOPs per cell; memoised: budgets plan many times
+        if (first, dec) not in memo:
+            memo[first, dec] = forward_flops(config, L, first_layer=first, decoders=dec) / L.size
+        return memo[first, dec]
+
     counts: Counter = Counter()
     blocks: dict[str, list[int]] = {}
     cond_flops: Counter = Counter()
@@ -248,6 +294,10 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
         stages["scan"] = scan_rounds * scan_cells * per_cell(-1, True)
     if conditions:
         stages["cache"] = 2 * n_cells * per_cell(-1, False)  # every block input, once, for both passes
+    if first_order:
+        stages["first_order"] = 3 * n_cells * per_cell(-1, True)  # forward + backward (about twice a forward)
+    if genes_candidates:
+        stages["genes"] = int(genes_candidates) * n_cells * (per_cell(-1, False) + 2 * per_cell(-1, True))
     stages["conditions"] = float(sum(cond_flops.values()))
     stages.update({f"conditions:{k}": float(v) for k, v in cond_flops.items()})
     total = sum(v for k, v in stages.items() if not k.startswith("conditions:"))
@@ -330,9 +380,48 @@ def min_draws(alpha: float) -> int:
     return n
 
 
+# non-forward work per condition (metrics, bootstrap intervals), measured: about 0.12 s per condition at 60 cells
+# and 200 resamples on this 2-core machine; it grows with the cells and, a little, with the resamples
+SECONDS_PER_CELL = 1.5e-3
+SECONDS_PER_BOOT_CELL = 2.5e-6
+
+
+def metric_seconds(n_conditions: int, n_cells: int, n_boot: int) -> float:
+    """Estimated non-forward seconds of `n_conditions` conditions over `n_cells` cells with `n_boot` resamples."""
+    return float(n_conditions) * n_cells * (SECONDS_PER_CELL + SECONDS_PER_BOOT_CELL * n_boot)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The structure of a run that the budget's knobs scale: every condition but the uniform random draws as
+    ``(kind, first_layer)``, the first layer of each parameter whose uniform draws are drawn (``n_random`` each),
+    and the stages beside the conditions (cells embedded once more, the first-order backward pass, genes)."""
+
+    fixed_conditions: tuple
+    null_layers: tuple
+    embed_cells: int = 0
+    first_order: bool = False
+    genes_candidates: int = 0
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One structural cut, pulled only once every knob is at its floor: `values` are the `BudgetChoice` fields it
+    sets (from `before`), `layout` the run's structure with it and every lever before it pulled."""
+
+    name: str
+    values: dict
+    before: dict
+    why: str
+    layout: Layout
+
+
 @dataclass(frozen=True)
 class BudgetChoice:
-    """Knob settings that fit a budget, the plan they give, and why each knob has its value."""
+    """Knob settings that fit a budget, the plan they give, and why each knob has its value.
+
+    The first five are the knobs (`BUDGET_ORDER`); the fields after `plan` are the structural levers
+    (`LEVER_ORDER`) at the values the run uses (None: not a lever of this run)."""
 
     budget_seconds: float
     cells_per_label: int
@@ -344,16 +433,37 @@ class BudgetChoice:
     feasible: bool
     reasons: tuple
     plan: Plan | None = None
+    embed_all: bool = True  # embed every cell of the data for obsm (False: the evaluated cells, no extra forward)
+    genes_candidates: int | None = None  # candidates whose genes are scored (run's genes step)
+    n_matched: int | None = None
+    n_restore: int | None = None
+    n_scale: int | None = None
+    mean_ablation: bool | None = None
+    granularities: tuple | None = None
+    joint: bool | None = None
+    max_candidates: int | None = None
+    pulled: tuple = ()  # the levers pulled, in order
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["plan"] = None if self.plan is None else self.plan.to_dict()
         d["reasons"] = list(self.reasons)
+        d["pulled"] = list(self.pulled)
+        d["granularities"] = None if self.granularities is None else list(self.granularities)
         return d
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame([{k: v for k, v in self.to_dict().items() if k not in ("plan", "reasons")}])
 
+    def settings(self) -> dict:
+        """Every knob and lever at the value the run uses (levers that are not this run's left out)."""
+        knobs = {k: getattr(self, k) for k in BUDGET_ORDER}
+        levers = {k: getattr(self, k) for k in _LEVER_FIELDS if getattr(self, k) is not None}
+        return {**knobs, **levers}
+
+
+_LEVER_FIELDS = ("embed_all", "genes_candidates", "n_matched", "n_restore", "n_scale", "mean_ablation",
+                 "granularities", "joint", "max_candidates")
 
 # the order in which knobs give way, each down to its floor; the first ones cost the least validity
 BUDGET_ORDER = ("scan_cells", "n_boot", "max_seq_len", "cells_per_label", "n_random")
@@ -366,6 +476,27 @@ _WHY = {
     "cells_per_label": "fewer cells per cell type widen every interval and lower power",
     "n_random": "fewer random draws raise the smallest attainable p, kept below alpha",
 }
+# then, with every knob at its floor, the structural levers, in this order (each removes work that answers a
+# question beside the verdict; the top candidate is always judged against its own parameter's draws and the top
+# outliers); `scsuperweight.prune.budget_levers` builds them for a prune run
+LEVER_ORDER = ("embed_all", "genes_candidates", "n_matched", "characterisation", "mean_ablation", "unit_pools",
+               "joint", "max_candidates")
+LEVER_WHY = {
+    "embed_all": "obsm embeddings only for the evaluated cells (taken from the baseline and top-candidate "
+                 "conditions, no extra forward); the other cells' rows are NaN",
+    "genes_candidates": "genes ranked for the top candidate only",
+    "n_matched": "no |w|-matched draws: p_matched is not computed; the uniform draws still judge every candidate",
+    "characterisation": "restore and scaling for the top candidate only",
+    "mean_ablation": "no mean / mean-activation ablations (they ask how, not whether, a candidate matters)",
+    "unit_pools": "no neuron / channel ablations and their random-unit pools",
+    "joint": "no joint ablation of the passing candidates",
+    "max_candidates": "fewer candidates judged (the scan's rank order); never fewer than the top one, judged "
+                      "against its own parameter's random draws and the top outliers",
+}
+
+
+def _fmt(v) -> str:
+    return "+".join(v) if isinstance(v, tuple) else str(v)
 
 
 def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_counts: Mapping[str, int],
@@ -373,23 +504,32 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                   alpha: float = 0.05, n_random: int = 40, n_boot: int = 200, max_seq_len: int = 1200,
                   scan_cells: int = 1000, scan_rounds: int = 2, cells_per_label: int | None = None,
                   min_cells_per_label: int = 20, min_seq_len: int = 256, min_boot: int = 100,
-                  min_scan_cells: int = 64, seconds_per_boot_cell: float = 2e-7,
-                  seconds_per_condition: float = 0.0, embed_cells: int = 0) -> BudgetChoice:
-    """Pick cells per label, tokens per cell, random draws, bootstrap resamples and scan cells to fit a budget.
+                  min_scan_cells: int = 64, seconds_per_boot_cell: float = SECONDS_PER_BOOT_CELL,
+                  seconds_per_condition: float = 0.0, seconds_per_cell: float = SECONDS_PER_CELL,
+                  embed_cells: int = 0, first_order: bool = False, genes_candidates: int = 0,
+                  levers: Sequence[Lever] = (), requested: Mapping | None = None) -> BudgetChoice:
+    """Pick cells per label, tokens per cell, random draws, bootstrap resamples and scan cells to fit a budget,
+    and, when even their floors do not fit, pull structural levers.
 
     Knobs give way in `BUDGET_ORDER`: scan cells, bootstrap resamples, tokens per cell (max_seq_len), cells per
     label, random draws; each is set to the largest value that fits with the knobs after it still at their
     requested values, never below its floor. Two floors protect validity and are never crossed: `n_random` keeps
     the smallest attainable p = 1 / (n_random + 1) below `alpha` (`min_draws`), and every cell type keeps at least
-    `min_cells_per_label` cells (or all it has). When even the floors do not fit, the floors are returned with
-    ``feasible=False`` and the time they need. The estimate is worst case for the draws (a strong candidate uses
-    every draw; sequential nulls only make a run shorter).
+    `min_cells_per_label` cells (or all it has). When every knob at its floor still exceeds the budget, `levers`
+    (in `LEVER_ORDER`: the whole-data embedding, genes beyond the top candidate, |w|-matched draws,
+    characterisation beyond the top candidate, mean ablations, neuron / channel pools, the joint phase, then
+    fewer candidates down to one) are pulled one at a time until the floors fit, and the knobs are fitted again
+    from their requested values on that smaller run. When even the last lever does not fit, the floors are
+    returned with ``feasible=False`` and the time they need. The estimate is worst case for the draws (a strong
+    candidate uses every draw; sequential nulls only make a run shorter).
 
     `fixed_conditions` are the ``(kind, first_layer)`` of every condition but the random draws; `null_layers`
     the first layer of each parameter whose null is drawn (`n_random` draws each). `label_counts` are the cells
     available per label, `tokens` each cell's token count (or one number). Non-forward work is modelled as
-    `seconds_per_boot_cell` per resample per cell per condition plus `seconds_per_condition`. `embed_cells`
-    cells are embedded once at the chosen length besides (prune's embeddings of every cell).
+    `seconds_per_cell` plus `seconds_per_boot_cell` per resample, per cell per condition, plus
+    `seconds_per_condition`. `embed_cells` cells are embedded once at the chosen length besides (prune's
+    embeddings of every cell); `first_order` and `genes_candidates` as in `make_plan`. `requested` holds the
+    lever fields' requested values (recorded in the choice when no lever is pulled).
     """
     budget = float(budget_seconds)
     if not budget > 0:
@@ -407,22 +547,23 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
               "max_seq_len": min(min_seq_len, max_seq_len),
               "cells_per_label": min(min_cells_per_label, req["cells_per_label"]), "n_random": floor_draws}
 
-    def plan_of(k: dict) -> Plan:
+    def plan_of(k: dict, lay: Layout) -> Plan:
         n_cells = int(np.minimum(counts, k["cells_per_label"]).sum())
-        conds = list(fixed_conditions) + [("random", lay) for lay in null_layers for _ in range(k["n_random"])]
-        overhead = len(conds) * (seconds_per_condition + seconds_per_boot_cell * k["n_boot"] * n_cells)
+        conds = list(lay.fixed_conditions) + [("random", x) for x in lay.null_layers for _ in range(k["n_random"])]
+        overhead = len(conds) * (seconds_per_condition + n_cells * (seconds_per_cell
+                                                                    + seconds_per_boot_cell * k["n_boot"]))
         return make_plan(config, conds, n_cells=n_cells, tokens=L_all, max_seq_len=k["max_seq_len"],
                          scan_cells=min(k["scan_cells"], int(counts.sum())), scan_rounds=scan_rounds,
-                         flop_rate=flop_rate, overhead_seconds=overhead, embed=embed_cells > 0,
-                         embed_cells=embed_cells)
+                         flop_rate=flop_rate, overhead_seconds=overhead, embed=lay.embed_cells > 0,
+                         embed_cells=lay.embed_cells, first_order=lay.first_order,
+                         genes_candidates=lay.genes_candidates)
 
-    cost = lambda k: plan_of(k).est_seconds  # noqa: E731
-    knobs = dict(req)
-    reasons = []
-    if cost(knobs) <= budget:
-        reasons.append(f"everything as requested fits: about {format_duration(cost(knobs))} of "
-                       f"{format_duration(budget)}")
-    else:
+    def fit(lay: Layout) -> tuple[dict, list]:
+        cost = lambda k: plan_of(k, lay).est_seconds  # noqa: E731
+        knobs, reasons = dict(req), []
+        if cost(knobs) <= budget:
+            return knobs, [f"everything as requested fits: about {format_duration(cost(knobs))} of "
+                           f"{format_duration(budget)}"]
         for name in BUDGET_ORDER:
             lo, hi = floors[name], knobs[name]
             if cost({**knobs, name: lo}) > budget:
@@ -437,18 +578,40 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                 reasons.append(f"{name} {req[name]} -> {lo}: {_WHY[name]}")
             knobs[name] = lo
             break
-    est = cost(knobs)
+        return knobs, reasons
+
+    lay = Layout(tuple(fixed_conditions), tuple(null_layers), int(embed_cells), bool(first_order),
+                 int(genes_candidates))
+    knobs, reasons = fit(lay)
+    pulled: list[Lever] = []
+    for lever in levers:
+        if plan_of(knobs, lay).est_seconds <= budget:
+            break
+        pulled.append(lever)
+        lay = lever.layout
+        knobs, reasons = fit(lay)
+    chosen = dict(requested or {})
+    lever_reasons = []
+    for name in dict.fromkeys(lv.name for lv in pulled):  # a lever pulled in steps (max_candidates) reads once
+        steps = [lv for lv in pulled if lv.name == name]
+        chosen.update(steps[-1].values)
+        change = "; ".join(f"{k} {_fmt(steps[0].before[k])} -> {_fmt(v)}" for k, v in steps[-1].values.items())
+        lever_reasons.append(f"every knob at its floor still exceeds the budget, so {change}: {steps[0].why}")
+    plan = plan_of(knobs, lay)
+    est = plan.est_seconds
     feasible = est <= budget
+    reasons = lever_reasons + reasons
     if not feasible:
-        reasons.append(f"even at every floor the run needs about {format_duration(est)}, over the budget of "
-                       f"{format_duration(budget)}: raise the budget, or pass fewer cells or candidates")
+        reasons.append(f"even at every floor{' and the smallest run (' + str(len(levers)) + ' cuts)' if levers else ''}"
+                       f" the run needs about {format_duration(est)}, over the budget of {format_duration(budget)}: "
+                       f"raise the budget, or pass fewer cells or candidates")
     reasons.append(f"validity floors kept: n_random >= {floor_draws} (smallest p 1/{floor_draws + 1} < "
                    f"{alpha:g}), >= {min_cells_per_label} cells per label (or all a label has)")
-    plan = plan_of(knobs)
     plan = replace(plan, notes=(*plan.notes, *reasons))
+    fields = {k: v for k, v in chosen.items() if k in BudgetChoice.__dataclass_fields__}
     return BudgetChoice(budget, int(knobs["cells_per_label"]), int(knobs["max_seq_len"]), int(knobs["n_random"]),
                         int(knobs["n_boot"]), int(knobs["scan_cells"]), float(est), bool(feasible), tuple(reasons),
-                        plan)
+                        plan, **fields, pulled=tuple(dict.fromkeys(lv.name for lv in pulled)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -469,6 +632,24 @@ def long_run_message(plan: Plan, *, cli: bool = True) -> str:
                 f"--budget 15m (or any duration) to fit the run to a time, or --yes to run the plan as printed.")
     return (f"this run is estimated at about {est} on {plan.device or 'this device'} (over 1 hour); pass "
             f"budget='15m' (or any duration) to fit it to a time, or yes=True to run the plan as estimated.")
+
+
+class OverBudgetWarning(UserWarning):
+    """A run was started with a budget that even its smallest plan exceeds, without a confirmation."""
+
+
+def over_budget_message(choice: BudgetChoice) -> str:
+    """One line: the budget, what the smallest run needs, and the ways on."""
+    go = "--yes (yes=True) to run it anyway"
+    return (f"the budget of {format_duration(choice.budget_seconds)} cannot be met: even the smallest run (every "
+            f"floor, {'; '.join(choice.pulled) or 'no structural cut'} cut) needs about "
+            f"{format_duration(choice.est_seconds)}; raise the budget, pass fewer cells, or {go}.")
+
+
+def warn_if_over_budget(plan: Plan, *, confirmed: bool) -> None:
+    """The Python faces' answer to an unmeetable budget: an `OverBudgetWarning` (never an error)."""
+    if plan.over_budget and not confirmed:
+        warnings.warn(plan.over_budget, OverBudgetWarning, stacklevel=3)
 
 
 def is_long(plan: Plan) -> bool:

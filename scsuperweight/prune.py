@@ -55,7 +55,7 @@ from .instrument import ScalarEdit
 from .instrument.targets import restore_target as _restore_target
 from .instrument.targets import token_id as _token_id
 from .metrics import registry as R
-from .plan import BudgetChoice, Plan, choose_budget, make_plan
+from .plan import LEVER_WHY, BudgetChoice, Layout, Lever, Plan, choose_budget, make_plan, metric_seconds
 from .precision import forward_precision
 from .runners import get_runner, l2_normalise
 from .runners.bert import HFEvaluator  # noqa: F401 - re-exported: the evaluators used to live here
@@ -418,15 +418,16 @@ def _expected(layers, conds, sel, opts: PruneOptions) -> list:
 
 def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_cells: int, tokens,
                max_seq_len: int | None = None, flop_rate: float | None = None, device: str = "",
-               scan_cells: int = 0, scan_rounds: int = 2, embed_cells: int = 0,
-               seconds_per_boot_cell: float = 2e-7) -> Plan:
+               scan_cells: int = 0, scan_rounds: int = 2, embed_cells: int = 0, genes_candidates: int = 0) -> Plan:
     """The plan of a prune run (`scsuperweight.plan.make_plan`) over `n_cells` cells of `tokens` tokens each (an
     array of per-cell counts, or one number), before any forward: every condition kind it can run (zeroing, its
     controls, restore and scaling, the mean / neuron / channel ablations and their pools, matched draws, the joint
-    phase), the blocks each reruns, forward FLOPs and, with `flop_rate` (`scsuperweight.plan.calibrate`), the
-    estimated time. The counts and the estimate are the MOST the run can do (every draw, every candidate
-    characterised, the joint phase); ``expected_by_kind`` / ``expected_seconds`` are what it is expected to do
-    under the assumption stated in the notes (see `_planned_layout`)."""
+    phase), the blocks each reruns, the first-order null's backward pass, forward FLOPs and, with `flop_rate`
+    (`scsuperweight.plan.calibrate`), the estimated time (forwards plus `scsuperweight.plan.metric_seconds`). The
+    counts and the estimate are the MOST the run can do (every draw, every candidate characterised, the joint
+    phase); ``expected_by_kind`` / ``expected_seconds`` are what it is expected to do under the assumption stated
+    in the notes (see `_planned_layout`). `embed_cells` cells embedded besides (obsm), `genes_candidates` the
+    genes step after prune (`run`)."""
     lay = _planned_layout(model, candidates, opts)
     conds = lay.fixed + [("random", x) for x in lay.null_layers for _ in range(opts.n_random)]
     notes = list(lay.notes)
@@ -437,33 +438,87 @@ def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_
         notes.append("expected: the top candidate is a super weight (passes, all its pools' draws, it alone "
                      "characterised, no joint phase) and every other pool settles in one round of draws")
     cfg = get_adapter(model).model.config
-    common = dict(n_cells=n_cells, tokens=tokens, max_seq_len=max_seq_len, flop_rate=flop_rate, device=device)
-    overhead = len(conds) * seconds_per_boot_cell * opts.n_boot * n_cells
-    plan = make_plan(cfg, conds, scan_cells=scan_cells, scan_rounds=scan_rounds, embed=embed_cells > 0,
-                     embed_cells=embed_cells, overhead_seconds=overhead, notes=notes, **common)
-    exp = make_plan(cfg, lay.expected, scan_cells=scan_cells, scan_rounds=scan_rounds, embed=embed_cells > 0,
-                    embed_cells=embed_cells, overhead_seconds=len(lay.expected) * seconds_per_boot_cell * opts.n_boot
-                    * n_cells, **common)
+    common = dict(n_cells=n_cells, tokens=tokens, max_seq_len=max_seq_len, flop_rate=flop_rate, device=device,
+                  scan_cells=scan_cells, scan_rounds=scan_rounds, embed=embed_cells > 0, embed_cells=embed_cells,
+                  first_order=opts.first_order, genes_candidates=genes_candidates)
+    plan = make_plan(cfg, conds, overhead_seconds=metric_seconds(len(conds), n_cells, opts.n_boot), notes=notes,
+                     **common)
+    exp = make_plan(cfg, lay.expected, overhead_seconds=metric_seconds(len(lay.expected), n_cells, opts.n_boot),
+                    **common)
     return replace(plan, expected_by_kind=dict(exp.conditions_by_kind), expected_seconds=exp.est_seconds)
+
+
+def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, embed_cells: int = 0,
+                  genes_candidates: int = 0) -> tuple[Layout, list[Lever], dict]:
+    """The prune run's layout, its structural levers in `scsuperweight.plan.LEVER_ORDER` (each with the layout
+    once it and every lever before it are pulled) and the levers' requested values.
+
+    In order: the whole-data embedding (obsm from the evaluated cells instead), genes beyond the top candidate,
+    the |w|-matched draws, restore and scaling beyond the top candidate, the mean ablations, the neuron / channel
+    pools, the joint phase, then `max_candidates` one at a time down to 1 (never 0: the scan's top candidate is
+    always judged against its own parameter's draws and the top outliers)."""
+    def layout(o: PruneOptions, embed: int, genes: int) -> Layout:
+        lay = _planned_layout(model, candidates, o)
+        return Layout(tuple(lay.fixed), tuple(lay.null_layers), embed, o.first_order, genes)
+
+    requested = {"embed_all": True, "genes_candidates": genes_candidates, "n_matched": opts.n_matched,
+                 "n_restore": opts.n_restore, "n_scale": opts.n_scale, "mean_ablation": opts.mean_ablation,
+                 "granularities": tuple(opts.granularities), "joint": opts.joint,
+                 "max_candidates": opts.max_candidates}
+    cuts: list[tuple[str, dict]] = []
+    if embed_cells:
+        cuts.append(("embed_all", {"embed_all": False}))
+    if genes_candidates > 1:
+        cuts.append(("genes_candidates", {"genes_candidates": 1}))
+    if opts.n_matched:
+        cuts.append(("n_matched", {"n_matched": 0}))
+    if opts.n_restore > 1 or opts.n_scale > 1:
+        cuts.append(("characterisation", {"n_restore": min(1, opts.n_restore), "n_scale": min(1, opts.n_scale)}))
+    if opts.mean_ablation:
+        cuts.append(("mean_ablation", {"mean_ablation": False}))
+    if set(opts.granularities) - {"scalar"}:
+        cuts.append(("unit_pools", {"granularities": ("scalar",)}))
+    if opts.joint:
+        cuts.append(("joint", {"joint": False}))
+    cuts += [("max_candidates", {"max_candidates": m}) for m in range(opts.max_candidates - 1, 0, -1)]
+    now = dict(requested)
+    levers = []
+    for name, values in cuts:
+        before = {k: now[k] for k in values}
+        now.update(values)
+        o = replace(opts, **{k: now[k] for k in ("n_matched", "n_restore", "n_scale", "mean_ablation",
+                                                 "granularities", "joint", "max_candidates")})
+        lay = layout(o, 0 if not now["embed_all"] else embed_cells, int(now["genes_candidates"]))
+        levers.append(Lever(name, dict(values), before, LEVER_WHY[name], lay))
+    return layout(opts, embed_cells, genes_candidates), levers, requested
 
 
 def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, budget_seconds: float, *,
                  label_counts: dict, tokens, max_seq_len: int, flop_rate: float,
                  cells_per_label: int | None = None, scan_cells: int = 0, scan_rounds: int = 2,
-                 embed_cells: int = 0) -> BudgetChoice:
+                 embed_cells: int = 0, genes_candidates: int = 0) -> BudgetChoice:
     """`scsuperweight.plan.choose_budget` for the prune run `opts` describes (its conditions as `plan_prune`
     counts them): cells per label, tokens per cell, random draws, bootstrap resamples and scan cells that fit
-    `budget_seconds`, validity floors first, with the reasons."""
-    lay = _planned_layout(model, candidates, opts)
-    notes = lay.notes
+    `budget_seconds`, validity floors first, then the structural levers of `budget_levers`, with the reasons.
+    `budgeted_options` turns the choice into the options the run uses."""
+    lay, levers, requested = budget_levers(model, candidates, opts, embed_cells=embed_cells,
+                                           genes_candidates=genes_candidates)
+    notes = _planned_layout(model, candidates, opts).notes
     choice = choose_budget(budget_seconds, config=get_adapter(model).model.config, flop_rate=flop_rate,
-                           label_counts=label_counts, tokens=tokens, fixed_conditions=lay.fixed,
+                           label_counts=label_counts, tokens=tokens, fixed_conditions=lay.fixed_conditions,
                            null_layers=lay.null_layers, alpha=opts.alpha, n_random=opts.n_random, n_boot=opts.n_boot,
                            max_seq_len=max_seq_len, scan_cells=scan_cells, scan_rounds=scan_rounds,
-                           cells_per_label=cells_per_label, embed_cells=embed_cells)
+                           cells_per_label=cells_per_label, embed_cells=embed_cells, first_order=opts.first_order,
+                           genes_candidates=genes_candidates, levers=levers, requested=requested)
     if notes and choice.plan is not None:
         choice = replace(choice, plan=replace(choice.plan, notes=(*notes, *choice.plan.notes)))
     return choice
+
+
+def budgeted_options(opts: PruneOptions, choice: BudgetChoice) -> PruneOptions:
+    """`opts` with every knob and lever the budget chose (the options the budgeted run uses)."""
+    fields = PruneOptions.__dataclass_fields__
+    return replace(opts, **{k: v for k, v in choice.settings().items() if k in fields})
 
 
 def _passing(model, cands: pd.DataFrame, collapse: pd.DataFrame, opts: PruneOptions) -> set[str]:

@@ -407,7 +407,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
           progress: bool = True, sequential: bool = True, budget: str | float | None = None, yes: bool = False,
           dry_run: bool = False, dtype: str = "fp32", max_tokens: int | None = None, first_order: bool = True,
           on_plan=None, max_cells_per_donor: int | None = None, max_cells_per_condition: int | None = None,
-          characterise: str = "passing"):
+          characterise: str = "passing", n_restore: int = 3, n_scale: int = 2, embed_all: bool = True):
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
 
     Writes ``uns[key]["collapse"]`` (the long `collapse.tsv` table with intervals and p-values vs random scalars),
@@ -465,7 +465,10 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     budget
         A time budget (``"15m"``, ``"2h"``, seconds): cells per label, `max_seq_len`, `n_random` and `n_boot` are
         chosen to fit it from a calibration forward (`scsuperweight.plan.choose_budget`: validity floors first);
-        the choices and reasons are recorded under ``params["prune"]["budget"]``.
+        when even their floors do not fit, structural levers follow in `scsuperweight.plan.LEVER_ORDER`
+        (`embed_all`, `n_matched`, `n_restore`/`n_scale`, `mean_ablation`, `granularities`, `joint`, then
+        `max_candidates` down to 1); the choices and reasons are recorded under ``params["prune"]["budget"]``,
+        and a budget even the smallest run exceeds gives a `scsuperweight.plan.OverBudgetWarning` unless `yes`.
     yes, dry_run, on_plan
         The plan (conditions, cells, tokens, FLOPs, estimated time; ``params["prune"]["plan"]``) is made before
         any work and logged, or handed to ``on_plan(plan)``. Above one hour without `budget` or ``yes=True`` a
@@ -481,6 +484,11 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
         ``"passing"`` (default): restore, scaling and the |w|-matched draws only for the candidates whose zeroing
         passes the controls (a second phase after the zeroing verdicts; ``params["not_characterised"]`` says
         which were left out and why); ``"all"``: for every candidate (the issue-time behaviour).
+    n_restore, n_scale
+        How many candidates (in rank order) get the restore-activation condition and the scaling curve.
+    embed_all
+        True: ``obsm`` embeddings of every cell (two more forwards of the whole data). False: only the evaluated
+        cells' rows, taken from the baseline and top-candidate conditions (no extra forward); the others NaN.
 
     Examples
     --------
@@ -533,14 +541,17 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                         granularities=tuple(granularities), joint=joint, n_unit_random=n_unit_random,
                         n_matched=n_matched, n_joint=n_joint, primary_metric=primary_metric,
                         sequential=sequential, first_order=first_order, dtype=dtype,
-                        characterise=characterise)
+                        characterise=characterise, n_restore=n_restore, n_scale=n_scale)
     cost = plan_cost(adata, model, cand, opts, labels=labels, max_cells_per_label=max_cells_per_label,
                      max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
-                     batch_size=batch_size)
+                     batch_size=batch_size, embed_all=embed_all)
     if cost.budget is not None:  # the budget's choices are the parameters this run uses
+        from .prune import budgeted_options
+
         max_cells_per_label, max_seq_len = cost.budget.cells_per_label, cost.budget.max_seq_len
-        opts = replace(opts, n_random=cost.budget.n_random, n_boot=cost.budget.n_boot)
-    _announce(cost.plan, on_plan, confirmed=yes or budget is not None)
+        opts = budgeted_options(opts, cost.budget)
+        embed_all = cost.budget.embed_all
+    _announce(cost.plan, on_plan, confirmed=yes or budget is not None, yes=yes)
     cost_params = cost.params()
     if dry_run:
         _record(adata, key, "prune", {**cost_params, "dry_run": True, "label_key": label_key})
@@ -577,17 +588,23 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     _store(adata, key, "conditions", res.conditions)
     if res.firstorder is not None:
         _store(adata, key, "firstorder", res.firstorder)
-    # embeddings of every cell: baseline, and with the top candidate zeroed (cells without counts: NaN rows)
-    every = None if eligible is None else np.flatnonzero(eligible)
-    full = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
-                          batch_size=batch_size, cells=every, **extra)
+    # embeddings of every cell: baseline, and with the top candidate zeroed (cells without counts: NaN rows);
+    # without embed_all, the evaluated cells' rows from the conditions already run (no extra forward)
     top = res.params["candidates"][0]
     row = cand[cand["candidate"] == top].iloc[0]
-    for obsm, edits in ((K.OBSM_EMB, None), (K.OBSM_EMB_PRUNED, cand[cand["candidate"] == top])):
-        emb = runner.embed(full, edits=edits)
-        if every is not None:
+    if embed_all:
+        every = None if eligible is None else np.flatnonzero(eligible)
+        full = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len, seed=seed,
+                              batch_size=batch_size, cells=every, **extra)
+        made = ((obsm, runner.embed(full, edits=edits), every) for obsm, edits in
+                ((K.OBSM_EMB, None), (K.OBSM_EMB_PRUNED, cand[cand["candidate"] == top])))
+    else:
+        made = ((obsm, res.embeddings[name], np.asarray(cells)) for obsm, name in
+                ((K.OBSM_EMB, K.COND_BASELINE), (K.OBSM_EMB_PRUNED, K.cond_prune(top))))
+    for obsm, emb, rows in made:
+        if rows is not None:
             emb, part = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32), emb
-            emb[every] = part
+            emb[rows] = part
         adata.obsm[obsm] = emb
     _record(adata, key, "prune", {**res.params, "label_key": label_key, "condition_key": condition_key,
                                   "donor_key": donor_key, "case": case, "control": control, "mask_ratio": mask_ratio,
@@ -597,7 +614,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                                   "max_seq_len": max_seq_len, "max_tokens": max_tokens, **cost_params,
                                   **_empty_record(eligible, empty), **described,
                                   "max_cells_per_donor": max_cells_per_donor,
-                                  "max_cells_per_condition": max_cells_per_condition, "gene_overlap": overlap})
+                                  "max_cells_per_condition": max_cells_per_condition, "gene_overlap": overlap,
+                                  "embed_all": embed_all})
     return adata if copy or fresh else None
 
 
@@ -612,6 +630,8 @@ class Cost:
     def params(self) -> dict:
         """``plan`` and ``budget`` as the params and run.json record them."""
         out: dict = {"plan": None if self.plan is None else self.plan.to_dict()}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
         if self.budget is not None:
             out["budget"] = {k: v for k, v in self.budget.to_dict().items() if k != "plan"}
         return out
@@ -620,17 +640,26 @@ class Cost:
 def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np.ndarray | None,
               max_cells_per_label: int | None, max_seq_len: int | None = None, budget=None,
               gene_key: str | None = None, layer: str | None = None, seed: int = 0, batch_size: int = 32,
-              scan_cells: int = 0, scan_rounds: int = 2) -> Cost:
+              scan_cells: int = 0, scan_rounds: int = 2, embed_all: bool = True, genes_candidates: int = 0) -> Cost:
     """Plan a prune (and, with `scan_cells`, a scan before it) on this data and device, before any work.
 
     Tokenises the cells prune would measure (their token counts), times one short calibration forward
     (`scsuperweight.plan.calibrate`), and, with `budget`, lets `scsuperweight.prune.budget_prune` choose cells
     per label, tokens per cell, draws, bootstrap resamples and scan cells. `candidates` None plans an assumed
     layout (a whole run plans before its scan). A family without the FLOP model (not scGPT) gets no plan.
+
+    The calibration times the run's batch shape (its median tokens per cell, up to 4,096 tokens a batch): one
+    warm-up, then the fastest of 3 (a busy machine times slow). The budget is what is left of it after this
+    planning (tokenising, calibrating). `embed_all` plans prune's embeddings of every cell (a lever of the
+    budget); `genes_candidates` the genes step after prune (`run`).
     """
-    from .plan import calibrate, has_flops, parse_budget
-    from .prune import budget_prune, plan_prune
+    import time
+
+    from .plan import calibrate, has_flops, over_budget_message, parse_budget
+    from .prune import budget_prune, budgeted_options, plan_prune
     from .runners import get_runner
+
+    t_start = time.perf_counter()
 
     net = getattr(model, "model", model)
     if not has_flops(getattr(net, "config", None)):
@@ -643,32 +672,43 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
     tok = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len or model_max, seed=seed,
                          batch_size=batch_size, cells=cells).tok
     lengths = np.asarray(tok.lengths, dtype=float)
-    n_tok = int(min(256, max(8, np.median(lengths))))
-    cal = calibrate(net, n_tokens=n_tok, n_cells=max(1, min(16, 4096 // n_tok)))
-    embed_cells = 2 * int(adata.n_obs)  # tl.prune embeds every cell, baseline and pruned
+    n_tok = int(max(8, np.median(np.minimum(lengths, max_seq_len or model_max))))
+    cal = calibrate(net, n_tokens=n_tok, n_cells=max(1, min(batch_size, 4096 // n_tok)), repeats=3)
+    logger.info("%s", cal.describe())
+    embed_cells = 2 * int(adata.n_obs) if embed_all else 0  # tl.prune embeds every cell, baseline and pruned
     choice = None
     if budget is not None:
         counts = pd.Series(labels).value_counts().to_dict() if labels is not None else {"all": int(adata.n_obs)}
-        choice = budget_prune(model, candidates, opts, parse_budget(budget), label_counts=counts, tokens=lengths,
+        spent = time.perf_counter() - t_start  # planning is part of the run: what is left is the work's
+        left = max(parse_budget(budget) - spent, 1e-3)
+        choice = budget_prune(model, candidates, opts, left, label_counts=counts, tokens=lengths,
                               max_seq_len=int(max_seq_len or model_max), flop_rate=cal.flop_rate,
                               cells_per_label=max_cells_per_label, scan_cells=scan_cells, scan_rounds=scan_rounds,
-                              embed_cells=embed_cells)
+                              embed_cells=embed_cells, genes_candidates=genes_candidates)
+        choice = replace(choice, budget_seconds=parse_budget(budget),
+                         reasons=(f"planning took {spent:.0f} s of the budget ({cal.describe()})", *choice.reasons))
         if not choice.feasible:
             logger.warning("budget %s cannot be met: %s", budget, choice.reasons[-2])
         cells = stratified_subsample(labels, adata.n_obs, choice.cells_per_label, seed)
-        opts = replace(opts, n_random=choice.n_random, n_boot=choice.n_boot)
+        opts = budgeted_options(opts, choice)
         max_seq_len, scan_cells = choice.max_seq_len, choice.scan_cells
+        embed_cells = embed_cells if choice.embed_all else 0
+        genes_candidates = choice.genes_candidates if choice.genes_candidates is not None else genes_candidates
     plan = plan_prune(model, candidates, opts, n_cells=len(cells), tokens=lengths,
                       max_seq_len=max_seq_len or model_max, flop_rate=cal.flop_rate, device=cal.device,
-                      scan_cells=scan_cells, scan_rounds=scan_rounds, embed_cells=embed_cells)
+                      scan_cells=scan_cells, scan_rounds=scan_rounds, embed_cells=embed_cells,
+                      genes_candidates=genes_candidates)
+    plan = replace(plan, notes=(*plan.notes, cal.describe()))
     if choice is not None:
-        plan = replace(plan, notes=(*plan.notes, *choice.reasons))
+        plan = replace(plan, notes=(*plan.notes, *choice.reasons),
+                       over_budget="" if choice.feasible else over_budget_message(choice))
     return Cost(plan, choice, cal)
 
 
-def _announce(plan: Plan | None, on_plan, *, confirmed: bool) -> None:
-    """Hand the plan to `on_plan` (the CLI prints it and may stop there), else log it and warn above one hour."""
-    from .plan import format_plan, warn_if_long
+def _announce(plan: Plan | None, on_plan, *, confirmed: bool, yes: bool = False) -> None:
+    """Hand the plan to `on_plan` (the CLI prints it and may stop there), else log it and warn above one hour
+    (without a budget or `yes`) or over a budget even the smallest run exceeds (without `yes`)."""
+    from .plan import format_plan, warn_if_long, warn_if_over_budget
 
     if plan is None:
         return
@@ -677,6 +717,7 @@ def _announce(plan: Plan | None, on_plan, *, confirmed: bool) -> None:
         return
     logger.info("%s", format_plan(plan))
     warn_if_long(plan, confirmed=confirmed)
+    warn_if_over_budget(plan, confirmed=yes)
 
 
 def _candidate_frame(df: pd.DataFrame) -> pd.DataFrame:
