@@ -363,6 +363,20 @@ def bench_cost(argv) -> None:
     print(f"planted {pw.candidate} passes ({last}): {bool(zeroing[last].get(pw.candidate, False))}")
 
 
+def _print_choice(b: dict, budget: str) -> None:
+    """What a budget chose (run.json's ``budget``): the knobs, the structural levers pulled, and why."""
+    from scsuperweight.plan import BUDGET_ORDER, LEVER_ORDER
+
+    levers = ("embed_all", "genes_candidates", "n_matched", "n_restore", "n_scale", "mean_ablation",
+              "granularities", "joint", "max_candidates")
+    print(f"\nbudget {budget} chose: " + ", ".join(f"{k} {b[k]}" for k in BUDGET_ORDER)
+          + "; " + ", ".join(f"{k} {b[k]}" for k in levers if b.get(k) is not None))
+    print(f"levers pulled (in the order {', '.join(LEVER_ORDER)}): {', '.join(b['pulled']) or 'none'}; "
+          f"estimated {b['est_seconds']:.0f} s of {b['budget_seconds']:.0f} s; feasible {b['feasible']}")
+    for r in b["reasons"]:
+        print(f"  - {r}")
+
+
 def bench_standin(argv) -> None:
     """(b) The planted whole-human-sized stand-in (official format) over the Darmanis cells with a budget: the
     plan `run` prints, what the budget chose and why, wall time against the budget, and whether the planted
@@ -381,30 +395,36 @@ def bench_standin(argv) -> None:
     ap.add_argument("--cells", type=int, default=None, help="subsample the 466 cells (label-stratified)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plant", type=int, nargs=3, default=(2, 9, 21), metavar=("LAYER", "ROW", "COL"))
+    ap.add_argument("--plan-only", action="store_true",
+                    help="print the plan and what the budget chose (one calibration forward) and stop: no run")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     budget = a.budget or ("90s" if a.quick else "15m")
     adata = _darmanis(a.cells or (60 if a.quick else None))
     with tempfile.TemporaryDirectory() as tmp:
         model = standin_model("tiny" if a.quick else "human", genes=adata.var_names.tolist())
-        pw = _planted(model, adata, *a.plant)
+        # the plan does not depend on the weights' values: a plan-only call skips the planting forwards
+        pw = None if a.plan_only else _planted(model, adata, *a.plant)
         model = _official(model, Path(tmp) / "model")
+        planted = "nothing planted (plan only)" if pw is None else f"planted {pw.candidate} = {pw.value:.3g}"
         print(f"{bt.machine_line()}\nstand-in {'tiny' if a.quick else 'human'}: {parameter_count(model) / 1e6:.1f} M "
-              f"parameters, planted {pw.candidate} = {pw.value:.3g}; {adata.n_obs} Darmanis cells; budget {budget}")
+              f"parameters, {planted}; {adata.n_obs} Darmanis cells; budget {budget}")
         t0 = time.perf_counter()
         info = ssw.pipeline.run_pipeline(adata, model, Path(tmp) / "run", label_key="cell_type", budget=budget,
-                                         progress=False, on_plan=lambda p: print(format_plan(p)))
+                                         progress=False, on_plan=lambda p: print(format_plan(p)),
+                                         dry_run=a.plan_only)
         wall = time.perf_counter() - t0
         run = json.loads((Path(tmp) / "run" / "run.json").read_text())
+        if a.plan_only:
+            _print_choice(run["budget"], budget)
+            print(f"planning took {wall:.0f} s; {run['calibration']}")
+            return
         sw = pd.read_csv(Path(tmp) / "run" / "superweights.tsv", sep="\t")
         ver = pd.read_csv(Path(tmp) / "run" / "verdicts.tsv", sep="\t").query("ablation == 'prune'")
         fo_path = Path(tmp) / "run" / "firstorder.tsv"
         fo = pd.read_csv(fo_path, sep="\t") if fo_path.is_file() else pd.DataFrame()
     b = run["budget"]
-    print(f"\nbudget {budget} chose: " + ", ".join(f"{k} {b[k]}" for k in ("scan_cells", "cells_per_label",
-                                                                          "max_seq_len", "n_random", "n_boot")))
-    for r in b["reasons"]:
-        print(f"  - {r}")
+    _print_choice(b, budget)
     limit = b["budget_seconds"] * 1.1
     print(f"wall time {wall:.0f} s of {b['budget_seconds']:.0f} s budget (+10%: {limit:.0f} s): "
           f"{'within' if wall <= limit else 'OVER'}; step timings {info['timings']}")

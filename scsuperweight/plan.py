@@ -342,6 +342,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  at most {plan.n_conditions} conditions (the estimate above, used for the 1-hour check and "
                      f"budgets); expected {n_exp} ({exp}): about {format_duration(plan.expected_seconds)}")
     lines += [f"  note: {n}" for n in plan.notes]
+    if plan.over_budget:
+        lines.append(f"  over budget: {plan.over_budget}")
     return "\n".join(lines)
 
 

@@ -72,7 +72,8 @@ def test_long_plan_warns_in_python_unless_confirmed(small, monkeypatch):
 def test_budget_choices_are_the_params_used_and_keep_the_floors(small):
     adata = small[0]
     counts = adata.obs["cell_type"].value_counts()
-    a = _prune(small, budget="1s", max_cells_per_label=40, n_random=40, n_boot=200)  # below every floor here
+    with pytest.warns(P.OverBudgetWarning, match="cannot be met"):  # below every floor and lever here
+        a = _prune(small, budget="1s", max_cells_per_label=40, n_random=40, n_boot=200)
     p = ssw.get.params(a, "prune")
     b = p["budget"]
     assert b["budget_seconds"] == 1.0 and b["reasons"] and not b["feasible"]
@@ -85,6 +86,17 @@ def test_budget_choices_are_the_params_used_and_keep_the_floors(small):
     assert p["n_cells_evaluated"] == int(np.minimum(counts, b["cells_per_label"]).sum())
     col = ssw.get.collapse(a)
     assert col.loc[col["condition"].str.startswith("random:"), "null_draws"].max() <= b["n_random"]
+    # every floor still exceeds 1 s, so the structural levers were pulled, in their order, and used as chosen
+    assert b["pulled"] == [x for x in P.LEVER_ORDER if x in b["pulled"]] and b["pulled"][-1] == "max_candidates"
+    for k in ("max_candidates", "n_restore", "n_scale", "n_matched", "mean_ablation", "joint", "embed_all"):
+        assert p[k] == b[k], k
+    assert list(p["granularities"]) == list(b["granularities"])
+    assert b["max_candidates"] == 1 and p["candidates"] == ["planted"] and not b["embed_all"]
+    assert not any(c.startswith(("restore:", "scale:")) and "planted" not in c for c in col["condition"])
+    # obsm only for the evaluated cells (from the conditions already run), NaN rows elsewhere
+    nan_rows = np.isnan(a.obsm[K.OBSM_EMB]).any(axis=1)
+    assert (~nan_rows).sum() == p["n_cells_evaluated"] and (~np.isnan(a.obsm[K.OBSM_EMB_PRUNED]).any(axis=1)).sum() \
+        == p["n_cells_evaluated"]
     # a generous budget changes nothing that was asked for
     big = ssw.get.params(_prune(small, dry_run=True, budget="10h", max_cells_per_label=40), "prune")["budget"]
     assert big["feasible"] and (big["n_random"], big["n_boot"], big["cells_per_label"]) == (20, 20, 40)
@@ -164,6 +176,15 @@ def test_cli_long_plan_exits_2_naming_budget_and_yes(cli_dir, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--budget" in err and "--yes" in err and "estimated at about" in err
     assert not (cli_dir / "out" / K.FILE_COLLAPSE).exists()
+
+
+def test_cli_budget_below_the_smallest_run_exits_2_unless_yes(cli_dir, capsys):
+    assert main(_prune_argv(cli_dir, "--budget", "1s")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be met" in err and "--yes" in err
+    assert not (cli_dir / "out" / K.FILE_COLLAPSE).exists()
+    assert main(_prune_argv(cli_dir, "--budget", "1s", "--dry-run")) == 0  # a dry run only prints it
+    assert "cannot be met" in capsys.readouterr().out
 
 
 def test_cli_run_dry_run(cli_dir, capsys):

@@ -314,7 +314,10 @@ def _cost(res: dict) -> str:
         out.append("<p class='skip'>No plan recorded (a run made before plans, or a family without the time "
                    "model).</p>")
     if isinstance(budget, Mapping) and budget:
-        chosen = {k: budget.get(k) for k in ("cells_per_label", "max_seq_len", "n_random", "n_boot", "scan_cells")}
+        chosen = {k: budget.get(k) for k in ("cells_per_label", "max_seq_len", "n_random", "n_boot", "scan_cells",
+                                             "embed_all", "genes_candidates", "n_matched", "n_restore", "n_scale",
+                                             "mean_ablation", "granularities", "joint", "max_candidates")
+                  if budget.get(k) is not None}  # the knobs, then the structural levers (their reasons below)
         out.append(f"<p>Budget {_e(format_duration(float(budget.get('budget_seconds') or 0)))}: "
                    + ", ".join(f"{_e(k)} {_e(v)}" for k, v in chosen.items())
                    + ("" if budget.get("feasible", True) else " (<b>even the floors exceed it</b>)") + ".</p>")
