@@ -265,11 +265,18 @@ def ablation_conditions(model, cands: pd.DataFrame, opts: PruneOptions, batches:
 
 def condition_layers(model, conds: Sequence[Condition]) -> list[tuple[str, int]]:
     """``(name, first block rerun)`` per condition, for `scsuperweight.plan.make_plan`: the first block any of its
-    edits (or its restored site) enters; -1 (a full forward) where the family cannot rerun from a middle block."""
+    edits (or its restored site) enters; -1 (a full forward) where the family cannot rerun from a middle block; a
+    condition computing what another already does (`_edits_key`: the run reuses that result) counts as the
+    decoders only (n_layers)."""
     adapter = get_adapter(model)
     cached = hasattr(adapter, "encode_cache")  # only scGPT reruns from cached block inputs
-    out = []
+    out, seen = [], {_edits_key(Condition(K.COND_BASELINE, []))}
     for c in conds:
+        key = _edits_key(c)
+        if key in seen and c.name != K.COND_BASELINE:  # computed once (scale 0 is zeroing, scale 1 the baseline)
+            out.append((c.name, adapter.n_layers))
+            continue
+        seen.add(key)
         if not cached:
             out.append((c.name, -1))
             continue
@@ -355,7 +362,9 @@ def _planned_layout(model, candidates: pd.DataFrame | None, opts: PruneOptions) 
             + [f"matched:c{i}:{j}" for i in range(n) for j in range(opts.n_matched)] \
             + ([K.COND_JOINT] + [f"random_joint:{j}" for j in range(opts.n_joint)] if opts.joint and n > 1 else [])
         pools = min(3, n)
-        layers = [(x, nl if x == K.COND_BASELINE else 0) for x in names]
+        # scaling by 0 is the zeroing and by 1 the baseline: the run reuses those results (`_edits_key`)
+        same = {f"scale:c{i}:{f}" for i in range(n) for f in opts.scale_factors if float(f) in (0.0, 1.0)}
+        layers = [(x, nl if x == K.COND_BASELINE or x in same else 0) for x in names]
         layers += [(K.cond_random(k), 0) for k in range(pools * opts.n_random)]
         conds = None
         notes = [f"candidates not found yet: assumed {n} in {pools} parameters of block 0 (the costliest place: "
@@ -916,8 +925,10 @@ def _owner(cond: Condition) -> str:
 
 
 def _edits_key(cond: Condition) -> tuple:
-    """What a condition computes (its edits, restore and patch): two conditions with one key give one result."""
-    return (tuple((e.param, tuple(e.index), e.factor, e.value, e.add) for e in cond.edits), cond.restore, cond.patch)
+    """What a condition computes (its edits, restore and patch): two conditions with one key give one result. An
+    edit that changes nothing (factor 1, no value, no shift: scaling by 1) is left out, so it is the baseline."""
+    edits = (e for e in cond.edits if not (e.value is None and e.factor == 1.0 and e.add == 0.0))
+    return (tuple((e.param, tuple(e.index), e.factor, e.value, e.add) for e in edits), cond.restore, cond.patch)
 
 
 class _Runner:

@@ -672,21 +672,36 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
     tok = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len or model_max, seed=seed,
                          batch_size=batch_size, cells=cells).tok
     lengths = np.asarray(tok.lengths, dtype=float)
-    n_tok = int(max(8, np.median(np.minimum(lengths, max_seq_len or model_max))))
-    cal = calibrate(net, n_tokens=n_tok, n_cells=max(1, min(batch_size, 4096 // n_tok)), repeats=3)
-    logger.info("%s", cal.describe())
+
+    def timed(cap: int):  # the run's batch shape at this length (a slice of it: at most 2,048 tokens a batch)
+        n = int(max(8, np.median(np.minimum(lengths, cap))))
+        c = calibrate(net, n_tokens=n, n_cells=max(1, min(batch_size, 2048 // n)), repeats=3)
+        logger.info("%s", c.describe())
+        return c
+
+    cal = timed(int(max_seq_len or model_max))
     embed_cells = 2 * int(adata.n_obs) if embed_all else 0  # tl.prune embeds every cell, baseline and pruned
     choice = None
     if budget is not None:
         counts = pd.Series(labels).value_counts().to_dict() if labels is not None else {"all": int(adata.n_obs)}
-        spent = time.perf_counter() - t_start  # planning is part of the run: what is left is the work's
-        left = max(parse_budget(budget) - spent, 1e-3)
-        choice = budget_prune(model, candidates, opts, left, label_counts=counts, tokens=lengths,
-                              max_seq_len=int(max_seq_len or model_max), flop_rate=cal.flop_rate,
-                              cells_per_label=max_cells_per_label, scan_cells=scan_cells, scan_rounds=scan_rounds,
-                              embed_cells=embed_cells, genes_candidates=genes_candidates)
+
+        def choose(rate: float):
+            left = max(parse_budget(budget) - (time.perf_counter() - t_start), 1e-3)  # planning is part of the run
+            return budget_prune(model, candidates, opts, left, label_counts=counts, tokens=lengths,
+                                max_seq_len=int(max_seq_len or model_max), flop_rate=rate,
+                                cells_per_label=max_cells_per_label, scan_cells=scan_cells,
+                                scan_rounds=scan_rounds, embed_cells=embed_cells, genes_candidates=genes_candidates)
+
+        choice = choose(cal.flop_rate)
+        for _ in range(2):  # the rate depends on the length (attention grows as its square): time the chosen one
+            if abs(int(max(8, np.median(np.minimum(lengths, choice.max_seq_len)))) - cal.n_tokens) <= 1:
+                break
+            cal = timed(choice.max_seq_len)
+            choice = choose(cal.flop_rate)
+        spent = time.perf_counter() - t_start
         choice = replace(choice, budget_seconds=parse_budget(budget),
-                         reasons=(f"planning took {spent:.0f} s of the budget ({cal.describe()})", *choice.reasons))
+                         reasons=(f"planning took {spent:.0f} s of the budget ({cal.describe()} at "
+                                  f"{cal.n_tokens} tokens per cell)", *choice.reasons))
         if not choice.feasible:
             logger.warning("budget %s cannot be met: %s", budget, choice.reasons[-2])
         cells = stratified_subsample(labels, adata.n_obs, choice.cells_per_label, seed)
