@@ -443,6 +443,7 @@ class BudgetChoice:
     mean_ablation: bool | None = None
     granularities: tuple | None = None
     joint: bool | None = None
+    first_order: bool | None = None
     max_candidates: int | None = None
     pulled: tuple = ()  # the levers pulled, in order
 
@@ -465,7 +466,7 @@ class BudgetChoice:
 
 
 _LEVER_FIELDS = ("embed_all", "genes_candidates", "n_matched", "n_restore", "n_scale", "mean_ablation",
-                 "granularities", "joint", "max_candidates")
+                 "granularities", "joint", "first_order", "max_candidates")
 
 # the order in which knobs give way, each down to its floor; the first ones cost the least validity
 BUDGET_ORDER = ("scan_cells", "n_boot", "max_seq_len", "cells_per_label", "n_random")
@@ -482,7 +483,7 @@ _WHY = {
 # question beside the verdict; the top candidate is always judged against its own parameter's draws and the top
 # outliers); `scsuperweight.prune.budget_levers` builds them for a prune run
 LEVER_ORDER = ("embed_all", "genes_candidates", "n_matched", "characterisation", "mean_ablation", "unit_pools",
-               "joint", "max_candidates")
+               "joint", "first_order", "top_characterisation", "max_candidates")
 LEVER_WHY = {
     "embed_all": "obsm embeddings only for the evaluated cells (taken from the baseline and top-candidate "
                  "conditions, no extra forward); the other cells' rows are NaN",
@@ -492,6 +493,9 @@ LEVER_WHY = {
     "mean_ablation": "no mean / mean-activation ablations (they ask how, not whether, a candidate matters)",
     "unit_pools": "no neuron / channel ablations and their random-unit pools",
     "joint": "no joint ablation of the passing candidates",
+    "first_order": "no first-order null over the whole matrix (it informs; the exact draws decide)",
+    "top_characterisation": "no restore or scaling curve for the top candidate either (they describe how it "
+                            "acts; the verdict is its zeroing against the draws)",
     "max_candidates": "fewer candidates judged (the scan's rank order); never fewer than the top one, judged "
                       "against its own parameter's random draws and the top outliers",
 }
@@ -519,9 +523,10 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
     the smallest attainable p = 1 / (n_random + 1) below `alpha` (`min_draws`), and every cell type keeps at least
     `min_cells_per_label` cells (or all it has). When every knob at its floor still exceeds the budget, `levers`
     (in `LEVER_ORDER`: the whole-data embedding, genes beyond the top candidate, |w|-matched draws,
-    characterisation beyond the top candidate, mean ablations, neuron / channel pools, the joint phase, then
-    fewer candidates down to one) are pulled one at a time until the floors fit, and the knobs are fitted again
-    from their requested values on that smaller run. When even the last lever does not fit, the floors are
+    characterisation beyond the top candidate, mean ablations, neuron / channel pools, the joint phase, the
+    first-order null, the top candidate's restore and scaling, then fewer candidates down to one) are pulled one
+    at a time until the floors fit, and the knobs are fitted again from their requested values on that smaller
+    run. When even the last lever does not fit, the floors are
     returned with ``feasible=False`` and the time they need. The estimate is worst case for the draws (a strong
     candidate uses every draw; sequential nulls only make a run shorter).
 

@@ -464,7 +464,8 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
 
     In order: the whole-data embedding (obsm from the evaluated cells instead), genes beyond the top candidate,
     the |w|-matched draws, restore and scaling beyond the top candidate, the mean ablations, the neuron / channel
-    pools, the joint phase, then `max_candidates` one at a time down to 1 (never 0: the scan's top candidate is
+    pools, the joint phase, the first-order null, the top candidate's restore and scaling, then `max_candidates`
+    one at a time down to 1 (never 0: the scan's top candidate is
     always judged against its own parameter's draws and the top outliers)."""
     def layout(o: PruneOptions, embed: int, genes: int) -> Layout:
         lay = _planned_layout(model, candidates, o)
@@ -473,7 +474,7 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
     requested = {"embed_all": True, "genes_candidates": genes_candidates, "n_matched": opts.n_matched,
                  "n_restore": opts.n_restore, "n_scale": opts.n_scale, "mean_ablation": opts.mean_ablation,
                  "granularities": tuple(opts.granularities), "joint": opts.joint,
-                 "max_candidates": opts.max_candidates}
+                 "first_order": opts.first_order, "max_candidates": opts.max_candidates}
     cuts: list[tuple[str, dict]] = []
     if embed_cells:
         cuts.append(("embed_all", {"embed_all": False}))
@@ -489,6 +490,10 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
         cuts.append(("unit_pools", {"granularities": ("scalar",)}))
     if opts.joint:
         cuts.append(("joint", {"joint": False}))
+    if opts.first_order:
+        cuts.append(("first_order", {"first_order": False}))
+    if min(opts.n_restore, 1) or min(opts.n_scale, 1):
+        cuts.append(("top_characterisation", {"n_restore": 0, "n_scale": 0}))
     cuts += [("max_candidates", {"max_candidates": m}) for m in range(opts.max_candidates - 1, 0, -1)]
     now = dict(requested)
     levers = []
@@ -496,7 +501,7 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
         before = {k: now[k] for k in values}
         now.update(values)
         o = replace(opts, **{k: now[k] for k in ("n_matched", "n_restore", "n_scale", "mean_ablation",
-                                                 "granularities", "joint", "max_candidates")})
+                                                 "granularities", "joint", "first_order", "max_candidates")})
         lay = layout(o, 0 if not now["embed_all"] else embed_cells, int(now["genes_candidates"]))
         levers.append(Lever(name, dict(values), before, LEVER_WHY[name], lay))
     return layout(opts, embed_cells, genes_candidates), levers, requested

@@ -88,11 +88,12 @@ def test_budget_choices_are_the_params_used_and_keep_the_floors(small):
     assert col.loc[col["condition"].str.startswith("random:"), "null_draws"].max() <= b["n_random"]
     # every floor still exceeds 1 s, so the structural levers were pulled, in their order, and used as chosen
     assert b["pulled"] == [x for x in P.LEVER_ORDER if x in b["pulled"]] and b["pulled"][-1] == "max_candidates"
-    for k in ("max_candidates", "n_restore", "n_scale", "n_matched", "mean_ablation", "joint", "embed_all"):
+    for k in ("max_candidates", "n_restore", "n_scale", "n_matched", "mean_ablation", "joint", "embed_all",
+              "first_order"):
         assert p[k] == b[k], k
     assert list(p["granularities"]) == list(b["granularities"])
     assert b["max_candidates"] == 1 and p["candidates"] == ["planted"] and not b["embed_all"]
-    assert not any(c.startswith(("restore:", "scale:")) and "planted" not in c for c in col["condition"])
+    assert not any(c.startswith(("restore:", "scale:")) for c in col["condition"])  # top's too: every lever pulled
     # obsm only for the evaluated cells (from the conditions already run), NaN rows elsewhere
     nan_rows = np.isnan(a.obsm[K.OBSM_EMB]).any(axis=1)
     assert (~nan_rows).sum() == p["n_cells_evaluated"] and (~np.isnan(a.obsm[K.OBSM_EMB_PRUNED]).any(axis=1)).sum() \
