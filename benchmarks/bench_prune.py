@@ -368,7 +368,7 @@ def _print_choice(b: dict, budget: str) -> None:
     from scsuperweight.plan import BUDGET_ORDER, LEVER_ORDER
 
     levers = ("embed_all", "genes_candidates", "n_matched", "n_restore", "n_scale", "mean_ablation",
-              "granularities", "joint", "first_order", "max_candidates")
+              "granularities", "joint", "first_order", "max_candidates", "null_method", "null_k")
     print(f"\nbudget {budget} chose: " + ", ".join(f"{k} {b[k]}" for k in BUDGET_ORDER)
           + "; " + ", ".join(f"{k} {b[k]}" for k in levers if b.get(k) is not None))
     print(f"levers pulled (in the order {', '.join(LEVER_ORDER)}): {', '.join(b['pulled']) or 'none'}; "

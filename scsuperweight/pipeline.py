@@ -166,10 +166,12 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                            if k in fields})
     labels = tl._obs_column(adata, label_key, "label_key")
     genes_candidates = min(3, max_candidates)  # tl.genes' default
+    null_k, null_method, null_cells = 20, "both", 64  # tl.scan's detection null defaults
     cost = tl.plan_cost(adata, model, None, opts, labels=labels, max_cells_per_label=max_cells_per_label,
                         max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
                         batch_size=batch_size, scan_cells=min(max_cells_scan or adata.n_obs, adata.n_obs),
-                        embed_all=po.get("embed_all", True), genes_candidates=genes_candidates)
+                        embed_all=po.get("embed_all", True), genes_candidates=genes_candidates,
+                        scan_null=(null_k, null_method, null_cells))
     if cost.budget is not None:  # the budget's choices (knobs and structural levers) are what every step uses
         b = cost.budget
         max_cells_scan, max_cells_per_label, max_seq_len, n_random, n_boot = \
@@ -177,6 +179,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
         levers = b.settings()
         max_candidates = levers.pop("max_candidates", max_candidates)
         genes_candidates = levers.pop("genes_candidates", genes_candidates)
+        null_k, null_method = levers.pop("null_k", null_k), levers.pop("null_method", null_method)
         from .plan import BUDGET_ORDER
 
         po.update({k: list(v) if isinstance(v, tuple) else v for k, v in levers.items() if k not in BUDGET_ORDER})
@@ -219,7 +222,7 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     common.update(family_options)
     steps = [
         ("scan", lambda: tl.scan(adata, model, label_key=label_key, max_cells=max_cells_scan, screen=screen,
-                                 max_tokens=max_tokens, **common)),
+                                 max_tokens=max_tokens, null_k=null_k, null_method=null_method, **common)),
         # the run's plan was announced above: prune's own (with the candidates found) is logged and recorded
         ("prune", lambda: tl.prune(adata, model, label_key=label_key, condition_key=condition_key,
                                    donor_key=donor_key, case=case, control=control,

@@ -238,7 +238,8 @@ def _lengths(tokens, max_seq_len: int | None) -> np.ndarray:
 def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, tokens, max_seq_len: int | None = None,
               scan_cells: int = 0, scan_rounds: int = 2, embed: bool = False, flop_rate: float | None = None,
               overhead_seconds: float = 0.0, device: str = "", notes: Sequence[str] = (),
-              embed_cells: int | None = None, first_order: bool = False, genes_candidates: int = 0) -> Plan:
+              embed_cells: int | None = None, first_order: bool = False, genes_candidates: int = 0,
+              null_forwards: int = 0) -> Plan:
     """Plan a run.
 
     Parameters
@@ -264,6 +265,8 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
     first_order
         The first-order null's backward pass over the `n_cells` masked cells (a full forward with the decoders and
         its backward, counted as three forwards).
+    null_forwards
+        Cell forwards of the scan's detection null (copies + 1, times its methods, times its cells).
     genes_candidates
         Candidates whose genes are scored after prune (`run`'s genes step over the same cells): a plain forward and
         a masked forward with and without the candidate, each.
@@ -292,6 +295,8 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
         stages["embed"] = (n_cells if embed_cells is None else int(embed_cells)) * per_cell(-1, False)
     if scan_cells:
         stages["scan"] = scan_rounds * scan_cells * per_cell(-1, True)
+    if null_forwards:
+        stages["scan_null"] = int(null_forwards) * per_cell(-1, True)
     if conditions:
         stages["cache"] = 2 * n_cells * per_cell(-1, False)  # every block input, once, for both passes
     if first_order:
@@ -404,6 +409,8 @@ class Layout:
     embed_cells: int = 0
     first_order: bool = False
     genes_candidates: int = 0
+    null_passes: int = 0  # the scan's detection null: (copies + 1) x methods traced over its cells
+    null_cells: int = 0
 
 
 @dataclass(frozen=True)
@@ -445,6 +452,8 @@ class BudgetChoice:
     joint: bool | None = None
     first_order: bool | None = None
     max_candidates: int | None = None
+    null_method: str | None = None  # the scan's detection null: "both", "gaussian", ...
+    null_k: int | None = None
     pulled: tuple = ()  # the levers pulled, in order
 
     def to_dict(self) -> dict:
@@ -466,7 +475,7 @@ class BudgetChoice:
 
 
 _LEVER_FIELDS = ("embed_all", "genes_candidates", "n_matched", "n_restore", "n_scale", "mean_ablation",
-                 "granularities", "joint", "first_order", "max_candidates")
+                 "granularities", "joint", "first_order", "max_candidates", "null_method", "null_k")
 
 # the order in which knobs give way, each down to its floor; the first ones cost the least validity
 BUDGET_ORDER = ("scan_cells", "n_boot", "max_seq_len", "cells_per_label", "n_random")
@@ -482,12 +491,16 @@ _WHY = {
 # then, with every knob at its floor, the structural levers, in this order (each removes work that answers a
 # question beside the verdict; the top candidate is always judged against its own parameter's draws and the top
 # outliers); `scsuperweight.prune.budget_levers` builds them for a prune run
-LEVER_ORDER = ("embed_all", "genes_candidates", "n_matched", "characterisation", "mean_ablation", "unit_pools",
-               "joint", "first_order", "top_characterisation", "max_candidates")
+LEVER_ORDER = ("embed_all", "genes_candidates", "null_method", "n_matched", "characterisation", "mean_ablation",
+               "unit_pools", "joint", "detection_null", "first_order", "top_characterisation", "max_candidates")
 LEVER_WHY = {
     "embed_all": "obsm embeddings only for the evaluated cells (taken from the baseline and top-candidate "
                  "conditions, no extra forward); the other cells' rows are NaN",
     "genes_candidates": "genes ranked for the top candidate only",
+    "null_method": "the scan's detection null with the Gaussian copies only (the one that can call a lone planted "
+                   "scalar), not the permutation copies beside them",
+    "detection_null": "no detection null in the scan (perm_p not computed): the spike thresholds propose, the "
+                      "prune controls judge",
     "n_matched": "no |w|-matched draws: p_matched is not computed; the uniform draws still judge every candidate",
     "characterisation": "restore and scaling for the top candidate only",
     "mean_ablation": "no mean / mean-activation ablations (they ask how, not whether, a candidate matters)",
@@ -513,6 +526,7 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                   min_scan_cells: int = 64, seconds_per_boot_cell: float = SECONDS_PER_BOOT_CELL,
                   seconds_per_condition: float = 0.0, seconds_per_cell: float = SECONDS_PER_CELL,
                   embed_cells: int = 0, first_order: bool = False, genes_candidates: int = 0,
+                  null_passes: int = 0, null_cells: int = 0,
                   levers: Sequence[Lever] = (), requested: Mapping | None = None) -> BudgetChoice:
     """Pick cells per label, tokens per cell, random draws, bootstrap resamples and scan cells to fit a budget,
     and, when even their floors do not fit, pull structural levers.
@@ -563,7 +577,8 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                          scan_cells=min(k["scan_cells"], int(counts.sum())), scan_rounds=scan_rounds,
                          flop_rate=flop_rate, overhead_seconds=overhead, embed=lay.embed_cells > 0,
                          embed_cells=lay.embed_cells, first_order=lay.first_order,
-                         genes_candidates=lay.genes_candidates)
+                         genes_candidates=lay.genes_candidates,
+                         null_forwards=lay.null_passes * min(lay.null_cells, k["scan_cells"]))
 
     def fit(lay: Layout) -> tuple[dict, list]:
         cost = lambda k: plan_of(k, lay).est_seconds  # noqa: E731
@@ -588,7 +603,7 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
         return knobs, reasons
 
     lay = Layout(tuple(fixed_conditions), tuple(null_layers), int(embed_cells), bool(first_order),
-                 int(genes_candidates))
+                 int(genes_candidates), int(null_passes), int(null_cells))
     knobs, reasons = fit(lay)
     pulled: list[Lever] = []
     for lever in levers:

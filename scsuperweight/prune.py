@@ -427,7 +427,8 @@ def _expected(layers, conds, sel, opts: PruneOptions) -> list:
 
 def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_cells: int, tokens,
                max_seq_len: int | None = None, flop_rate: float | None = None, device: str = "",
-               scan_cells: int = 0, scan_rounds: int = 2, embed_cells: int = 0, genes_candidates: int = 0) -> Plan:
+               scan_cells: int = 0, scan_rounds: int = 2, embed_cells: int = 0, genes_candidates: int = 0,
+               scan_null: tuple = (0, "both", 0)) -> Plan:
     """The plan of a prune run (`scsuperweight.plan.make_plan`) over `n_cells` cells of `tokens` tokens each (an
     array of per-cell counts, or one number), before any forward: every condition kind it can run (zeroing, its
     controls, restore and scaling, the mean / neuron / channel ablations and their pools, matched draws, the joint
@@ -436,7 +437,8 @@ def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_
     counts and the estimate are the MOST the run can do (every draw, every candidate characterised, the joint
     phase); ``expected_by_kind`` / ``expected_seconds`` are what it is expected to do under the assumption stated
     in the notes (see `_planned_layout`). `embed_cells` cells embedded besides (obsm), `genes_candidates` the
-    genes step after prune (`run`)."""
+    genes step after prune (`run`), `scan_null` the scan's detection null as ``(null_k, null_method,
+    null_cells)``."""
     lay = _planned_layout(model, candidates, opts)
     conds = lay.fixed + [("random", x) for x in lay.null_layers for _ in range(opts.n_random)]
     notes = list(lay.notes)
@@ -449,7 +451,8 @@ def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_
     cfg = get_adapter(model).model.config
     common = dict(n_cells=n_cells, tokens=tokens, max_seq_len=max_seq_len, flop_rate=flop_rate, device=device,
                   scan_cells=scan_cells, scan_rounds=scan_rounds, embed=embed_cells > 0, embed_cells=embed_cells,
-                  first_order=opts.first_order, genes_candidates=genes_candidates)
+                  first_order=opts.first_order, genes_candidates=genes_candidates,
+                  null_forwards=null_passes(scan_null[0], scan_null[1]) * min(scan_null[2], scan_cells))
     plan = make_plan(cfg, conds, overhead_seconds=metric_seconds(len(conds), n_cells, opts.n_boot), notes=notes,
                      **common)
     exp = make_plan(cfg, lay.expected, overhead_seconds=metric_seconds(len(lay.expected), n_cells, opts.n_boot),
@@ -457,29 +460,42 @@ def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_
     return replace(plan, expected_by_kind=dict(exp.conditions_by_kind), expected_seconds=exp.est_seconds)
 
 
+def null_passes(null_k: int, null_method: str) -> int:
+    """Traced forwards per cell of the scan's detection null: the model and `null_k` copies, per method."""
+    return (int(null_k) + 1) * (2 if null_method == "both" else 1) if null_k else 0
+
+
 def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, embed_cells: int = 0,
-                  genes_candidates: int = 0) -> tuple[Layout, list[Lever], dict]:
+                  genes_candidates: int = 0, scan_null: tuple = (0, "both", 0)) -> tuple[Layout, list[Lever], dict]:
     """The prune run's layout, its structural levers in `scsuperweight.plan.LEVER_ORDER` (each with the layout
     once it and every lever before it are pulled) and the levers' requested values.
 
     In order: the whole-data embedding (obsm from the evaluated cells instead), genes beyond the top candidate,
-    the |w|-matched draws, restore and scaling beyond the top candidate, the mean ablations, the neuron / channel
-    pools, the joint phase, the first-order null, the top candidate's restore and scaling, then `max_candidates`
-    one at a time down to 1 (never 0: the scan's top candidate is
-    always judged against its own parameter's draws and the top outliers)."""
-    def layout(o: PruneOptions, embed: int, genes: int) -> Layout:
+    the scan's permutation null beside the Gaussian one, the |w|-matched draws, restore and scaling beyond the top
+    candidate, the mean ablations, the neuron / channel pools, the joint phase, the scan's detection null, the
+    first-order null, the top candidate's restore and scaling, then `max_candidates` one at a time down to 1
+    (never 0: the scan's top candidate is always judged against its own parameter's draws and the top
+    outliers)."""
+    null_k, null_method, null_cells = scan_null
+
+    def layout(o: PruneOptions, embed: int, genes: int, k: int, method: str) -> Layout:
         lay = _planned_layout(model, candidates, o)
-        return Layout(tuple(lay.fixed), tuple(lay.null_layers), embed, o.first_order, genes)
+        return Layout(tuple(lay.fixed), tuple(lay.null_layers), embed, o.first_order, genes,
+                      null_passes(k, method), int(null_cells))
 
     requested = {"embed_all": True, "genes_candidates": genes_candidates, "n_matched": opts.n_matched,
                  "n_restore": opts.n_restore, "n_scale": opts.n_scale, "mean_ablation": opts.mean_ablation,
                  "granularities": tuple(opts.granularities), "joint": opts.joint,
                  "first_order": opts.first_order, "max_candidates": opts.max_candidates}
+    if null_k:
+        requested.update(null_k=int(null_k), null_method=null_method)
     cuts: list[tuple[str, dict]] = []
     if embed_cells:
         cuts.append(("embed_all", {"embed_all": False}))
     if genes_candidates > 1:
         cuts.append(("genes_candidates", {"genes_candidates": 1}))
+    if null_k and null_method == "both":
+        cuts.append(("null_method", {"null_method": "gaussian"}))
     if opts.n_matched:
         cuts.append(("n_matched", {"n_matched": 0}))
     if opts.n_restore > 1 or opts.n_scale > 1:
@@ -490,6 +506,8 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
         cuts.append(("unit_pools", {"granularities": ("scalar",)}))
     if opts.joint:
         cuts.append(("joint", {"joint": False}))
+    if null_k:
+        cuts.append(("detection_null", {"null_k": 0}))
     if opts.first_order:
         cuts.append(("first_order", {"first_order": False}))
     if min(opts.n_restore, 1) or min(opts.n_scale, 1):
@@ -502,28 +520,31 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
         now.update(values)
         o = replace(opts, **{k: now[k] for k in ("n_matched", "n_restore", "n_scale", "mean_ablation",
                                                  "granularities", "joint", "first_order", "max_candidates")})
-        lay = layout(o, 0 if not now["embed_all"] else embed_cells, int(now["genes_candidates"]))
+        lay = layout(o, 0 if not now["embed_all"] else embed_cells, int(now["genes_candidates"]),
+                     now.get("null_k", 0), now.get("null_method", null_method))
         levers.append(Lever(name, dict(values), before, LEVER_WHY[name], lay))
-    return layout(opts, embed_cells, genes_candidates), levers, requested
+    return layout(opts, embed_cells, genes_candidates, null_k, null_method), levers, requested
 
 
 def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, budget_seconds: float, *,
                  label_counts: dict, tokens, max_seq_len: int, flop_rate: float,
                  cells_per_label: int | None = None, scan_cells: int = 0, scan_rounds: int = 2,
-                 embed_cells: int = 0, genes_candidates: int = 0) -> BudgetChoice:
+                 embed_cells: int = 0, genes_candidates: int = 0, scan_null: tuple = (0, "both", 0)
+                 ) -> BudgetChoice:
     """`scsuperweight.plan.choose_budget` for the prune run `opts` describes (its conditions as `plan_prune`
     counts them): cells per label, tokens per cell, random draws, bootstrap resamples and scan cells that fit
     `budget_seconds`, validity floors first, then the structural levers of `budget_levers`, with the reasons.
     `budgeted_options` turns the choice into the options the run uses."""
     lay, levers, requested = budget_levers(model, candidates, opts, embed_cells=embed_cells,
-                                           genes_candidates=genes_candidates)
+                                           genes_candidates=genes_candidates, scan_null=scan_null)
     notes = _planned_layout(model, candidates, opts).notes
     choice = choose_budget(budget_seconds, config=get_adapter(model).model.config, flop_rate=flop_rate,
                            label_counts=label_counts, tokens=tokens, fixed_conditions=lay.fixed_conditions,
                            null_layers=lay.null_layers, alpha=opts.alpha, n_random=opts.n_random, n_boot=opts.n_boot,
                            max_seq_len=max_seq_len, scan_cells=scan_cells, scan_rounds=scan_rounds,
                            cells_per_label=cells_per_label, embed_cells=embed_cells, first_order=opts.first_order,
-                           genes_candidates=genes_candidates, levers=levers, requested=requested)
+                           genes_candidates=genes_candidates, null_passes=lay.null_passes,
+                           null_cells=lay.null_cells, levers=levers, requested=requested)
     if notes and choice.plan is not None:
         choice = replace(choice, plan=replace(choice.plan, notes=(*notes, *choice.plan.notes)))
     return choice

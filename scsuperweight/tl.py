@@ -640,7 +640,8 @@ class Cost:
 def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np.ndarray | None,
               max_cells_per_label: int | None, max_seq_len: int | None = None, budget=None,
               gene_key: str | None = None, layer: str | None = None, seed: int = 0, batch_size: int = 32,
-              scan_cells: int = 0, scan_rounds: int = 2, embed_all: bool = True, genes_candidates: int = 0) -> Cost:
+              scan_cells: int = 0, scan_rounds: int = 2, embed_all: bool = True, genes_candidates: int = 0,
+              scan_null: tuple = (0, "both", 0)) -> Cost:
     """Plan a prune (and, with `scan_cells`, a scan before it) on this data and device, before any work.
 
     Tokenises the cells prune would measure (their token counts), times one short calibration forward
@@ -651,7 +652,8 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
     The calibration times the run's batch shape (its median tokens per cell, up to 4,096 tokens a batch): one
     warm-up, then the fastest of 3 (a busy machine times slow). The budget is what is left of it after this
     planning (tokenising, calibrating). `embed_all` plans prune's embeddings of every cell (a lever of the
-    budget); `genes_candidates` the genes step after prune (`run`).
+    budget); `genes_candidates` the genes step after prune (`run`); `scan_null` the scan's detection null,
+    ``(null_k, null_method, null_cells)``.
     """
     import time
 
@@ -690,7 +692,8 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
             return budget_prune(model, candidates, opts, left, label_counts=counts, tokens=lengths,
                                 max_seq_len=int(max_seq_len or model_max), flop_rate=rate,
                                 cells_per_label=max_cells_per_label, scan_cells=scan_cells,
-                                scan_rounds=scan_rounds, embed_cells=embed_cells, genes_candidates=genes_candidates)
+                                scan_rounds=scan_rounds, embed_cells=embed_cells, genes_candidates=genes_candidates,
+                                scan_null=scan_null)
 
         choice = choose(cal.flop_rate)
         for _ in range(2):  # the rate depends on the length (attention grows as its square): time the chosen one
@@ -709,10 +712,12 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
         max_seq_len, scan_cells = choice.max_seq_len, choice.scan_cells
         embed_cells = embed_cells if choice.embed_all else 0
         genes_candidates = choice.genes_candidates if choice.genes_candidates is not None else genes_candidates
+        if choice.null_k is not None:
+            scan_null = (choice.null_k, choice.null_method, scan_null[2])
     plan = plan_prune(model, candidates, opts, n_cells=len(cells), tokens=lengths,
                       max_seq_len=max_seq_len or model_max, flop_rate=cal.flop_rate, device=cal.device,
                       scan_cells=scan_cells, scan_rounds=scan_rounds, embed_cells=embed_cells,
-                      genes_candidates=genes_candidates)
+                      genes_candidates=genes_candidates, scan_null=scan_null)
     plan = replace(plan, notes=(*plan.notes, cal.describe()))
     if choice is not None:
         plan = replace(plan, notes=(*plan.notes, *choice.reasons),
