@@ -125,6 +125,15 @@ def test_pipeline_dry_run_writes_only_run_json_with_plan_and_budget(small, tmp_p
     assert run["status"] == "dry-run" and info["status"] == "dry-run"
     assert run["plan"]["scan_cells"] > 0 and "scan" in run["plan"]["flops_by_stage"]
     assert run["budget"]["reasons"] and run["budget"]["budget_seconds"] == 20.0
+    # the run's every stage is planned, the scan's detection null included, and each lever is recorded
+    full = ssw.pipeline.run_pipeline(adata.copy(), model, tmp_path / "full", label_key="cell_type", dry_run=True,
+                                     progress=False, yes=True)["plan"]
+    assert {"scan", "scan_null", "genes", "first_order", "embed"} <= set(full["flops_by_stage"])
+    b = run["budget"]
+    assert b["pulled"] == [x for x in P.LEVER_ORDER if x in b["pulled"]]
+    if "detection_null" in b["pulled"]:
+        assert b["null_k"] == 0 and "scan_null" not in run["plan"]["flops_by_stage"]
+        assert run["params"]["max_candidates"] == b["max_candidates"]
     assert run["params"]["budget"] == "20s"
     # the report's cost section is read from the record, never recomputed
     from html import escape
