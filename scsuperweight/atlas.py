@@ -19,7 +19,7 @@ from . import _keys as K
 from . import dist
 from ._log import logger
 from .data.sources import Source, is_soma, open_source, stratified_sample
-from .embedstore import EmbeddingStore
+from .embedstore import EmbeddingStore, trim_heap
 from .errors import DataError
 from .progress import Progress
 
@@ -229,9 +229,12 @@ def embed_store(data, model, store, *, gene_key: str | None = None, layer: str |
 
     bar = Progress(st.n_blocks, initial=st.n_blocks - len(pending), desc="embed", unit="block", enabled=progress,
                    is_main=ctx.is_main, writer=writer)
+    def after(blocks: list[int]) -> None:
+        trim_heap()  # freed block buffers back to the OS: without it a long run's RSS grows block by block
+        bar.update(len(blocks), block=int(blocks[-1]))
+
     with bar:
-        dist.run_in_rounds(pending, embed_block, st.write, ctx,
-                           after=lambda blocks: bar.update(len(blocks), block=int(blocks[-1])))
+        dist.run_in_rounds(pending, embed_block, st.write, ctx, after=after)
     st.gene_overlap = overlap
     return st
 

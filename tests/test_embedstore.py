@@ -141,3 +141,36 @@ def test_a_block_costs_two_fsyncs_and_its_marker_comes_after_them(atlas, tmp_pat
     assert store.done_blocks() == list(range(store.n_blocks))
     whole = np.concatenate([embed_fn(chunk) for _, chunk in src.iter_chunks(chunk_size=10**6)])  # file by file
     np.testing.assert_allclose(store.read(), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_finalize_streams_blocks_into_the_file_anndata_would_write(atlas, tmp_path):
+    """The .h5ad copied block by block from the store reads back as the one anndata writes from memory (obs, uns,
+    obsm with anndata's encoding), and an unfinished store is refused before any file is made."""
+    import h5py
+
+    import scsuperweight.embedstore as es
+
+    folder, _ = atlas
+    src = open_source(folder)
+    store = EmbeddingStore(tmp_path / "s", src.obs_names, block_size=7)  # last block partial
+    assert src.n_obs % 7
+    embed_to_store(src, _namespace(), store)
+    uns = {"ssw": {"params": {"embed": '{"seed": 0}'}}}
+    out = store.finalize(src.obs, tmp_path / "streamed.h5ad", key_added="X_test", uns=uns)
+    ad.AnnData(obs=src.obs.copy(), obsm={"X_test": store.read()}, uns=uns).write_h5ad(tmp_path / "memory.h5ad")
+    got, want = ad.read_h5ad(out), ad.read_h5ad(tmp_path / "memory.h5ad")
+    pd.testing.assert_frame_equal(got.obs, want.obs)
+    assert got.uns == want.uns and list(got.obsm) == ["X_test"]
+    assert got.obsm["X_test"].dtype == np.float32
+    np.testing.assert_array_equal(got.obsm["X_test"], want.obsm["X_test"])
+    with h5py.File(out) as a, h5py.File(tmp_path / "memory.h5ad") as b:
+        assert dict(a["obsm/X_test"].attrs) == dict(b["obsm/X_test"].attrs)
+    half = EmbeddingStore(tmp_path / "h", src.obs_names, block_size=10)
+    embed_to_store(src, _namespace(), half, blocks=[0])
+    with pytest.raises(DataError, match="not finished"):
+        half.finalize(src.obs, tmp_path / "half.h5ad")
+    assert not (tmp_path / "half.h5ad").exists()
+    es.trim_heap()  # on glibc it finds malloc_trim; elsewhere it is a no-op
+    import platform
+
+    assert (es._LIBC_TRIM[0] is not None) == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
