@@ -88,6 +88,8 @@ def main() -> None:
     max_len = args.max_seq_len or (32 if args.quick else None)
     args.block = args.block or (50 if args.quick else 500)
     results = []
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for n in sizes:
             folder = Path(tmp) / f"atlas{n}"

@@ -113,7 +113,8 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     ``gepc_mse`` / ``mlm_loss``, see `scsuperweight.tl.prune`) is recorded in run.json's params, where the report
     reads the metric it judges candidates on. `prune_options`: the ablations beside zeroing, as keyword arguments
     of `scsuperweight.tl.prune` (``mean_ablation``, ``granularities``, ``joint``, ``n_unit_random``, ``n_matched``,
-    ``n_joint``), recorded in the params.
+    ``n_joint``, ``characterise``: ``"all"`` restores and scales every top candidate, not only passing ones),
+    recorded in the params.
 
     `out_dir` holds one run: a directory that already holds a run's files is refused (RunDirError) unless
     `overwrite`, which removes exactly those files first. run.json records a ``run_id`` and the data and model
