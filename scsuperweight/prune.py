@@ -60,7 +60,7 @@ from .precision import forward_precision
 from .runners import get_runner, l2_normalise
 from .runners.bert import HFEvaluator  # noqa: F401 - re-exported: the evaluators used to live here
 from .runners.scgpt import ScGPTEvaluator  # noqa: F401
-from .sequential import SequentialNull, decision_h
+from .sequential import SequentialPool, decision_h
 
 GRANULARITIES = ("scalar", "neuron", "channel")
 
@@ -975,10 +975,8 @@ class _Runner:
         self.ev, self.model, self.opts, self.progress = ev, model, opts, progress
         self.results: dict[str, dict] = {}
         self.ran: list[Condition] = []
-        self.pools: dict[str, list[Condition]] = {}
-        self.used: dict[str, int] = {}
-        self.deltas: dict[str, list[float]] = {}
-        self.tests: dict[str, dict[str, SequentialNull]] = {}
+        self.pool_conds: dict[str, list[Condition]] = {}  # pool -> its draw conditions, in `build_conditions` order
+        self.pools: dict[str, SequentialPool] = {}
         self.metric: str | None = None
         self.sequential = opts.sequential
         self._keys: dict[tuple, str] = {}
@@ -1012,48 +1010,32 @@ class _Runner:
                 logger.warning("sequential nulls need a per-cell primary metric; %r is not one: every draw is run",
                                self.metric)
                 self.sequential = False
+        new: dict[str, list[Condition]] = {}
         for c in draws:
-            self.pools.setdefault(c.control_for, []).append(c)
-            self.used.setdefault(c.control_for, 0)
-            self.deltas.setdefault(c.control_for, [])
+            new.setdefault(c.control_for, []).append(c)
+        for p, cs in new.items():
+            self.pool_conds.setdefault(p, []).extend(cs)
+            h = decision_h(self.opts.alpha, len(self.pool_conds[p]))
+            if p in self.pools:
+                self.pools[p].grow(len(cs), h=h)
+            else:
+                self.pools[p] = SequentialPool(h=h, max_draws=len(cs))
         if not self.sequential:
             self._execute(draws)
             self.ran += draws
-            for p in self.pools:
-                self.used[p] = len(self.pools[p])
             return
         for c in self.ran:  # every condition judged against a pool joins it, replaying the draws made so far
             for p in _judging_pools(c):
-                if p in self.pools and c.name not in self.tests.setdefault(p, {}):
-                    d = self._delta(c.name)
-                    if np.isfinite(d):
-                        t = SequentialNull(decision_h(self.opts.alpha, len(self.pools[p])), len(self.pools[p]),
-                                           candidate=d)
-                        for x in self.deltas[p]:
-                            if t.done:
-                                break
-                            t.add(x)
-                        self.tests[p][c.name] = t
-        while True:
-            todo = {}
-            for p, pool in self.pools.items():
-                tests = self.tests.get(p, {})
-                if self.used[p] < len(pool) and (not tests or not all(t.done for t in tests.values())):
-                    step = decision_h(self.opts.alpha, len(pool))  # no pool can settle in fewer draws
-                    todo[p] = pool[self.used[p]:self.used[p] + step]
-            if not todo:
-                break
+                if p in self.pools and c.name not in self.pools[p].tests and np.isfinite(d := self._delta(c.name)):
+                    self.pools[p].join(c.name, d)
+        while todo := {p: self.pool_conds[p][pool.draws:pool.draws + n] for p, pool in self.pools.items()
+                       if (n := pool.next_round())}:
             batch = [c for cs in todo.values() for c in cs]
             self._execute(batch)
             self.ran += batch
             for p, cs in todo.items():  # deltas on the host once per round, not per condition
-                self.used[p] += len(cs)
                 for c in cs:
-                    d = self._delta(c.name)
-                    self.deltas[p].append(d)
-                    for t in self.tests.get(p, {}).values():
-                        if not t.done:
-                            t.add(d)
+                    self.pools[p].add(self._delta(c.name))
 
     def nulls(self) -> dict[str, NullRecord]:
         """One `NullRecord` per pool (empty without sequential nulls: every draw ran)."""
@@ -1061,12 +1043,9 @@ class _Runner:
             return {}
         out = {}
         for p, pool in self.pools.items():
-            tests = self.tests.get(p, {})
-            h = decision_h(self.opts.alpha, len(pool))
-            out[p] = NullRecord(p, self.used[p], self.used[p] < len(pool), h, len(pool),
-                                {k: t.p for k, t in tests.items()})
-            logger.info("null %s: %d of %d draws%s", p, self.used[p], len(pool),
-                        " (stopped early: decisions settled)" if self.used[p] < len(pool) else "")
+            out[p] = NullRecord(p, pool.draws, pool.stopped_early, pool.h, pool.max_draws, pool.p)
+            logger.info("null %s: %d of %d draws%s", p, pool.draws, pool.max_draws,
+                        " (stopped early: decisions settled)" if pool.stopped_early else "")
         return out
 
     def ordered(self, conds: Sequence[Condition]) -> list[Condition]:

@@ -111,21 +111,90 @@ class SequentialNull:
 
 
 class SequentialPool:
-    """Several candidates sharing one parameter's draws: drawing goes on while any of them is unsettled.
+    """Several candidates judged against one parameter's draws: drawing goes on while any of them is unsettled.
 
-    A candidate that settles keeps its p; later draws (made for the others) are not counted for it.
+    Each draw is recorded, so a candidate can `join` late (a condition run in a later phase, judged against draws
+    made before it) and first replays the draws made; the pool then draws on if that did not settle it. A
+    candidate that settles keeps its p; later draws (made for the others) are not counted for it. A pool that no
+    candidate has joined draws to `max_draws`, as a fixed-size null does (a later joiner finds every draw).
+
+    Parameters
+    ----------
+    candidates
+        Candidate name -> its delta on the primary metric, joined at once (more can `join` later).
+    h
+        Stop a candidate after this many draws at least as extreme as it (see `decision_h`); also the size of a
+        round of draws (`next_round`), since no candidate can settle in fewer.
+    max_draws
+        The draws in the pool.
+    centre
+        What "no effect" is (0: no change from baseline).
+
+    Examples
+    --------
+    >>> pool = SequentialPool({"cand": 0.8}, h=2, max_draws=40)
+    >>> while (n := pool.next_round()):
+    ...     for d in run_draws(pool.draws, n):
+    ...         pool.add(d)
+    >>> pool.join("restore", 0.3)  # a later phase's condition: replays the draws made, then draws go on
     """
 
-    def __init__(self, candidates: dict[str, float], *, h: int, max_draws: int, centre: float = 0.0):
-        self.tests = {k: SequentialNull(h, max_draws, candidate=v, centre=centre) for k, v in candidates.items()}
-        self.draws = 0
+    def __init__(self, candidates: dict[str, float] | None = None, *, h: int, max_draws: int, centre: float = 0.0):
+        if int(h) < 1 or int(max_draws) < 1:
+            msg = f"`h` and `max_draws` must be >= 1; got h={h!r}, max_draws={max_draws!r}."
+            raise DataError(msg)
+        self.h, self.max_draws, self.centre = int(h), int(max_draws), float(centre)
+        self.tests: dict[str, SequentialNull] = {}
+        self.deltas: list[float] = []  # every draw made, in order, for late joiners to replay
+        for name, delta in (candidates or {}).items():
+            self.join(name, delta)
+
+    @property
+    def draws(self) -> int:
+        return len(self.deltas)
+
+    def join(self, name: str, candidate: float) -> SequentialNull:
+        """Judge `candidate` (a finite delta) against the pool as `name`, replaying the draws made until it is
+        settled; joining twice returns the first test."""
+        if name in self.tests:
+            return self.tests[name]
+        t = SequentialNull(self.h, self.max_draws, candidate=candidate, centre=self.centre)
+        for d in self.deltas:
+            if t.add(d):
+                break
+        self.tests[name] = t
+        return t
+
+    @property
+    def settled(self) -> bool:
+        """Some candidate has joined and every one has settled."""
+        return bool(self.tests) and all(t.done for t in self.tests.values())
 
     @property
     def done(self) -> bool:
-        return all(t.done for t in self.tests.values())
+        """No more draws are needed: every candidate is settled or the pool is exhausted."""
+        return self.settled or self.draws >= self.max_draws
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.draws < self.max_draws
+
+    def grow(self, more: int, *, h: int) -> None:
+        """`more` draws joined the pool: later joiners are judged against all of them, stopping after `h`
+        extremes (the candidates already in keep the pool they joined)."""
+        self.max_draws += int(more)
+        self.h = int(h)
+
+    def next_round(self) -> int:
+        """How many draws to make next: `h` (none can settle in fewer), fewer at the pool's end, 0 when done."""
+        return 0 if self.done else min(self.h, self.max_draws - self.draws)
 
     def add(self, draw: float) -> bool:
-        self.draws += 1
+        """Record one draw's delta and count it for every unsettled candidate; return `done`."""
+        if self.draws >= self.max_draws:
+            msg = f"this pool has made all its {self.max_draws} draws; check `done` before drawing again."
+            raise DataError(msg)
+        self.deltas.append(float(draw))
         for t in self.tests.values():
             if not t.done:
                 t.add(draw)

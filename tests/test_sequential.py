@@ -74,3 +74,38 @@ def test_pool_draws_until_every_candidate_is_settled():
     weak, strong = pool.tests["weak"], pool.tests["strong"]
     assert weak.stopped_early and weak.draws == 2 and weak.p == 1.0
     assert strong.draws == pool.draws == 30 and strong.p == 1 / 31
+
+
+def test_a_late_joiner_replays_the_draws_made_then_the_pool_draws_on():
+    draws = [0.1, -0.2, 0.05, 3.0, -0.1, 0.3, -4.0, 0.2]
+    pool = SequentialPool(h=2, max_draws=len(draws))
+    assert pool.next_round() == 2  # nobody joined yet: a fixed-size null, drawn in rounds of h
+    pool.add(draws[0]), pool.add(draws[1])
+    pool.join("strong", 2.5)  # replays 2 draws, none as extreme
+    pool.join("weak", 0.15)  # replays 2 draws, one as extreme (-0.2): unsettled
+    assert (pool.tests["strong"].draws, pool.tests["weak"].draws, pool.tests["weak"].extremes) == (2, 2, 1)
+    assert pool.join("weak", 9.0) is pool.tests["weak"]  # joining twice keeps the first test
+    while n := pool.next_round():
+        for d in draws[pool.draws:pool.draws + n]:
+            pool.add(d)
+    # weak settles on the 4th draw (3.0); strong needs 3.0 and -4.0, the 7th: one draw short of the pool
+    assert pool.tests["weak"].draws == 4 and pool.tests["weak"].p == 0.5
+    assert pool.tests["strong"].draws == 7 and pool.tests["strong"].p == 2 / 7
+    assert pool.draws == 8 and pool.done and not pool.stopped_early  # rounds of 2: the last one drew the 8th
+    # a candidate joining the finished pool is judged on the draws recorded: the same p as if it had been there
+    late = pool.join("late", 2.5)
+    assert (late.draws, late.p) == (7, 2 / 7)
+    with pytest.raises(DataError, match="all its 8 draws"):
+        pool.add(0.0)
+
+
+def test_a_pool_settles_early_only_once_every_joiner_is_settled():
+    pool = SequentialPool({"a": 0.01}, h=1, max_draws=10)
+    assert pool.add(0.5) and pool.settled and pool.stopped_early and pool.next_round() == 0
+    pool.join("b", 5.0)  # a later phase's condition reopens the pool
+    assert not pool.done and pool.next_round() == 1
+    pool.grow(10, h=2)  # more draws arrived: later joiners are judged against all 20
+    pool.join("c", 5.0)
+    assert (pool.max_draws, pool.tests["c"].max_draws, pool.tests["b"].max_draws, pool.next_round()) == (20, 20, 10, 2)
+    with pytest.raises(DataError, match="finite delta"):
+        pool.join("nan", float("nan"))
