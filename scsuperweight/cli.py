@@ -331,6 +331,11 @@ def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-matched", type=int, default=20,
                    help="random scalars from each candidate's |w| quantile bin, for p_matched (default 20; 0: none)")
     p.add_argument("--n-joint", type=int, default=20, help="random scalar sets, the null of joint (default 20)")
+    p.add_argument("--characterise", choices=("passing", "all"), default="passing",
+                   help="which candidates get restore:, scale: and |w|-matched conditions: 'passing' (default) only "
+                        "those whose zeroing passes the controls, in a second phase (the others are listed under "
+                        "not_characterised in run.json); 'all' every candidate, at the cost of those conditions "
+                        "and their matched draws for candidates that do not matter")
 
     p.add_argument("--max-cells-per-donor", type=int, default=None,
                    help="cap per (label, donor) of the evaluated sample (default none)")
@@ -342,7 +347,7 @@ def _ablation_opts(args) -> dict:
     """tl.prune's ablation options from the flags of `_pipeline_knobs`."""
     return dict(granularities=tuple(args.granularities), mean_ablation=not args.no_mean_ablation,
                 joint=not args.no_joint, n_unit_random=args.n_unit_random, n_matched=args.n_matched,
-                n_joint=args.n_joint)
+                n_joint=args.n_joint, characterise=args.characterise)
 
 
 # ------------------------------------------------------------------------------------------------------------
