@@ -333,9 +333,9 @@ def _pipeline_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-joint", type=int, default=20, help="random scalar sets, the null of joint (default 20)")
     p.add_argument("--characterise", choices=("passing", "all"), default="passing",
                    help="which candidates get restore:, scale: and |w|-matched conditions: 'passing' (default) only "
-                        "those whose zeroing passes the controls, in a second phase (the others are listed under "
-                        "not_characterised in run.json); 'all' every candidate, at the cost of those conditions "
-                        "and their matched draws for candidates that do not matter")
+                        "those whose zeroing passes the controls, in a second phase (prune's parameters name the "
+                        "others under not_characterised, with the reason); 'all' every candidate, at the cost of "
+                        "those conditions and their matched draws for candidates that do not matter")
 
     p.add_argument("--max-cells-per-donor", type=int, default=None,
                    help="cap per (label, donor) of the evaluated sample (default none)")
