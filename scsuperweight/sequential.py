@@ -177,6 +177,7 @@ class SequentialPool:
 
     @property
     def stopped_early(self) -> bool:
+        """Fewer than `max_draws` draws made (once drawing is `done`: the decisions settled before the end)."""
         return self.draws < self.max_draws
 
     def grow(self, more: int, *, h: int) -> None:
