@@ -4,10 +4,13 @@ A synthetic atlas (`datasets.synthetic_ad`, written as per-donor .h5ad files, 20
 cells (``--quick``: 2,000 and 20,000; ``--sizes`` for others) is embedded with the demo model by
 `atlas.embed_store` (what `scsuperweight embed --data FOLDER --out STORE` runs: blocks of ``--block`` cells read
 and tokenised one at a time, a zarr store, the .h5ad written at the end by `atlas.finalize_store`). Each size runs
-in its own process, so its peak RSS (`ru_maxrss`) is its own. Streaming works when the large atlas's peak is about
-the small one's (aim <= 1.2x): what grows with the cells is obs (names, a few columns) and the final obsm, not
-the counts or the tokens. The block (default 500) is at most one donor file of the smaller atlas, so both sizes
-hold chunks of the same size and the ratio measures growth with the cells alone (``--quick``: 50).
+in its own process, so its peak RSS is its own: the child's ``VmHWM`` (the high-water mark of its own address
+space), not ``ru_maxrss``, which Linux carries over a fork+exec from the parent (the parent's ~1.06 GB peak from
+writing the 200,000-cell atlas was reported as the large embed's peak before). Streaming works when the large
+atlas's peak is about the small one's (aim <= 1.2x): what grows with the cells is obs (names, a few columns),
+not the counts, the tokens or the embeddings (the .h5ad is written block by block). The block (default 500) is
+at most one donor file of the smaller atlas, so both sizes hold chunks of the same size and the ratio measures
+growth with the cells alone (``--quick``: 50).
 
 One torch thread by default: the tiny model's matrices are too small to share, and on a busy machine a second
 intra-op thread that has to wait for a core made the whole run about 10x slower (measured on 2 loaded cores:
@@ -48,6 +51,19 @@ def write_atlas(folder: Path, n_cells: int) -> None:
             part.write_h5ad(folder / f"donor{2 * p + k:02d}.h5ad")
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory: ``VmHWM`` (reset at exec), else ``ru_maxrss`` (which may include
+    the parent's peak at the fork)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def child(folder: str, store: str, block: int, threads: int, max_seq_len: int | None) -> None:
     """Embed the atlas into a store as `scsuperweight embed` does; print cells, seconds and peak RSS as JSON."""
     import torch
@@ -62,7 +78,7 @@ def child(folder: str, store: str, block: int, threads: int, max_seq_len: int | 
     embedded, cpu = time.perf_counter() - t0, time.process_time() - c0
     atlas.finalize_store(st, folder, params={"gene_overlap": st.gene_overlap})
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mb()
     print(json.dumps({"cells": st.n, "seconds": seconds, "embed_seconds": embedded, "embed_cpu_seconds": cpu,
                       "peak_rss_mb": peak}))
 

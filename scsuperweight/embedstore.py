@@ -78,6 +78,7 @@ def trim_heap() -> None:
 
 
 def _names_hash(names) -> str:
+    """A hash of the names as strings, in order (one name at a time: no copy of them all)."""
     h = hashlib.sha256()
     for n in names:
         h.update(str(n).encode())
@@ -107,11 +108,12 @@ class EmbeddingStore:
             msg = f"block_size must be >= 1, got {block_size}."
             raise ValueError(msg)
         self.path = Path(path)
-        self.obs_names = np.asarray(obs_names).astype(str)
-        self.n = len(self.obs_names)
+        # only the names' hash is kept: the names themselves (str objects, or 4 bytes a character as a numpy
+        # array) would be the store's one cost per cell, and the hash is all that resuming and finalize check
+        self.n = len(obs_names)
+        self.names_hash = _names_hash(obs_names)
         self.block_size = int(block_size)
-        meta = {"n_obs": self.n, "block_size": self.block_size, "obs_names": _names_hash(self.obs_names),
-                "key": key}
+        meta = {"n_obs": self.n, "block_size": self.block_size, "obs_names": self.names_hash, "key": key}
         meta_file = self.path / _META
         if meta_file.exists():
             old = json.loads(meta_file.read_text())
@@ -190,7 +192,7 @@ class EmbeddingStore:
         import h5py
 
         out = self.path / "embeddings.h5ad" if out is None else Path(out)
-        if list(map(str, obs.index)) != self.obs_names.tolist():
+        if len(obs) != self.n or _names_hash(obs.index) != self.names_hash:
             msg = "finalize(obs=...) needs the store's cells, in store order (obs.index == the store's obs_names)."
             raise DataError(msg)
         left = self.pending()
@@ -222,8 +224,7 @@ def embed_to_store(source, embed_fn: Callable, store: EmbeddingStore, *, cells=N
     work to some blocks (a rank's shard). `on_block(block, n_done, n_blocks)` is called after each finished block.
     """
     cells = np.arange(source.n_obs) if cells is None else np.asarray(cells, dtype=np.int64)
-    if len(cells) != store.n or not np.array_equal(np.asarray(source.obs_names[cells]).astype(str),
-                                                   store.obs_names):
+    if len(cells) != store.n or _names_hash(source.obs_names[cells]) != store.names_hash:
         msg = "the store's obs names differ from the source's cells: open the store with source.obs_names[cells]."
         raise DataError(msg)
     todo = store.pending(blocks)

@@ -174,3 +174,35 @@ def test_row_ranges_read_from_disk_equal_the_files_rows(donors):
     assert set(src._indptrs) == {0, 1, 2}  # each file's indptr read once, then reused
     src.close()
     assert not src._elements and not src._indptrs
+
+
+def test_obs_string_columns_stay_categorical_across_files(tmp_path):
+    """A column naming one donor per file is categorical across files (1 byte a cell, not an object column), its
+    values the strings the files hold, its categories the values present natural-sorted as anndata writes them;
+    a column with the same categories in every file, with all values distinct, or missing in a file, is left as
+    pandas concatenates it. The .h5ad written from the
+    source's obs equals the one written from the plain concatenation."""
+    files = []
+    for d, n in ((10, 4), (2, 3), (1, 5)):  # natural order D1 < D2 < D10, not the file order nor plain sort
+        obs = pd.DataFrame({"donor": pd.Categorical([f"D{d}"] * n),
+                            "cell_type": pd.Categorical(["Astro", "Micro"] * (n // 2) + ["Astro"] * (n % 2),
+                                                        categories=["Oligo", "Micro", "Astro"]),
+                            "barcode": pd.Categorical([f"bc{d}_{i}" for i in range(n)])},
+                           index=[f"d{d}_c{i}" for i in range(n)])
+        if d != 2:
+            obs["batch"] = pd.Categorical([f"b{d}"] * n)
+        a = ad.AnnData(X=sp.csr_matrix(np.ones((n, 3), np.float32)), obs=obs)
+        a.write_h5ad(tmp_path / f"f{len(files)}.h5ad")
+        files.append(ad.read_h5ad(tmp_path / f"f{len(files)}.h5ad").obs)
+    obs = open_source(tmp_path).obs
+    plain = pd.concat(files, axis=0, join="outer")
+    assert plain["donor"].dtype == object  # what pandas does with differing categories
+    assert obs["donor"].dtype == "category" and list(obs["donor"].cat.categories) == ["D1", "D2", "D10"]
+    assert obs["donor"].tolist() == plain["donor"].tolist() == ["D10"] * 4 + ["D2"] * 3 + ["D1"] * 5
+    assert list(obs["cell_type"].cat.categories) == ["Oligo", "Micro", "Astro"]  # the same in every file: kept
+    assert obs["cell_type"].tolist() == plain["cell_type"].tolist()
+    assert obs["barcode"].dtype == object and obs["barcode"].tolist() == plain["barcode"].tolist()
+    assert obs["batch"].dtype == object and obs["batch"].isna().sum() == 3
+    ad.AnnData(obs=obs.drop(columns=FILE_COLUMN)).write_h5ad(tmp_path / "new.h5ad")
+    ad.AnnData(obs=plain).write_h5ad(tmp_path / "old.h5ad")
+    pd.testing.assert_frame_equal(ad.read_h5ad(tmp_path / "new.h5ad").obs, ad.read_h5ad(tmp_path / "old.h5ad").obs)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from natsort import natsorted
+from pandas.api.types import infer_dtype, union_categoricals
 
 from .._log import logger
 from ..errors import DataError
@@ -258,6 +260,28 @@ def _unique_names(obs: list[pd.DataFrame], labels: list[str]) -> list[pd.DataFra
     return out
 
 
+def _concat_obs(obs_list: list[pd.DataFrame]) -> pd.DataFrame:
+    """The members' obs one after another, string columns kept categorical across files.
+
+    Why: pandas concatenates categoricals whose categories differ (a ``donor`` column names one donor per file) into
+    object columns, 8 bytes a cell plus the strings, where categorical codes take 1 byte. Such a column becomes
+    the categorical anndata itself would write for those values (``strings_to_categoricals``: the values present,
+    natural-sorted, only when some value repeats), so the .h5ad written from this obs is the one written before.
+    """
+    if len(obs_list) == 1:
+        return obs_list[0].copy()
+    obs = pd.concat(obs_list, axis=0, join="outer")
+    for c in obs.columns:
+        if obs[c].dtype != object or not all(c in o.columns and isinstance(o[c].dtype, pd.CategoricalDtype)
+                                             for o in obs_list):
+            continue
+        cat = union_categoricals([pd.Categorical(o[c]) for o in obs_list]).remove_unused_categories()
+        if infer_dtype(cat.categories) != "string" or len(cat.categories) >= len(cat):
+            continue  # not strings, or every value unique: anndata writes those as strings, so they stay so
+        obs[c] = cat.reorder_categories(natsorted(cat.categories))
+    return obs
+
+
 def open_source(data, *, layer: str | None = None) -> Source:
     """A `Source` over `data`: an .h5ad path, a folder or glob of .h5ad files, a backed or in-memory AnnData,
     a TileDB-SOMA experiment (its folder or URI, or an open ``tiledbsoma.Experiment``; the ``[soma]`` extra; see
@@ -300,7 +324,7 @@ def open_source(data, *, layer: str | None = None) -> Source:
         obs_list.append(o)
         start += len(o)
     obs_list = _unique_names(obs_list, labels)
-    obs = pd.concat(obs_list, axis=0, join="outer") if len(obs_list) > 1 else obs_list[0].copy()
+    obs = _concat_obs(obs_list)
     obs[FILE_COLUMN] = pd.Categorical(np.repeat(labels, [f.n_obs for f in files]), categories=labels)
     logger.info("opened %d cells in %d file(s)", len(obs), len(files))
     return Source(files, obs, layer=layer)
