@@ -278,30 +278,35 @@ def _planted(model, adata, layer: int, row: int, col: int, n_cells: int = 64):
     return plant_superweight(model, layer=layer, row=row, col=col, batches=plain)
 
 
-# the issue-time defaults (issue 14): fixed draws, no #17 ablations, no first-order null, every top candidate
-# restored and scaled
+# the issue-time defaults (issue 14): fixed draws, full length (the model's 1,200 tokens), no #17 ablations, no
+# first-order null, every top candidate restored and scaled
+FULL_LEN = 1200
 OLD = dict(sequential=False, first_order=False, mean_ablation=False, granularities=("scalar",), joint=False,
-           n_matched=0, characterise="all")
+           n_matched=0, characterise="all", max_seq_len=FULL_LEN)
 # the new defaults restricted to the same condition kinds (the #17 ablations off)
 NEW_SAME = dict(mean_ablation=False, granularities=("scalar",), joint=False, n_matched=0)
 
 
 def bench_cost(argv) -> None:
     """(a) The planted 4-layer official-format model over the Darmanis cells, through `tl.prune` after one shared
-    `tl.scan`, three arms: ``old`` (the issue-time defaults: fixed 40 draws, full length, no #17 ablations, no
-    first-order null, every top candidate restored and scaled), ``new-same`` (the new defaults restricted to the
-    old condition kinds) and ``new`` (the full new default plan): wall times, conditions run per kind, ratios,
-    and whether the verdicts are identical (zeroing across all arms; every verdict between old and new-same)."""
+    `tl.scan`, three arms: ``old`` (the issue-time defaults: fixed 40 draws, full length 1,200 tokens, no #17
+    ablations, no first-order null, every top candidate restored and scaled), ``new-same`` (the new defaults,
+    512 tokens per cell among them, restricted to the old condition kinds) and ``new`` (the full new default
+    plan): wall times, tokens per cell, conditions run per kind, ratios, and whether the verdicts are identical
+    (zeroing across all arms; every verdict between old and new-same). The shared scan reads full length (the
+    issue-time scan), so every arm judges the same candidates."""
     import tempfile
     import time
     from collections import Counter
 
     import scsuperweight as ssw
     from scsuperweight.plan import condition_kind
+    from scsuperweight.runners import get_runner
 
     ap = argparse.ArgumentParser(prog="bench_prune.py cost", description=bench_cost.__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="40 cells, 10 per label, 256 tokens, 20 draws: minutes")
-    ap.add_argument("--max-seq-len", type=int, default=None, help="every arm (default: full length, 1200)")
+    ap.add_argument("--quick", action="store_true", help="40 cells, 10 per label, 20 draws: minutes")
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="the new arms (default: the new default, 512); old is always full length (1200)")
     ap.add_argument("--n-random", type=int, default=40, help="draws per parameter, every arm (default 40)")
     ap.add_argument("--cells", type=int, default=None, help="subsample the 466 cells (label-stratified)")
     ap.add_argument("--max-cells-per-label", type=int, default=200, help="as tl.prune (default 200)")
@@ -312,7 +317,7 @@ def bench_cost(argv) -> None:
     torch.set_num_threads(a.threads)
     cells = a.cells or (40 if a.quick else None)
     per_label = 10 if a.quick else a.max_cells_per_label
-    max_len = a.max_seq_len or (256 if a.quick else None)
+    max_len = a.max_seq_len  # None: the new default (PRUNE_MAX_SEQ_LEN)
     n_random = 20 if a.quick else a.n_random
     adata = _darmanis(cells)
     opts = argparse.Namespace(d_model=64, d_hid=128, layers=4, heads=4, seed=0, max_seq_len=1200)
@@ -320,17 +325,21 @@ def bench_cost(argv) -> None:
         model = bt.build_model(adata.var_names.tolist(), opts)
         pw = _planted(model, adata, a.plant_layer, 9, 21)
         model = _official(model, Path(tmp) / "model")
+        new_len = get_runner(model).analysis_seq_len(max_len)
+        n_genes = np.asarray((adata.X > 0).sum(1)).ravel()
         print(f"{bt.machine_line()}\n{bt.describe_model(model)}, planted {pw.candidate} = {pw.value:.3g}; "
-              f"{adata.n_obs} Darmanis cells, at most {per_label} per label, max_seq_len {max_len or 'full'}, "
-              f"{n_random} draws per parameter at most")
-        ssw.tl.scan(adata, model, label_key="cell_type", max_seq_len=max_len, progress=False)
-        arms = {"old": OLD, "new-same": NEW_SAME, "new": {}}
+              f"{adata.n_obs} Darmanis cells ({np.median(n_genes):.0f} counted genes per cell, median), at most "
+              f"{per_label} per label, {n_random} draws per parameter at most; tokens per cell: old "
+              f"{FULL_LEN} (full length), new-same and new {new_len}"
+              f"{' (the new default)' if max_len is None else ''}; the shared scan at {FULL_LEN}")
+        ssw.tl.scan(adata, model, label_key="cell_type", max_seq_len=FULL_LEN, progress=False)
+        arms = {"old": OLD, "new-same": {**NEW_SAME, "max_seq_len": max_len}, "new": {"max_seq_len": max_len}}
         out, wall = {}, {}
         for name in a.arms:
             b = adata.copy()
             t0 = time.perf_counter()
             ssw.tl.prune(b, model, label_key="cell_type", max_cells_per_label=per_label, n_random=n_random,
-                         max_seq_len=max_len, yes=True, progress=False, **arms[name])
+                         yes=True, progress=False, **arms[name])
             wall[name] = time.perf_counter() - t0
             out[name] = b
     verdict = {}
@@ -339,7 +348,8 @@ def bench_cost(argv) -> None:
         ran = Counter(condition_kind(c) for c in set(col["condition"]))
         p = ssw.get.params(b, "prune")
         plan = p["plan"]
-        print(f"\n{name}: {wall[name]:.1f} s wall; {sum(ran.values())} conditions run {dict(ran)}")
+        print(f"\n{name}: {wall[name]:.1f} s wall; max_seq_len {p['max_seq_len']} ({plan['tokens_per_cell']:.0f} "
+              f"tokens per cell, mean); {sum(ran.values())} conditions run {dict(ran)}")
         print(f"  planned at most {plan['n_conditions']} ({plan['est_seconds']:.0f} s estimated), expected "
               f"{sum(plan.get('expected_by_kind', {}).values()) or plan['n_conditions']}; draws per pool "
               f"{p.get('null_draws') or 'all'}; not characterised: {p.get('not_characterised') or 'none'}")
@@ -353,8 +363,10 @@ def bench_cost(argv) -> None:
             print("\nfirst-order null (new):\n" + fo[["candidate", "rank", "percentile", "rank_correlation",
                                                       "n_draws"]].to_string(index=False))
     print()
+    n_run = {name: len(set(ssw.get.collapse(b)["condition"])) for name, b in out.items()}
     for name in [n for n in ("new-same", "new") if n in wall and "old" in wall]:
-        print(f"wall-time ratio old / {name}: {wall['old'] / wall[name]:.2f}x")
+        print(f"wall-time ratio old / {name}: {wall['old'] / wall[name]:.2f}x "
+              f"(conditions {n_run['old']} vs {n_run[name]}: {n_run['old'] / n_run[name]:.2f}x)")
     same_zero = len({tuple(sorted(z.items())) for z in zeroing.values()}) == 1
     print(f"verdicts on zeroing across {', '.join(out)}: {'identical' if same_zero else 'DIFFERENT'}")
     if "old" in verdict and "new-same" in verdict:

@@ -265,8 +265,8 @@ def _flag(name: str) -> str:
 
 def check_option(name: str, value):
     """Check one numeric option against `OPTION_RULES`; None means 'not given' and passes."""
-    if value is None:
-        return None
+    if value is None or (name == "max_seq_len" and value == "full"):  # "full": the model's own length
+        return value
     rule = OPTION_RULES[name]
     is_int = isinstance(value, Integral) and not isinstance(value, bool)
     is_num = isinstance(value, Real) and not isinstance(value, bool)

@@ -268,9 +268,21 @@ def _overwrite_arg(p: argparse.ArgumentParser) -> None:
                    help="replace the run already in --out (its tables, results.h5ad, report.html, run.json)")
 
 
+def _seq_len_arg(text: str) -> int | str:
+    """--max-seq-len: a number of tokens, or 'full' (the model's own length)."""
+    if text.strip().lower() == "full":
+        return "full"
+    try:
+        return int(text)
+    except ValueError:
+        msg = f"{text!r} is not a number of tokens; pass e.g. 512, 1200 or 'full' (the model's length)"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def _fidelity_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="genes per cell at most, a random subset as scGPT samples them (default: the model's)")
+    p.add_argument("--max-seq-len", type=_seq_len_arg, default=None,
+                   help="tokens per cell at most, a seeded random subset of the genes as scGPT samples them "
+                        "(default 512 for scGPT: fidelity, not validity; 'full' or e.g. 1200: the model's length)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="build batches to at most this many padded tokens (cells x longest) instead of "
                         "--batch-size cells")

@@ -131,7 +131,10 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     (``plan``). Above one hour without `budget` or ``yes=True`` a `scsuperweight.plan.LongRunWarning` gives the
     estimate. ``dry_run=True`` writes run.json (status ``dry-run``, the plan) and stops. `budget` (``"15m"``)
     picks scan cells, cells per label, `max_seq_len`, `n_random` and `n_boot` to fit (validity floors first);
-    run.json records the choices and the reasons (``budget``), and the report shows them. `sequential`, `dtype`,
+    run.json records the choices and the reasons (``budget``), and the report shows them. `max_seq_len`: one length
+    for scan, prune and genes; by default 512 tokens per cell for scGPT (`scsuperweight.plan.PRUNE_MAX_SEQ_LEN`,
+    a seeded random gene subsample: fidelity, not validity), ``1200`` / ``"full"`` the model's full length;
+    run.json's ``tokens_per_cell`` and the plan's notes state the choice and its consequence. `sequential`, `dtype`,
     `max_tokens` and `screen` are passed to `scsuperweight.tl.prune` / `scsuperweight.tl.scan`.
 
     Resuming: a directory holding an unfinished run (killed, failed) of the same data, model and parameters is
@@ -166,10 +169,12 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
                         **{k: tuple(v) if k in ("granularities", "scale_factors") else v for k, v in po.items()
                            if k in fields})
     labels = tl._obs_column(adata, label_key, "label_key")
+    # one length for scan, prune and genes (the plan counts them at it): scGPT's default is 512 tokens per cell
+    asked_len, max_seq_len = max_seq_len, runner.analysis_seq_len(max_seq_len)
     genes_candidates = min(3, max_candidates)  # tl.genes' default
     null_k, null_method, null_cells = 20, "both", 64  # tl.scan's detection null defaults
     cost = tl.plan_cost(adata, model, None, opts, labels=labels, max_cells_per_label=max_cells_per_label,
-                        max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
+                        max_seq_len=asked_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
                         batch_size=batch_size, scan_cells=min(max_cells_scan or adata.n_obs, adata.n_obs),
                         embed_all=po.get("embed_all", True), genes_candidates=genes_candidates,
                         scan_null=(null_k, null_method, null_cells))
@@ -206,7 +211,9 @@ def run_pipeline(adata, model, out_dir, *, label_key: str, condition_key: str | 
     info = {"versions": _versions(), "seed": seed, "params": params, "data_hash": d_hash, "model_hash": m_hash,
             "inputs": inputs, "model": {"path": model_path, "sha256_state": m_hash, **_model_info(model)},
             "data": {"path": data_path, "sha256": d_hash, "n_cells": int(adata.n_obs),
-                     "n_genes": int(adata.n_vars)}, **cost.params(), **(extra_info or {})}
+                     "n_genes": int(adata.n_vars)}, **cost.params(),
+            "tokens_per_cell": {"max_seq_len": max_seq_len, **tl._seq_len_record(runner, max_seq_len, asked_len)},
+            **(extra_info or {})}
     if R.resumable(R.read_run_json(out), inputs) and not dry_run:  # its run id, steps and timings are kept
         log = R.RunLog.resume(out, info, main=ctx.is_main)
         for k in ("error", "traceback"):

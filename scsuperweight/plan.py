@@ -32,6 +32,37 @@ import torch
 from .errors import DataError
 
 # ------------------------------------------------------------------------------------------------------------
+# tokens per cell of the analysis steps
+# ------------------------------------------------------------------------------------------------------------
+# scan, prune and run read at most this many tokens per cell (<cls> included) by default, through scGPT's own
+# seeded random gene subsampling; attention grows as the square of the length, so 512 of 1,200 tokens cut a
+# condition's forward about 3x. Every condition and control of a run sees the same inputs, so the p-values stay
+# exact: fidelity (effects describe 512-gene views of the cells), not validity. The budget's tokens-per-cell knob
+# starts here (floor 256); `embed` keeps the model's full length; max_seq_len=1200 / "full" restores it.
+PRUNE_MAX_SEQ_LEN = 512
+
+
+def analysis_seq_len(max_seq_len: int | str | None, full: int) -> int:
+    """The tokens per cell scan / prune / run use on a model whose own input length is `full`: `max_seq_len` as
+    given, ``"full"`` the model's, None ``min(PRUNE_MAX_SEQ_LEN, full)``."""
+    if max_seq_len is None:
+        return min(PRUNE_MAX_SEQ_LEN, int(full))
+    return int(full) if max_seq_len == "full" else int(max_seq_len)
+
+
+def seq_len_note(max_seq_len: int, full: int, *, requested: int | str | None = None) -> str:
+    """One line for the plan and run.json: the tokens per cell chosen, why, and what it means."""
+    why = (f"the scan/prune default (PRUNE_MAX_SEQ_LEN); --max-seq-len {full} or 'full' (max_seq_len={full}) "
+           "restores full length") if requested is None else f"max_seq_len={requested!r} as asked"
+    if max_seq_len >= full:
+        return f"tokens per cell: the model's full length, {full} ({why})"
+    return (f"tokens per cell: at most {max_seq_len} of the model's {full} ({why}); cells with more than "
+            f"{max_seq_len - 1} counted genes are seen through scGPT's seeded random gene subsampling: fidelity, "
+            f"not validity: p-values stay exact because every condition and control sees the same inputs; effects "
+            f"describe {max_seq_len}-gene views of the cells")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # FLOPs from the architecture
 # ------------------------------------------------------------------------------------------------------------
 

@@ -181,6 +181,18 @@ def _runner(model, step: str, *, required: bool = True, reconstruction: bool = F
     return runner, runner.configure(step, required=required, reconstruction=reconstruction, **options)
 
 
+def _seq_len_record(runner, max_seq_len: int | None, asked) -> dict:
+    """What scan / prune record of their tokens per cell: the length used, as asked, the model's own, and the
+    consequence in words (`scsuperweight.plan.seq_len_note`); empty for a family whose tokeniser decides it."""
+    from .plan import seq_len_note
+
+    full = runner.full_seq_len()
+    if full is None or max_seq_len is None:
+        return {}
+    return {"max_seq_len_asked": asked, "model_max_seq_len": full,
+            "seq_len_note": seq_len_note(int(max_seq_len), full, requested=asked)}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # steps
 # ------------------------------------------------------------------------------------------------------------
@@ -298,8 +310,11 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     `screen` picks the screens, in the table's order: ``"activation"`` (spikes over the cells), ``"weight_only"``
     (the largest weights of each matrix; also switched off by ``weight_only=False``) and ``"gradient"`` (the
     first-order null: the scalars whose removal one backward pass predicts to move the primary metric most,
-    `scsuperweight.firstorder.gradient_screen`; scGPT, with data). `max_seq_len` caps each cell's genes (scGPT's
-    own random gene subsampling); `max_tokens` builds batches to at most that many padded tokens.
+    `scsuperweight.firstorder.gradient_screen`; scGPT, with data). `max_seq_len` caps each cell's tokens (scGPT's
+    own seeded random gene subsampling): by default at most 512 (`scsuperweight.plan.PRUNE_MAX_SEQ_LEN`, or the
+    model's length when shorter), ``1200`` or ``"full"`` the model's full length; a BERT-family model keeps its own
+    input length by default. The params record the length and its consequence (``seq_len_note``). `max_tokens`
+    builds batches to at most that many padded tokens.
 
     Data on disk (a path, a folder or glob of per-donor .h5ad files, a backed AnnData or a Source): the stratified
     sample is drawn from obs alone, only its cells are read, and the sample is returned as a new AnnData holding
@@ -336,6 +351,8 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
     model = _resolve_model(model, device)
     runner, described = _runner(model, "scan", required=mode == "data", token_dictionary=token_dictionary,
                                 gene_medians=gene_medians, symbol_key=symbol_key)
+    asked_len = max_seq_len
+    max_seq_len = runner.analysis_seq_len(max_seq_len) if mode == "data" else None
     overlap = atlas.file_overlap(adata, model, gene_key) if mode == "data" else None
     labels = _obs_column(adata, label_key, "label_key")
     per_label = None if labels is None or max_cells is None else max(1, max_cells // len(set(labels)))
@@ -388,6 +405,7 @@ def scan(adata, model="demo", *, mode: str = "data", label_key: str | None = Non
                                  "n_cells_scanned": int(len(cells)) if mode == "data" else 1,
                                  "stop_reason": res.stop_reason, "rounds": res.rounds, "weight_only": weight_only,
                                  "screen": list(screens), "max_seq_len": max_seq_len, "max_tokens": max_tokens,
+                                 **_seq_len_record(runner, max_seq_len, asked_len),
                                  "family": runner.family, "null": null or {"k": 0}, **_empty_record(eligible, empty),
                                  "gene_overlap": overlap, **described})
     n_above = int(res.candidates["above_threshold"].sum()) if len(res.candidates) else 0
@@ -425,6 +443,14 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
 
     Parameters
     ----------
+    max_seq_len
+        Tokens per cell at most, a seeded random subset of each cell's genes as scGPT samples them. Default: 512
+        (`scsuperweight.plan.PRUNE_MAX_SEQ_LEN`, or the model's length when shorter), about 3x cheaper per
+        condition than 1,200; ``1200`` or ``"full"``: the model's full length. Fidelity, not validity: p-values
+        stay exact because every condition and control sees the same inputs, and effects describe 512-gene views
+        of the cells. The obsm embeddings are taken at the same length. A BERT-family model keeps its own input
+        length by default (its rank-value encoding would keep its top genes, not a random subset). The plan's
+        notes and the params (``max_seq_len``, ``seq_len_note``) state the choice.
     mask_ratio
         Fraction of each cell's genes masked for the reconstruction metrics; default the family's pretraining
         ratio (scGPT 0.25, Geneformer 0.15).
@@ -533,6 +559,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     model = _resolve_model(model, device)
     runner, described = _runner(model, "prune", reconstruction=True, token_dictionary=token_dictionary,
                                 gene_medians=gene_medians, symbol_key=symbol_key)
+    asked_len, max_seq_len = max_seq_len, runner.analysis_seq_len(max_seq_len)  # scGPT: 512 unless asked
     mask_ratio = runner.mask_ratio if mask_ratio is None else mask_ratio
     overlap = atlas.file_overlap(adata, model, gene_key)
     eligible = _eligible(runner, adata, gene_key=gene_key, layer=layer, empty=empty, step="prune")
@@ -543,7 +570,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                         sequential=sequential, first_order=first_order, dtype=dtype,
                         characterise=characterise, n_restore=n_restore, n_scale=n_scale)
     cost = plan_cost(adata, model, cand, opts, labels=labels, max_cells_per_label=max_cells_per_label,
-                     max_seq_len=max_seq_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
+                     max_seq_len=asked_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
                      batch_size=batch_size, embed_all=embed_all)
     if cost.budget is not None:  # the budget's choices are the parameters this run uses
         from .prune import budgeted_options
@@ -612,6 +639,7 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                                   "pruned_embedding_of": top, "pruned_param": str(row["param"]),
                                   "primary_metric": primary_metric, "family": runner.family,
                                   "max_seq_len": max_seq_len, "max_tokens": max_tokens, **cost_params,
+                                  **_seq_len_record(runner, max_seq_len, asked_len),
                                   **_empty_record(eligible, empty), **described,
                                   "max_cells_per_donor": max_cells_per_donor,
                                   "max_cells_per_condition": max_cells_per_condition, "gene_overlap": overlap,
@@ -653,11 +681,13 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
     warm-up, then the fastest of 3 (a busy machine times slow). The budget is what is left of it after this
     planning (tokenising, calibrating). `embed_all` plans prune's embeddings of every cell (a lever of the
     budget); `genes_candidates` the genes step after prune (`run`); `scan_null` the scan's detection null,
-    ``(null_k, null_method, null_cells)``.
+    ``(null_k, null_method, null_cells)``. `max_seq_len` as the caller was given it (None: scan and prune's
+    default, `scsuperweight.plan.PRUNE_MAX_SEQ_LEN` tokens for scGPT; ``"full"``: the model's); a plan note states
+    the length used and its consequence (`scsuperweight.plan.seq_len_note`).
     """
     import time
 
-    from .plan import calibrate, has_flops, over_budget_message, parse_budget
+    from .plan import calibrate, has_flops, over_budget_message, parse_budget, seq_len_note
     from .prune import budget_prune, budgeted_options, plan_prune
     from .runners import get_runner
 
@@ -669,7 +699,8 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
             logger.warning("budget=%r ignored: the time model is implemented for scGPT architectures", budget)
         return Cost(None)
     runner = get_runner(model)
-    model_max = int(net.args.get("max_seq_len", 1200)) if hasattr(net, "args") else 1200
+    model_max = runner.full_seq_len() or (int(net.args.get("max_seq_len", 1200)) if hasattr(net, "args") else 1200)
+    asked_len, max_seq_len = max_seq_len, runner.analysis_seq_len(max_seq_len)  # scan / prune's default: 512
     cells = stratified_subsample(labels, adata.n_obs, max_cells_per_label, seed)
     tok = runner.prepare(adata, gene_key=gene_key, layer=layer, max_seq_len=max_seq_len or model_max, seed=seed,
                          batch_size=batch_size, cells=cells).tok
@@ -718,7 +749,8 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
                       max_seq_len=max_seq_len or model_max, flop_rate=cal.flop_rate, device=cal.device,
                       scan_cells=scan_cells, scan_rounds=scan_rounds, embed_cells=embed_cells,
                       genes_candidates=genes_candidates, scan_null=scan_null)
-    plan = replace(plan, notes=(*plan.notes, cal.describe()))
+    plan = replace(plan, notes=(*plan.notes, cal.describe(),
+                                seq_len_note(int(max_seq_len or model_max), model_max, requested=asked_len)))
     if choice is not None:
         plan = replace(plan, notes=(*plan.notes, *choice.reasons),
                        over_budget="" if choice.feasible else over_budget_message(choice))

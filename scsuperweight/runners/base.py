@@ -107,6 +107,18 @@ class Runner:
         """The entries of `options` this family's steps take (what a face forwards to `tl`)."""
         return {k: v for k, v in options.items() if k in self.options}
 
+    def full_seq_len(self) -> int | None:
+        """The model's own input length (tokens per cell), or None when the family's tokeniser decides it."""
+        return None
+
+    def analysis_seq_len(self, max_seq_len: int | str | None) -> int | None:
+        """Tokens per cell of scan / prune / run for `max_seq_len` (an int, ``"full"`` or None for the default).
+
+        The base keeps the family's own input length for None and ``"full"``: the 512-token default
+        (`scsuperweight.plan.PRUNE_MAX_SEQ_LEN`) is a random gene subsample, which only scGPT's tokeniser draws
+        (Geneformer's rank-value encoding would keep its top-ranked genes instead, a different input)."""
+        return None if max_seq_len in (None, "full") else int(max_seq_len)
+
     def prepare(self, adata, *, gene_key: str | None = None, layer: str | None = None,
                 max_seq_len: int | None = None, seed: int = 0, batch_size: int = 32, cells=None,
                 mask_ratio: float | None = None, **options) -> Inputs:  # pragma: no cover - abstract

@@ -204,6 +204,14 @@ class ScGPTRunner(Runner):
 
     mask_ratio = 0.25
 
+    def full_seq_len(self) -> int:
+        return int(self.model.args.get("max_seq_len", 1200))
+
+    def analysis_seq_len(self, max_seq_len: int | str | None) -> int:
+        from ..plan import analysis_seq_len
+
+        return analysis_seq_len(max_seq_len, self.full_seq_len())
+
     def prepare(self, adata, *, gene_key=None, layer=None, max_seq_len=None, seed=0, batch_size=32, cells=None,
                 mask_ratio=None, empty: str = "error", **options) -> Inputs:
         from ..data.tokenize import tokenize_anndata
@@ -211,7 +219,7 @@ class ScGPTRunner(Runner):
         model = self.model
         cfg = model.config
         sub = adata[cells] if cells is not None else adata
-        max_len = max_seq_len or int(model.args.get("max_seq_len", 1200))
+        max_len = max_seq_len or self.full_seq_len()
         tok = tokenize_anndata(sub, model.vocab, gene_key=gene_key, layer=layer, n_bins=cfg.n_bins,
                                max_seq_len=max_len, pad_value=cfg.pad_value, seed=seed,
                                pad_token=model.args.get("pad_token", "<pad>"), empty=empty)
