@@ -23,8 +23,8 @@ N_GENES = 700  # every cell counts all of them: > 511, so the default subsamples
 def official(tmp_path_factory):
     rng = np.random.default_rng(0)
     genes = [f"G{i}" for i in range(N_GENES)]
-    adata = ad.AnnData(rng.poisson(3.0, (16, N_GENES)).astype(np.float32) + 1,
-                       obs=pd.DataFrame({"cell_type": ["a"] * 8 + ["b"] * 8}, index=[f"c{i}" for i in range(16)]),
+    adata = ad.AnnData(rng.poisson(3.0, (24, N_GENES)).astype(np.float32) + 1,
+                       obs=pd.DataFrame({"cell_type": ["a"] * 12 + ["b"] * 12}, index=[f"c{i}" for i in range(24)]),
                        var=pd.DataFrame(index=genes))
     vocab = {g: i for i, g in enumerate(genes)}
     vocab.update({"<pad>": N_GENES, "<cls>": N_GENES + 1, "<eoc>": N_GENES + 2})
@@ -98,3 +98,26 @@ def test_scan_defaults_to_512_and_embed_keeps_the_model_length(official, lengths
     assert lengths == [512] and s["max_seq_len"] == 512 and "at most 512" in s["seq_len_note"]
     ssw.tl.embed(a, model, progress=False)
     assert lengths == [512, N_GENES + 1]
+
+
+def test_run_dry_run_records_the_length_in_run_json(official, tmp_path):
+    from scsuperweight.pipeline import run_pipeline
+
+    adata, model, _ = official
+    info = run_pipeline(adata.copy(), model, tmp_path / "run", label_key="cell_type", dry_run=True, progress=False)
+    t = info["tokens_per_cell"]
+    assert t["max_seq_len"] == 512 and t["model_max_seq_len"] == 1200 and "fidelity, not validity" in t["seq_len_note"]
+    assert info["params"]["max_seq_len"] == 512 and info["plan"]["max_seq_len"] == 512
+    full = run_pipeline(adata.copy(), model, tmp_path / "full", label_key="cell_type", dry_run=True, progress=False,
+                        max_seq_len="full")
+    assert full["tokens_per_cell"]["max_seq_len"] == 1200 and full["plan"]["tokens_per_cell"] == N_GENES + 1
+
+
+def test_cli_max_seq_len_takes_a_number_or_full():
+    import argparse
+
+    from scsuperweight.cli import _seq_len_arg
+
+    assert _seq_len_arg("full") == "full" and _seq_len_arg("FULL") == "full" and _seq_len_arg("1200") == 1200
+    with pytest.raises(argparse.ArgumentTypeError, match="512, 1200 or 'full'"):
+        _seq_len_arg("long")
