@@ -21,7 +21,9 @@ A weight-only screen (no forward pass) ranks outlier scalars and LN dimensions a
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -86,8 +88,27 @@ def _trace_round(adapter: Adapter, batches: list, sites: list[Site], edits: list
     return merged, [c for _, cells in parts for c in cells]
 
 
+def _one_cell(batch, row: int) -> tuple[object, int]:
+    """The cell at `row` of `batch` as a batch of one, and its row there (0); a batch type not known here (a dict
+    of forward arguments) whole, and `row`.
+
+    A capture needs one cell: its activations do not depend on the other cells of its batch (padding is masked),
+    and a batch of one costs 1 / batch_size of the forward (the scan runs up to two captures per site).
+    """
+    if not dataclasses.is_dataclass(batch) or isinstance(batch, type):
+        return batch, row
+    n = len(np.asarray(getattr(batch, "cells", [])))
+    if n <= 1:
+        return batch, row
+    cut = {f.name: (v[row:row + 1] if isinstance(v, torch.Tensor | np.ndarray) and v.ndim and v.shape[0] == n
+                   else v)
+           for f in dataclasses.fields(batch) for v in (getattr(batch, f.name),)}
+    return dataclasses.replace(batch, **cut), 0
+
+
 def _capture(adapter: Adapter, batch, site: str, edits: list[ScalarEdit], row: int, pos: int) -> torch.Tensor:
-    """The full activation vector of `site` at (row, pos) of `batch`, under `edits`."""
+    """The full activation vector of `site` at (row, pos) of `batch`, under `edits` (one cell's forward)."""
+    batch, row = _one_cell(batch, row)
     with torch.no_grad(), edit(adapter, edits, verify=False), Trace(adapter, [site], keep=[site],
                                                                     reductions=False) as tr:
         tr.run(batch)
@@ -175,10 +196,12 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
     seen: set[str] = set()
     activations = pd.DataFrame()
     first_spike = None
+    ran: Counter = Counter()  # cell forwards beside the rounds' traces (`scsuperweight.plan.scan_forwards`)
     stop_reason = f"round limit ({max_rounds}) reached"
     for rnd in range(max_rounds):
         tr, cells_per_batch = _trace_round(adapter, batches, trace_sites if rnd == 0 else producing, edits, groups,
                                            progress and ctx.is_main, f"scan round {rnd + 1}", ctx)
+        ran["rounds"] += 1
         if rnd == 0:
             activations = tr.to_frame()
         spikes = [tr.summary(s.name) for s in producing if s.name in tr.stats]
@@ -188,7 +211,7 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
             for s in spikes:
                 if s["ratio"] >= near_miss * min_ratio and s["max_abs"] >= near_miss * min_abs:
                     rows.extend(_candidates_for(adapter, tr, s, batches, cells_per_batch, edits, rnd,
-                                                above=False, seen=seen, group_names=group_names))
+                                                above=False, seen=seen, group_names=group_names, ran=ran))
             stop_reason = "no spike passes the thresholds" if rnd == 0 else \
                 f"no remaining spike passes the thresholds after {rnd} removal(s)"
             break
@@ -200,7 +223,7 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
                            f"({first_spike:.3g})")
             break
         new = _candidates_for(adapter, tr, best, batches, cells_per_batch, edits, rnd, above=True,
-                              seen=seen, group_names=group_names)
+                              seen=seen, group_names=group_names, ran=ran)
         rounds.append({"round": rnd, "site": best["site_name"], "channel": best["channel"],
                        "spike": best["max_abs"], "ratio": best["ratio"], "token": best["token"]})
         if not new:
@@ -218,15 +241,16 @@ def scan(model, batches: Iterable | None = None, *, mode: str = "data", min_rati
                     continue
                 if s["ratio"] >= near_miss * min_ratio:
                     rows.extend(_candidates_for(adapter, tr, s, batches, cells_per_batch, edits[:0], rnd,
-                                                above=False, seen=seen, group_names=group_names))
+                                                above=False, seen=seen, group_names=group_names, ran=ran))
         logger.info("round %d: %s channel %d spike %.3g (%.1fx typical) on %s", rnd + 1, best["site_name"],
                     best["channel"], best["max_abs"], best["ratio"], best["token"])
     frame = _finish(adapter, rows, min_abs, min_ratio, mode)
+    params.update(n_rounds_traced=int(ran["rounds"]), n_captures=int(ran["captures"]), n_solves=int(ran["solves"]))
     return ScanResult(frame, activations, rounds, stop_reason, params)
 
 
 def _candidates_for(adapter: Adapter, tr: Trace, spike: dict, batches: list, cells_per_batch, edits,
-                    rnd: int, *, above: bool, seen: set[str], group_names) -> list[dict]:
+                    rnd: int, *, above: bool, seen: set[str], group_names, ran: Counter | None = None) -> list[dict]:
     site = adapter.sites[spike["site_name"]]
     st = tr.stats[site.name]
     ch = spike["channel"]
@@ -254,6 +278,9 @@ def _candidates_for(adapter: Adapter, tr: Trace, spike: dict, batches: list, cel
             if e.param == site.proj_param:
                 W[e.index] *= e.factor
         bi, brow = _locate(cells_per_batch, spike["cell"])
+        if ran is not None:  # what the plan counts: one cell's forward per capture, a least-squares solve or not
+            ran["captures"] += 1
+            ran["solves"] += site.proj_input_site is None
         col, contrib, how = _choose_col(adapter, site, W, ch, batches[bi], brow, spike["position"], edits)
         kind = K.KIND_FFN_DOWN if site.kind == "ffn_out" else K.KIND_ATTN_OUT
         add(kind, site.proj_param, ch, col, True, contribution=contrib, col_from=how)

@@ -105,9 +105,23 @@ def forward_flops(config, n_tokens, *, first_layer: int = -1, decoders: bool = T
     return float(np.sum(total))
 
 
+def max_scan_captures(nlayers: int, rounds: int) -> int:
+    """The most one-cell forwards `scsuperweight.detect.scan` runs to choose candidates' columns in `rounds` rounds:
+    one per FFN / attention-output site (2 per block) for the first round's near-misses and again for the last
+    round's (the one where no spike passes), and one per passing round between."""
+    return 4 * int(nlayers) + max(int(rounds) - 2, 0)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # calibration
 # ------------------------------------------------------------------------------------------------------------
+
+
+# tokens in the calibration batch (`batch_size` cells at most): the run's batch shape, or a slice of it large
+# enough to allocate as the run does. A slice of 8 cells x 256 tokens reused freed heap memory (1 page fault a
+# forward) where the run's 32-cell batches map fresh pages for every attention matrix (290k faults, 8% of a
+# forward's time on the 51 M stand-in), so the rate it gave was too high for the run.
+CALIBRATION_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -270,7 +284,7 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
               scan_cells: int = 0, scan_rounds: int = 2, embed: bool = False, flop_rate: float | None = None,
               overhead_seconds: float = 0.0, device: str = "", notes: Sequence[str] = (),
               embed_cells: int | None = None, first_order: bool = False, genes_candidates: int = 0,
-              null_forwards: int = 0) -> Plan:
+              null_forwards: int = 0, scan_captures: int | None = None) -> Plan:
     """Plan a run.
 
     Parameters
@@ -287,7 +301,10 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
         Tokens per cell (with `<cls>`): one number, or an array of per-cell counts (sampled cells, or a sample of
         them); `max_seq_len` caps each.
     scan_cells, scan_rounds
-        Cells and rounds of the activation scan (0: no scan in this run).
+        Cells and rounds of the activation scan (0: no scan in this run): each round traces every scan cell.
+    scan_captures
+        The scan's one-cell forwards that choose each candidate's column (`scsuperweight.detect.scan` records
+        ``n_captures``); default `max_scan_captures` (the most for `scan_rounds` rounds).
     embed
         Whether the run embeds cells once more (the embed step): `embed_cells` cells (default `n_cells`; prune
         embeds every cell of the data twice, baseline and pruned).
@@ -324,8 +341,9 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
     stages = {}
     if embed:
         stages["embed"] = (n_cells if embed_cells is None else int(embed_cells)) * per_cell(-1, False)
-    if scan_cells:
-        stages["scan"] = scan_rounds * scan_cells * per_cell(-1, True)
+    if scan_cells:  # every round traces every scan cell; each capture is one cell's forward
+        captures = max_scan_captures(nlayers, scan_rounds) if scan_captures is None else int(scan_captures)
+        stages["scan"] = (scan_rounds * scan_cells + captures) * per_cell(-1, True)
     if null_forwards:
         stages["scan_null"] = int(null_forwards) * per_cell(-1, True)
     if conditions:
@@ -429,6 +447,10 @@ def metric_seconds(n_conditions: int, n_cells: int, n_boot: int) -> float:
     return float(n_conditions) * n_cells * (SECONDS_PER_CELL + SECONDS_PER_BOOT_CELL * n_boot)
 
 
+# the share of a budget the solver plans to: the estimate is a model (a shared machine, work it does not count), and
+# a run may end up to 10% over its budget, so planning to 90% keeps an estimate 20% short inside that allowance
+BUDGET_TARGET = 0.9
+
 @dataclass(frozen=True)
 class Layout:
     """The structure of a run that the budget's knobs scale: every condition but the uniform random draws as
@@ -486,6 +508,7 @@ class BudgetChoice:
     null_method: str | None = None  # the scan's detection null: "both", "gaussian", ...
     null_k: int | None = None
     pulled: tuple = ()  # the levers pulled, in order
+    target: float = BUDGET_TARGET  # the share of the budget the choice was fitted to (`choose_budget`)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -558,7 +581,8 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                   seconds_per_condition: float = 0.0, seconds_per_cell: float = SECONDS_PER_CELL,
                   embed_cells: int = 0, first_order: bool = False, genes_candidates: int = 0,
                   null_passes: int = 0, null_cells: int = 0,
-                  levers: Sequence[Lever] = (), requested: Mapping | None = None) -> BudgetChoice:
+                  levers: Sequence[Lever] = (), requested: Mapping | None = None,
+                  target: float = BUDGET_TARGET) -> BudgetChoice:
     """Pick cells per label, tokens per cell, random draws, bootstrap resamples and scan cells to fit a budget,
     and, when even their floors do not fit, pull structural levers.
 
@@ -582,8 +606,15 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
     `seconds_per_condition`. `embed_cells` cells are embedded once at the chosen length besides (prune's
     embeddings of every cell); `first_order` and `genes_candidates` as in `make_plan`. `requested` holds the
     lever fields' requested values (recorded in the choice when no lever is pulled).
+
+    The choice is fitted to `target` x the budget (`BUDGET_TARGET`, 90%): the margin absorbs what the estimate
+    misses, so a run lands within the budget's +10%; ``feasible`` says whether the estimate fits that share.
     """
-    budget = float(budget_seconds)
+    full = float(budget_seconds)
+    if not 0 < target <= 1:
+        msg = f"`target` is the share of the budget to plan to, in (0, 1]; got {target!r} (e.g. 0.9)."
+        raise DataError(msg)
+    budget = full * float(target)
     if not budget > 0:
         msg = f"`budget_seconds` must be > 0; got {budget_seconds!r}."
         raise DataError(msg)
@@ -616,7 +647,7 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
         knobs, reasons = dict(req), []
         if cost(knobs) <= budget:
             return knobs, [f"everything as requested fits: about {format_duration(cost(knobs))} of "
-                           f"{format_duration(budget)}"]
+                           f"{format_duration(budget)} ({target:.0%} of the budget)"]
         for name in BUDGET_ORDER:
             lo, hi = floors[name], knobs[name]
             if cost({**knobs, name: lo}) > budget:
@@ -656,15 +687,16 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
     reasons = lever_reasons + reasons
     if not feasible:
         reasons.append(f"even at every floor{' and the smallest run (' + str(len(levers)) + ' cuts)' if levers else ''}"
-                       f" the run needs about {format_duration(est)}, over the budget of {format_duration(budget)}: "
+                       f" the run needs about {format_duration(est)}, over the budget of {format_duration(full)} "
+                       f"(planned to {target:.0%} of it): "
                        f"raise the budget, or pass fewer cells or candidates")
     reasons.append(f"validity floors kept: n_random >= {floor_draws} (smallest p 1/{floor_draws + 1} < "
                    f"{alpha:g}), >= {min_cells_per_label} cells per label (or all a label has)")
     plan = replace(plan, notes=(*plan.notes, *reasons))
     fields = {k: v for k, v in chosen.items() if k in BudgetChoice.__dataclass_fields__}
-    return BudgetChoice(budget, int(knobs["cells_per_label"]), int(knobs["max_seq_len"]), int(knobs["n_random"]),
+    return BudgetChoice(full, int(knobs["cells_per_label"]), int(knobs["max_seq_len"]), int(knobs["n_random"]),
                         int(knobs["n_boot"]), int(knobs["scan_cells"]), float(est), bool(feasible), tuple(reasons),
-                        plan, **fields, pulled=tuple(dict.fromkeys(lv.name for lv in pulled)))
+                        plan, **fields, pulled=tuple(dict.fromkeys(lv.name for lv in pulled)), target=float(target))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -677,8 +677,9 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
     per label, tokens per cell, draws, bootstrap resamples and scan cells. `candidates` None plans an assumed
     layout (a whole run plans before its scan). A family without the FLOP model (not scGPT) gets no plan.
 
-    The calibration times the run's batch shape (its median tokens per cell, up to 4,096 tokens a batch): one
-    warm-up, then the fastest of 3 (a busy machine times slow). The budget is what is left of it after this
+    The calibration times the run's batch shape (its median tokens per cell, `batch_size` cells up to
+    `scsuperweight.plan.CALIBRATION_TOKENS` tokens a batch): one warm-up, then the fastest of 3 (a busy machine
+    times slow). The budget is what is left of it after this
     planning (tokenising, calibrating). `embed_all` plans prune's embeddings of every cell (a lever of the
     budget); `genes_candidates` the genes step after prune (`run`); `scan_null` the scan's detection null,
     ``(null_k, null_method, null_cells)``. `max_seq_len` as the caller was given it (None: scan and prune's
@@ -687,7 +688,7 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
     """
     import time
 
-    from .plan import calibrate, has_flops, over_budget_message, parse_budget, seq_len_note
+    from .plan import CALIBRATION_TOKENS, calibrate, has_flops, over_budget_message, parse_budget, seq_len_note
     from .prune import budget_prune, budgeted_options, plan_prune
     from .runners import get_runner
 
@@ -706,9 +707,9 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
                          batch_size=batch_size, cells=cells).tok
     lengths = np.asarray(tok.lengths, dtype=float)
 
-    def timed(cap: int):  # the run's batch shape at this length (a slice of it: at most 2,048 tokens a batch)
+    def timed(cap: int):  # the run's batch shape at this length (a slice of it: see CALIBRATION_TOKENS)
         n = int(max(8, np.median(np.minimum(lengths, cap))))
-        c = calibrate(net, n_tokens=n, n_cells=max(1, min(batch_size, 2048 // n)), repeats=3)
+        c = calibrate(net, n_tokens=n, n_cells=max(1, min(batch_size, CALIBRATION_TOKENS // n)), repeats=3)
         logger.info("%s", c.describe())
         return c
 

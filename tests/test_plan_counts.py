@@ -87,3 +87,90 @@ def test_budget_fits_the_whole_plan(small):  # noqa: F811
                            max_seq_len=b.max_seq_len, **{**kw, "scan_cells": b.scan_cells})
         assert again.est_seconds == pytest.approx(b.est_seconds, rel=1e-9)
         assert again.conditions_by_kind == b.plan.conditions_by_kind
+
+
+class _CellForwards:
+    """Cells through every encoder block, counted by forward hooks (which leave outputs alone), per block."""
+
+    def __init__(self, model):
+        self.layers = list(model.transformer_encoder.layers)
+        self.cells = 0
+        self._hooks = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, m, args, out):
+        self.cells += args[0].shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+    @property
+    def forwards(self) -> float:  # whole-model cell forwards
+        return self.cells / len(self.layers)
+
+
+def test_scan_plan_counts_every_trace_and_capture(small):  # noqa: F811
+    """The scan ran 14x its plan (issue 14): the plan counted its rounds' traces, not the forwards that choose each
+    candidate's column. Those are one cell each now, and the plan counts them: what ran equals the plan of the
+    rounds and captures the scan records, and the default plan (2 rounds) is never below what ran."""
+    from scsuperweight.plan import forward_flops, make_plan, max_scan_captures
+
+    adata, model, _ = small
+    a = adata.copy()
+    with _CellForwards(model) as hooks:
+        ssw.tl.scan(a, model, label_key="cell_type", max_cells=24, null_k=0, progress=False)
+    p = ssw.get.params(a, "scan")
+    n, traced, captures = p["n_cells_scanned"], p["n_rounds_traced"], p["n_captures"]
+    assert traced == 2 and captures >= 1  # the planted spike's round, then a round with none passing
+    assert hooks.forwards == traced * n + captures  # one cell per capture (a whole batch each before)
+    cfg = model.config
+    per_cell = forward_flops(cfg, 100)
+    plan = make_plan(cfg, [], n_cells=0, tokens=100, scan_cells=n, scan_rounds=traced, scan_captures=captures)
+    assert plan.flops_by_stage["scan"] == pytest.approx(hooks.forwards * per_cell, rel=1e-12)
+    assert max_scan_captures(cfg.nlayers, traced) >= captures
+    default = make_plan(cfg, [], n_cells=0, tokens=100, scan_cells=n)
+    assert default.flops_by_stage["scan"] >= plan.flops_by_stage["scan"]
+
+
+def test_genes_plan_counts_what_genes_runs(small):  # noqa: F811
+    """tl.genes runs, per candidate, a plain forward and the masked forward with and without the candidate over
+    its cells: 3 cell forwards a cell, as `make_plan` counts the genes step."""
+    from scsuperweight.plan import forward_flops, make_plan
+
+    adata, model, _ = small
+    a = adata.copy()
+    ssw.tl.scan(a, model, label_key="cell_type", max_cells=24, null_k=0, progress=False)
+    with _CellForwards(model) as hooks:
+        ssw.tl.genes(a, model, label_key="cell_type", max_cells_per_label=4, max_candidates=1, progress=False)
+    n = ssw.get.params(a, "genes")["n_cells"]
+    assert hooks.forwards == 3 * n
+    cfg = model.config
+    plan = make_plan(cfg, [], n_cells=n, tokens=100, genes_candidates=1)
+    full, encoders = forward_flops(cfg, 100), forward_flops(cfg, 100, decoders=False)
+    assert plan.flops_by_stage["genes"] == pytest.approx(n * (2 * full + encoders), rel=1e-12)
+
+
+def test_budget_plans_to_90_percent_of_it(small):  # noqa: F811
+    """The solver fits its estimate to BUDGET_TARGET (90%) of the budget: a run whose estimate is up to 20% short
+    still lands within the budget's +10%."""
+    from scsuperweight.plan import BUDGET_TARGET
+    from scsuperweight.prune import PruneOptions, budget_prune, plan_prune
+
+    _, model, cands = small
+    opts = PruneOptions(n_random=40, n_boot=200)
+    counts = {"a": 200, "b": 150, "c": 30}
+    kw = dict(tokens=1200, flop_rate=2e9, scan_cells=380)
+    full = plan_prune(model, cands, opts, n_cells=380, max_seq_len=1200, **kw)
+    budget = 0.5 * full.est_seconds
+    b = budget_prune(model, cands, opts, budget, label_counts=counts, max_seq_len=1200, **kw)
+    assert BUDGET_TARGET == 0.9 and b.target == BUDGET_TARGET
+    assert b.feasible and b.est_seconds <= 0.9 * budget and b.budget_seconds == budget
+    # the whole budget would have allowed more: the margin is used, not lost to rounding
+    whole = budget_prune(model, cands, opts, budget / 0.9, label_counts=counts, max_seq_len=1200, **kw)
+    assert whole.est_seconds > b.est_seconds
+    with pytest.raises(ssw.errors.DataError, match="target"):
+        ssw.plan.choose_budget(10, config=model.config, flop_rate=1e9, label_counts=counts, tokens=100,
+                               fixed_conditions=[], null_layers=[], target=1.5)
