@@ -105,6 +105,11 @@ def forward_flops(config, n_tokens, *, first_layer: int = -1, decoders: bool = T
     return float(np.sum(total))
 
 
+def calibration_cells(n_tokens: int, batch_size: int = 32, repeats: int = 3) -> int:
+    """Cell forwards of one `calibrate` at the run's batch shape (`CALIBRATION_TOKENS`): a warm-up and `repeats`."""
+    return (int(repeats) + 1) * max(1, min(int(batch_size), CALIBRATION_TOKENS // max(int(n_tokens), 1)))
+
+
 def max_scan_captures(nlayers: int, rounds: int) -> int:
     """The most one-cell forwards `scsuperweight.detect.scan` runs to choose candidates' columns in `rounds` rounds:
     one per FFN / attention-output site (2 per block) for the first round's near-misses and again for the last
@@ -284,7 +289,7 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
               scan_cells: int = 0, scan_rounds: int = 2, embed: bool = False, flop_rate: float | None = None,
               overhead_seconds: float = 0.0, device: str = "", notes: Sequence[str] = (),
               embed_cells: int | None = None, first_order: bool = False, genes_candidates: int = 0,
-              null_forwards: int = 0, scan_captures: int | None = None) -> Plan:
+              null_forwards: int = 0, scan_captures: int | None = None, calibration_forwards: int = 0) -> Plan:
     """Plan a run.
 
     Parameters
@@ -315,6 +320,9 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
         its backward, counted as three forwards).
     null_forwards
         Cell forwards of the scan's detection null (copies + 1, times its methods, times its cells).
+    calibration_forwards
+        Cell forwards of a calibration the run makes after this plan (a whole run's prune plans its own
+        conditions once the candidates are known: `calibration_cells`).
     genes_candidates
         Candidates whose genes are scored after prune (`run`'s genes step over the same cells): a plain forward and
         a masked forward with and without the candidate, each.
@@ -350,6 +358,8 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
         stages["cache"] = 2 * n_cells * per_cell(-1, False)  # every block input, once, for both passes
     if first_order:
         stages["first_order"] = 3 * n_cells * per_cell(-1, True)  # forward + backward (about twice a forward)
+    if calibration_forwards:
+        stages["calibrate"] = int(calibration_forwards) * per_cell(-1, True)
     if genes_candidates:
         stages["genes"] = int(genes_candidates) * n_cells * (per_cell(-1, False) + 2 * per_cell(-1, True))
     stages["conditions"] = float(sum(cond_flops.values()))
@@ -582,7 +592,7 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                   embed_cells: int = 0, first_order: bool = False, genes_candidates: int = 0,
                   null_passes: int = 0, null_cells: int = 0,
                   levers: Sequence[Lever] = (), requested: Mapping | None = None,
-                  target: float = BUDGET_TARGET) -> BudgetChoice:
+                  target: float = BUDGET_TARGET, calibration_batch: int = 0) -> BudgetChoice:
     """Pick cells per label, tokens per cell, random draws, bootstrap resamples and scan cells to fit a budget,
     and, when even their floors do not fit, pull structural levers.
 
@@ -609,6 +619,8 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
 
     The choice is fitted to `target` x the budget (`BUDGET_TARGET`, 90%): the margin absorbs what the estimate
     misses, so a run lands within the budget's +10%; ``feasible`` says whether the estimate fits that share.
+    `calibration_batch` (the run's batch size; 0: none) counts the calibration prune makes for its own plan in a
+    whole run (`calibration_cells` at the chosen length).
     """
     full = float(budget_seconds)
     if not 0 < target <= 1:
@@ -640,7 +652,9 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                          flop_rate=flop_rate, overhead_seconds=overhead, embed=lay.embed_cells > 0,
                          embed_cells=lay.embed_cells, first_order=lay.first_order,
                          genes_candidates=lay.genes_candidates,
-                         null_forwards=lay.null_passes * min(lay.null_cells, k["scan_cells"]))
+                         null_forwards=lay.null_passes * min(lay.null_cells, k["scan_cells"]),
+                         calibration_forwards=calibration_cells(k["max_seq_len"], calibration_batch)
+                         if calibration_batch else 0)
 
     def fit(lay: Layout) -> tuple[dict, list]:
         cost = lambda k: plan_of(k, lay).est_seconds  # noqa: E731

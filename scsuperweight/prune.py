@@ -46,6 +46,7 @@ from . import _keys as K
 from . import ablation as A
 from . import dist
 from . import metrics as M
+from . import plan as P
 from ._log import logger
 from .adapters import get_adapter
 from .data.batches import Batch
@@ -428,7 +429,7 @@ def _expected(layers, conds, sel, opts: PruneOptions) -> list:
 def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_cells: int, tokens,
                max_seq_len: int | None = None, flop_rate: float | None = None, device: str = "",
                scan_cells: int = 0, scan_rounds: int = 2, embed_cells: int = 0, genes_candidates: int = 0,
-               scan_null: tuple = (0, "both", 0)) -> Plan:
+               scan_null: tuple = (0, "both", 0), calibration_batch: int = 0) -> Plan:
     """The plan of a prune run (`scsuperweight.plan.make_plan`) over `n_cells` cells of `tokens` tokens each (an
     array of per-cell counts, or one number), before any forward: every condition kind it can run (zeroing, its
     controls, restore and scaling, the mean / neuron / channel ablations and their pools, matched draws, the joint
@@ -438,7 +439,8 @@ def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_
     phase); ``expected_by_kind`` / ``expected_seconds`` are what it is expected to do under the assumption stated
     in the notes (see `_planned_layout`). `embed_cells` cells embedded besides (obsm), `genes_candidates` the
     genes step after prune (`run`), `scan_null` the scan's detection null as ``(null_k, null_method,
-    null_cells)``."""
+    null_cells)``, `calibration_batch` the batch size of the calibration prune makes for its own plan in a whole run
+    (0: none)."""
     lay = _planned_layout(model, candidates, opts)
     conds = lay.fixed + [("random", x) for x in lay.null_layers for _ in range(opts.n_random)]
     notes = list(lay.notes)
@@ -452,7 +454,9 @@ def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_
     common = dict(n_cells=n_cells, tokens=tokens, max_seq_len=max_seq_len, flop_rate=flop_rate, device=device,
                   scan_cells=scan_cells, scan_rounds=scan_rounds, embed=embed_cells > 0, embed_cells=embed_cells,
                   first_order=opts.first_order, genes_candidates=genes_candidates,
-                  null_forwards=null_passes(scan_null[0], scan_null[1]) * min(scan_null[2], scan_cells))
+                  null_forwards=null_passes(scan_null[0], scan_null[1]) * min(scan_null[2], scan_cells),
+                  calibration_forwards=P.calibration_cells(max_seq_len or 1200, calibration_batch)
+                  if calibration_batch else 0)
     plan = make_plan(cfg, conds, overhead_seconds=metric_seconds(len(conds), n_cells, opts.n_boot), notes=notes,
                      **common)
     exp = make_plan(cfg, lay.expected, overhead_seconds=metric_seconds(len(lay.expected), n_cells, opts.n_boot),
@@ -529,8 +533,8 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
 def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, budget_seconds: float, *,
                  label_counts: dict, tokens, max_seq_len: int, flop_rate: float,
                  cells_per_label: int | None = None, scan_cells: int = 0, scan_rounds: int = 2,
-                 embed_cells: int = 0, genes_candidates: int = 0, scan_null: tuple = (0, "both", 0)
-                 ) -> BudgetChoice:
+                 embed_cells: int = 0, genes_candidates: int = 0, scan_null: tuple = (0, "both", 0),
+                 calibration_batch: int = 0) -> BudgetChoice:
     """`scsuperweight.plan.choose_budget` for the prune run `opts` describes (its conditions as `plan_prune`
     counts them): cells per label, tokens per cell, random draws, bootstrap resamples and scan cells that fit
     `budget_seconds`, validity floors first, then the structural levers of `budget_levers`, with the reasons.
@@ -544,7 +548,8 @@ def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, bud
                            max_seq_len=max_seq_len, scan_cells=scan_cells, scan_rounds=scan_rounds,
                            cells_per_label=cells_per_label, embed_cells=embed_cells, first_order=opts.first_order,
                            genes_candidates=genes_candidates, null_passes=lay.null_passes,
-                           null_cells=lay.null_cells, levers=levers, requested=requested)
+                           null_cells=lay.null_cells, levers=levers, requested=requested,
+                           calibration_batch=calibration_batch)
     if notes and choice.plan is not None:
         choice = replace(choice, plan=replace(choice.plan, notes=(*notes, *choice.plan.notes)))
     return choice

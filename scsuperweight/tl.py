@@ -714,6 +714,7 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
         return c
 
     cal = timed(int(max_seq_len or model_max))
+    inner = batch_size if scan_cells else 0  # a whole run (scan, then prune): prune calibrates for its own plan
     embed_cells = 2 * int(adata.n_obs) if embed_all else 0  # tl.prune embeds every cell, baseline and pruned
     choice = None
     if budget is not None:
@@ -725,7 +726,7 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
                                 max_seq_len=int(max_seq_len or model_max), flop_rate=rate,
                                 cells_per_label=max_cells_per_label, scan_cells=scan_cells,
                                 scan_rounds=scan_rounds, embed_cells=embed_cells, genes_candidates=genes_candidates,
-                                scan_null=scan_null)
+                                scan_null=scan_null, calibration_batch=inner)
 
         choice = choose(cal.flop_rate)
         for _ in range(2):  # the rate depends on the length (attention grows as its square): time the chosen one
@@ -749,7 +750,7 @@ def plan_cost(adata, model, candidates: pd.DataFrame | None, opts, *, labels: np
     plan = plan_prune(model, candidates, opts, n_cells=len(cells), tokens=lengths,
                       max_seq_len=max_seq_len or model_max, flop_rate=cal.flop_rate, device=cal.device,
                       scan_cells=scan_cells, scan_rounds=scan_rounds, embed_cells=embed_cells,
-                      genes_candidates=genes_candidates, scan_null=scan_null)
+                      genes_candidates=genes_candidates, scan_null=scan_null, calibration_batch=inner)
     plan = replace(plan, notes=(*plan.notes, cal.describe(),
                                 seq_len_note(int(max_seq_len or model_max), model_max, requested=asked_len)))
     if choice is not None:

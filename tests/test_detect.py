@@ -95,3 +95,32 @@ def test_weight_screen_ranks_planted_scalar():
     top = ws.iloc[0]
     assert (top["kind"], top["layer"], top["row"], top["col"]) == (K.KIND_FFN_DOWN, layer, row, hidden)
     assert (ws["screen"] == "weight_only").all()
+
+
+def test_a_capture_runs_one_cell_and_sees_what_the_batch_shows():
+    """The column choice's capture runs only the cell that carried the spike (a batch of one: the scan's plan counts
+    it so), and that cell's activation vector is the one its whole batch gives, padding included."""
+    from scsuperweight.adapters import get_adapter
+    from scsuperweight.detect import _capture, _one_cell
+
+    m = tiny_model(5)
+    batch = tiny_batches(m, n_cells=6, seed=5)[0]
+    adapter = get_adapter(m)
+    one, row = _one_cell(batch, 3)
+    assert row == 0 and one.src.shape[0] == 1 and list(one.cells) == [batch.cells[3]]
+    assert torch.equal(one.padding_mask[0], batch.padding_mask[3])
+    site = "L1.ffn_out"
+    calls = []
+    h = m.transformer_encoder.layers[0].register_forward_hook(lambda mod, a, o: calls.append(a[0].shape[0]))
+    try:
+        x = _capture(adapter, batch, site, [], 3, 2)
+    finally:
+        h.remove()
+    assert calls == [1]
+    from scsuperweight.instrument import Trace
+
+    with torch.no_grad(), Trace(adapter, [site], keep=[site], reductions=False) as tr:
+        tr.run(batch)
+    full = tr.full[site][0][3, 2].double()
+    assert torch.allclose(x, full, rtol=1e-5, atol=1e-6)
+    assert _one_cell({"input_ids": batch.src}, 3)[1] == 3  # a batch type it does not know stays whole

@@ -174,3 +174,21 @@ def test_budget_plans_to_90_percent_of_it(small):  # noqa: F811
     with pytest.raises(ssw.errors.DataError, match="target"):
         ssw.plan.choose_budget(10, config=model.config, flop_rate=1e9, label_counts=counts, tokens=100,
                                fixed_conditions=[], null_layers=[], target=1.5)
+
+
+def test_a_whole_run_counts_the_calibration_prune_makes_for_its_own_plan(small):  # noqa: F811
+    """Calibrating at the run's batch shape (up to CALIBRATION_TOKENS) costs forwards; a whole run's prune makes
+    one (a warm-up and 3) for its own plan, and the whole run's plan counts it."""
+    from scsuperweight.plan import CALIBRATION_TOKENS, calibration_cells, forward_flops
+    from scsuperweight.prune import PruneOptions, plan_prune
+
+    assert CALIBRATION_TOKENS == 8192
+    assert calibration_cells(256, 32) == 4 * 32 and calibration_cells(1200, 32) == 4 * 6
+    assert calibration_cells(512, 8) == 4 * 8 and calibration_cells(20000, 32) == 4
+    _, model, cands = small
+    kw = dict(n_cells=30, tokens=256, max_seq_len=256, flop_rate=1e9, scan_cells=64)
+    without = plan_prune(model, cands, PruneOptions(), **kw)
+    whole = plan_prune(model, cands, PruneOptions(), calibration_batch=32, **kw)
+    assert "calibrate" not in without.flops_by_stage
+    assert whole.flops_by_stage["calibrate"] == pytest.approx(128 * forward_flops(model.config, 256), rel=1e-12)
+    assert whole.total_flops == pytest.approx(without.total_flops + whole.flops_by_stage["calibrate"], rel=1e-12)
