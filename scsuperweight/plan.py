@@ -289,7 +289,8 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
               scan_cells: int = 0, scan_rounds: int = 2, embed: bool = False, flop_rate: float | None = None,
               overhead_seconds: float = 0.0, device: str = "", notes: Sequence[str] = (),
               embed_cells: int | None = None, first_order: bool = False, genes_candidates: int = 0,
-              null_forwards: int = 0, scan_captures: int | None = None, calibration_forwards: int = 0) -> Plan:
+              null_forwards: int = 0, scan_captures: int | None = None, calibration_forwards: int = 0,
+              masked_only: Sequence[str] = ()) -> Plan:
     """Plan a run.
 
     Parameters
@@ -326,6 +327,9 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
     genes_candidates
         Candidates whose genes are scored after prune (`run`'s genes step over the same cells): a plain forward and
         a masked forward with and without the candidate, each.
+    masked_only
+        Condition kinds that run the masked pass only, without the plain pass for the cell embedding (the control
+        draws under ``PruneOptions.draw_embeddings=False``).
     """
     L = _lengths(tokens, max_seq_len)
     d, d_hid, nlayers, mvc = _arch(config)
@@ -344,8 +348,9 @@ def make_plan(config, conditions: Sequence[tuple[str, int]], *, n_cells: int, to
         first = int(first)
         counts[kind] += 1
         blocks.setdefault(kind, []).append(nlayers - max(min(first, nlayers), 0))
-        # masked pass with the decoders, plain pass for the cell embedding only
-        cond_flops[kind] += n_cells * (per_cell(first, True) + per_cell(first, False))
+        # masked pass with the decoders, plain pass for the cell embedding only (none for a masked-only kind)
+        plain = 0.0 if kind in masked_only else per_cell(first, False)
+        cond_flops[kind] += n_cells * (per_cell(first, True) + plain)
     stages = {}
     if embed:
         stages["embed"] = (n_cells if embed_cells is None else int(embed_cells)) * per_cell(-1, False)
@@ -474,6 +479,7 @@ class Layout:
     genes_candidates: int = 0
     null_passes: int = 0  # the scan's detection null: (copies + 1) x methods traced over its cells
     null_cells: int = 0
+    masked_only: tuple = ()  # condition kinds without the plain (embedding) pass (`make_plan`)
 
 
 @dataclass(frozen=True)
@@ -508,6 +514,7 @@ class BudgetChoice:
     embed_all: bool = True  # embed every cell of the data for obsm (False: the evaluated cells, no extra forward)
     genes_candidates: int | None = None  # candidates whose genes are scored (run's genes step)
     n_matched: int | None = None
+    draw_embeddings: bool | None = None  # the control draws' plain pass (False: reconstruction only)
     n_restore: int | None = None
     n_scale: int | None = None
     mean_ablation: bool | None = None
@@ -538,8 +545,8 @@ class BudgetChoice:
         return {**knobs, **levers}
 
 
-_LEVER_FIELDS = ("embed_all", "genes_candidates", "n_matched", "n_restore", "n_scale", "mean_ablation",
-                 "granularities", "joint", "first_order", "max_candidates", "null_method", "null_k")
+_LEVER_FIELDS = ("embed_all", "genes_candidates", "n_matched", "draw_embeddings", "n_restore", "n_scale",
+                 "mean_ablation", "granularities", "joint", "first_order", "max_candidates", "null_method", "null_k")
 
 # the order in which knobs give way, each down to its floor; the first ones cost the least validity
 BUDGET_ORDER = ("scan_cells", "n_boot", "max_seq_len", "cells_per_label", "n_random")
@@ -555,8 +562,9 @@ _WHY = {
 # then, with every knob at its floor, the structural levers, in this order (each removes work that answers a
 # question beside the verdict; the top candidate is always judged against its own parameter's draws and the top
 # outliers); `scsuperweight.prune.budget_levers` builds them for a prune run
-LEVER_ORDER = ("embed_all", "genes_candidates", "null_method", "n_matched", "characterisation", "mean_ablation",
-               "unit_pools", "joint", "detection_null", "first_order", "top_characterisation", "max_candidates")
+LEVER_ORDER = ("embed_all", "genes_candidates", "null_method", "n_matched", "draw_embeddings", "characterisation",
+               "mean_ablation", "unit_pools", "joint", "detection_null", "first_order", "top_characterisation",
+               "max_candidates")
 LEVER_WHY = {
     "embed_all": "obsm embeddings only for the evaluated cells (taken from the baseline and top-candidate "
                  "conditions, no extra forward); the other cells' rows are NaN",
@@ -566,6 +574,8 @@ LEVER_WHY = {
     "detection_null": "no detection null in the scan (perm_p not computed): the spike thresholds propose, the "
                       "prune controls judge",
     "n_matched": "no |w|-matched draws: p_matched is not computed; the uniform draws still judge every candidate",
+    "draw_embeddings": "random draws run the reconstruction pass only: the verdicts and sequential nulls judge on "
+                       "the primary metric as before; the embedding metrics get no p-value",
     "characterisation": "restore and scaling for the top candidate only",
     "mean_ablation": "no mean / mean-activation ablations (they ask how, not whether, a candidate matters)",
     "unit_pools": "no neuron / channel ablations and their random-unit pools",
@@ -590,7 +600,7 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                   min_scan_cells: int = 64, seconds_per_boot_cell: float = SECONDS_PER_BOOT_CELL,
                   seconds_per_condition: float = 0.0, seconds_per_cell: float = SECONDS_PER_CELL,
                   embed_cells: int = 0, first_order: bool = False, genes_candidates: int = 0,
-                  null_passes: int = 0, null_cells: int = 0,
+                  null_passes: int = 0, null_cells: int = 0, masked_only: Sequence[str] = (),
                   levers: Sequence[Lever] = (), requested: Mapping | None = None,
                   target: float = BUDGET_TARGET, calibration_batch: int = 0) -> BudgetChoice:
     """Pick cells per label, tokens per cell, random draws, bootstrap resamples and scan cells to fit a budget,
@@ -601,21 +611,21 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
     requested values, never below its floor. Two floors protect validity and are never crossed: `n_random` keeps
     the smallest attainable p = 1 / (n_random + 1) below `alpha` (`min_draws`), and every cell type keeps at least
     `min_cells_per_label` cells (or all it has). When every knob at its floor still exceeds the budget, `levers`
-    (in `LEVER_ORDER`: the whole-data embedding, genes beyond the top candidate, |w|-matched draws,
-    characterisation beyond the top candidate, mean ablations, neuron / channel pools, the joint phase, the
-    first-order null, the top candidate's restore and scaling, then fewer candidates down to one) are pulled one
-    at a time until the floors fit, and the knobs are fitted again from their requested values on that smaller
-    run. When even the last lever does not fit, the floors are
-    returned with ``feasible=False`` and the time they need. The estimate is worst case for the draws (a strong
-    candidate uses every draw; sequential nulls only make a run shorter).
+    (in `LEVER_ORDER`: the whole-data embedding, genes beyond the top candidate, |w|-matched draws, the draws'
+    embedding pass, characterisation beyond the top candidate, mean ablations, neuron / channel pools, the joint
+    phase, the first-order null, the top candidate's restore and scaling, then fewer candidates down to one) are
+    pulled one at a time until the floors fit, and the knobs are fitted again from their requested values on that
+    smaller run. When even the last lever does not fit, the floors are returned with ``feasible=False`` and the
+    time they need. The estimate is worst case for the draws (a strong candidate uses every draw; sequential nulls
+    only make a run shorter).
 
     `fixed_conditions` are the ``(kind, first_layer)`` of every condition but the random draws; `null_layers`
     the first layer of each parameter whose null is drawn (`n_random` draws each). `label_counts` are the cells
     available per label, `tokens` each cell's token count (or one number). Non-forward work is modelled as
     `seconds_per_cell` plus `seconds_per_boot_cell` per resample, per cell per condition, plus
     `seconds_per_condition`. `embed_cells` cells are embedded once at the chosen length besides (prune's
-    embeddings of every cell); `first_order` and `genes_candidates` as in `make_plan`. `requested` holds the
-    lever fields' requested values (recorded in the choice when no lever is pulled).
+    embeddings of every cell); `first_order`, `genes_candidates` and `masked_only` as in `make_plan`.
+    `requested` holds the lever fields' requested values (recorded in the choice when no lever is pulled).
 
     The choice is fitted to `target` x the budget (`BUDGET_TARGET`, 90%): the margin absorbs what the estimate
     misses, so a run lands within the budget's +10%; ``feasible`` says whether the estimate fits that share.
@@ -654,7 +664,7 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
                          genes_candidates=lay.genes_candidates,
                          null_forwards=lay.null_passes * min(lay.null_cells, k["scan_cells"]),
                          calibration_forwards=calibration_cells(k["max_seq_len"], calibration_batch)
-                         if calibration_batch else 0)
+                         if calibration_batch else 0, masked_only=lay.masked_only)
 
     def fit(lay: Layout) -> tuple[dict, list]:
         cost = lambda k: plan_of(k, lay).est_seconds  # noqa: E731
@@ -679,7 +689,7 @@ def choose_budget(budget_seconds: float, *, config, flop_rate: float, label_coun
         return knobs, reasons
 
     lay = Layout(tuple(fixed_conditions), tuple(null_layers), int(embed_cells), bool(first_order),
-                 int(genes_candidates), int(null_passes), int(null_cells))
+                 int(genes_candidates), int(null_passes), int(null_cells), tuple(masked_only))
     knobs, reasons = fit(lay)
     pulled: list[Lever] = []
     for lever in levers:

@@ -100,6 +100,10 @@ class PruneOptions:
     # which candidates get the characterisation conditions (restore, scaling, |w|-matched draws): "passing", those
     # whose zeroing passes the controls (a second phase after the zeroing verdicts); "all", every candidate
     characterise: str = "passing"
+    # whether the control draws (`DRAW_KINDS`) also run the plain pass for the cell embedding; False (a budget
+    # lever): the draws run the masked pass only, so the verdicts and sequential nulls, which judge on the primary
+    # (reconstruction) metric, are unchanged, and the embedding metrics get no p-value
+    draw_embeddings: bool = True
 
     def __post_init__(self):
         bad = sorted(set(self.granularities) - set(GRANULARITIES))
@@ -138,6 +142,7 @@ class Condition:
     patch: tuple | None = None  # a constant activation patch (site, channel, value, token_id or None: everywhere)
     kind: str = ""  # baseline, prune, random, top_outliers, restore, scale, or an `scsuperweight.ablation` kind
     null_pool: str = ""  # whose draws are its null, when not the edited parameter's (see `_null_pool`)
+    embedding: bool = True  # the plain pass for the cell embedding (``cls``); False: reconstruction only
 
     @classmethod
     def of(cls, a: A.Ablation) -> Condition:
@@ -456,12 +461,18 @@ def plan_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, *, n_
                   first_order=opts.first_order, genes_candidates=genes_candidates,
                   null_forwards=null_passes(scan_null[0], scan_null[1]) * min(scan_null[2], scan_cells),
                   calibration_forwards=P.calibration_cells(max_seq_len or 1200, calibration_batch)
-                  if calibration_batch else 0)
+                  if calibration_batch else 0, masked_only=masked_only(opts))
     plan = make_plan(cfg, conds, overhead_seconds=metric_seconds(len(conds), n_cells, opts.n_boot), notes=notes,
                      **common)
     exp = make_plan(cfg, lay.expected, overhead_seconds=metric_seconds(len(lay.expected), n_cells, opts.n_boot),
                     **common)
     return replace(plan, expected_by_kind=dict(exp.conditions_by_kind), expected_seconds=exp.est_seconds)
+
+
+def masked_only(opts: PruneOptions) -> tuple:
+    """The condition kinds that run the masked pass only (`scsuperweight.plan.make_plan`'s `masked_only`): the
+    control draws without ``draw_embeddings``."""
+    return () if opts.draw_embeddings else DRAW_KINDS
 
 
 def null_passes(null_k: int, null_method: str) -> int:
@@ -475,7 +486,8 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
     once it and every lever before it are pulled) and the levers' requested values.
 
     In order: the whole-data embedding (obsm from the evaluated cells instead), genes beyond the top candidate,
-    the scan's permutation null beside the Gaussian one, the |w|-matched draws, restore and scaling beyond the top
+    the scan's permutation null beside the Gaussian one, the |w|-matched draws, the draws' plain (embedding) pass
+    (``draw_embeddings``), restore and scaling beyond the top
     candidate, the mean ablations, the neuron / channel pools, the joint phase, the scan's detection null, the
     first-order null, the top candidate's restore and scaling, then `max_candidates` one at a time down to 1
     (never 0: the scan's top candidate is always judged against its own parameter's draws and the top
@@ -485,9 +497,10 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
     def layout(o: PruneOptions, embed: int, genes: int, k: int, method: str) -> Layout:
         lay = _planned_layout(model, candidates, o)
         return Layout(tuple(lay.fixed), tuple(lay.null_layers), embed, o.first_order, genes,
-                      null_passes(k, method), int(null_cells))
+                      null_passes(k, method), int(null_cells), masked_only(o))
 
     requested = {"embed_all": True, "genes_candidates": genes_candidates, "n_matched": opts.n_matched,
+                 "draw_embeddings": opts.draw_embeddings,
                  "n_restore": opts.n_restore, "n_scale": opts.n_scale, "mean_ablation": opts.mean_ablation,
                  "granularities": tuple(opts.granularities), "joint": opts.joint,
                  "first_order": opts.first_order, "max_candidates": opts.max_candidates}
@@ -502,6 +515,8 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
         cuts.append(("null_method", {"null_method": "gaussian"}))
     if opts.n_matched:
         cuts.append(("n_matched", {"n_matched": 0}))
+    if opts.draw_embeddings:
+        cuts.append(("draw_embeddings", {"draw_embeddings": False}))
     if opts.n_restore > 1 or opts.n_scale > 1:
         cuts.append(("characterisation", {"n_restore": min(1, opts.n_restore), "n_scale": min(1, opts.n_scale)}))
     if opts.mean_ablation:
@@ -522,8 +537,9 @@ def budget_levers(model, candidates: pd.DataFrame | None, opts: PruneOptions, *,
     for name, values in cuts:
         before = {k: now[k] for k in values}
         now.update(values)
-        o = replace(opts, **{k: now[k] for k in ("n_matched", "n_restore", "n_scale", "mean_ablation",
-                                                 "granularities", "joint", "first_order", "max_candidates")})
+        o = replace(opts, **{k: now[k] for k in ("n_matched", "draw_embeddings", "n_restore", "n_scale",
+                                                 "mean_ablation", "granularities", "joint", "first_order",
+                                                 "max_candidates")})
         lay = layout(o, 0 if not now["embed_all"] else embed_cells, int(now["genes_candidates"]),
                      now.get("null_k", 0), now.get("null_method", null_method))
         levers.append(Lever(name, dict(values), before, LEVER_WHY[name], lay))
@@ -548,7 +564,8 @@ def budget_prune(model, candidates: pd.DataFrame | None, opts: PruneOptions, bud
                            max_seq_len=max_seq_len, scan_cells=scan_cells, scan_rounds=scan_rounds,
                            cells_per_label=cells_per_label, embed_cells=embed_cells, first_order=opts.first_order,
                            genes_candidates=genes_candidates, null_passes=lay.null_passes,
-                           null_cells=lay.null_cells, levers=levers, requested=requested,
+                           null_cells=lay.null_cells, masked_only=lay.masked_only, levers=levers,
+                           requested=requested,
                            calibration_batch=calibration_batch)
     if notes and choice.plan is not None:
         choice = replace(choice, plan=replace(choice.plan, notes=(*notes, *choice.plan.notes)))
@@ -642,9 +659,13 @@ def per_cell_metrics(res: dict, base: dict | None, labels, k: int, notes: dict |
     """The evaluator's reconstruction arrays as they are, then the embedding metrics (from ``res["cls"]``).
 
     With a `notes` dict, why a metric was adapted to few cells (the neighbour count used) is recorded there per
-    metric (see `_noted`); a cell whose label no other cell holds has no kNN vote (NaN)."""
-    emb = l2_normalise(np.nan_to_num(res["cls"]))
+    metric (see `_noted`); a cell whose label no other cell holds has no kNN vote (NaN). A result without
+    ``cls`` (a draw run without the embedding pass, ``PruneOptions.draw_embeddings=False``) gives the
+    reconstruction metrics only."""
     out = {m: res[m] for m in reconstruction_metrics(res)}
+    if "cls" not in res:
+        return out
+    emb = l2_normalise(np.nan_to_num(res["cls"]))
     if labels is not None and len(set(labels)) > 1:
         acc = _noted(notes, "knn_accuracy", M.knn_label_correct, emb, labels, k=k).astype(float)
         _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
@@ -824,8 +845,9 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             is_base = cond.name == K.COND_BASELINE
             notes = base_notes if is_base else {}
             pc = base_pc if is_base else per_cell_metrics(res, base, labels, opts.k, notes)
-            emb = l2_normalise(np.nan_to_num(res["cls"]))
-            if is_base or cond.name.startswith(("prune:", "restore:")) or cond.name == K.COND_TOP_OUTLIERS:
+            emb = l2_normalise(np.nan_to_num(res["cls"])) if "cls" in res else None
+            kept = is_base or cond.name.startswith(("prune:", "restore:")) or cond.name == K.COND_TOP_OUTLIERS
+            if emb is not None and kept:
                 embeddings[cond.name] = emb.astype(np.float32)
             for gname, g in gstate.items():
                 for metric, vals in pc.items():
@@ -839,6 +861,8 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
                     lo, hi = _boot_mean_ci(target, g.counts, opts.alpha)
                     rows.append(_row(cond, metric, gname, float(np.mean(v[ok])), float(np.mean(v[ok] - b[ok])), lo, hi,
                                      g.unit, _note(notes, metric)))
+                if emb is None:  # no embedding: no set-level metrics
+                    continue
                 snotes = set_notes[gname] if is_base else {}
                 sm = g.base_set if is_base else set_metrics(emb[g.mask], base_emb[g.mask], g.labels, g.multi_label,
                                                             opts.seed, g.cpd_ref, snotes)
@@ -874,6 +898,8 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
             collapse = _add_p_values(pd.DataFrame(rows))
     nulls = runner.nulls()
     collapse = _add_null_columns(collapse, conds, nulls)
+    if not opts.draw_embeddings:
+        collapse = _note_unjudged(collapse, reconstruction_metrics(results[K.COND_BASELINE]))
     firstorder = _first_order_table(model, masked, conds, collapse, nulls, opts) if opts.first_order else None
     contrasts = _contrasts(conds, results, base_pc, labels, conditions, units, opts, case, control) \
         if case is not None and control is not None else pd.DataFrame()
@@ -892,6 +918,9 @@ def prune(model, masked: Sequence[Batch], plain: Sequence[Batch], candidates: pd
               "not_characterised": {cid: (f"zeroing does not pass the controls on {runner.metric}: no "
                                           f"{', '.join(sorted({c.kind for c in gated if _owner(c) == cid}))}")
                                     for cid in skipped}}
+    if not opts.draw_embeddings:
+        params["embedding_metrics_judged"] = False
+        params["embedding_metrics_note"] = UNJUDGED_NOTE
     params["scale_factors"] = list(opts.scale_factors)
     params["granularities"] = list(opts.granularities)
     return PruneResult(collapse, contrasts, embeddings, cond_table, params, firstorder)
@@ -989,7 +1018,7 @@ class _Runner:
     def _execute(self, conds: Sequence[Condition]) -> None:
         todo, alias = [], {}
         for c in conds:
-            key = _edits_key(c)
+            key = (_edits_key(c), c.embedding)  # a result without the embedding serves no condition needing it
             if key in self._keys:
                 alias[c.name] = self._keys[key]
             else:
@@ -1004,7 +1033,9 @@ class _Runner:
 
     def run(self, conds: Sequence[Condition]) -> None:
         fixed = [c for c in conds if not c.control_for]
-        draws = [c for c in conds if c.control_for]
+        # without draw_embeddings the draws run the masked pass only: they feed the p-values and the sequential
+        # stopping on the reconstruction metrics (the primary one decides), not the embedding metrics'
+        draws = [c if self.opts.draw_embeddings else replace(c, embedding=False) for c in conds if c.control_for]
         self._execute(fixed)
         self.ran += fixed
         if self.metric is None:
@@ -1135,6 +1166,21 @@ def _row(cond: Condition, metric, group, value, delta, lo, hi, unit, note: str =
             "p_value": np.nan, "ci_of": "value" if cond.name == K.COND_BASELINE else "delta",
             "bootstrap_unit": unit, "candidate": cond.candidate, "control_for": cond.control_for,
             "null_pool": _null_pool(cond), "factor": cond.factor, "p_matched": np.nan, "note": note}
+
+
+UNJUDGED_NOTE = ("embedding metrics not judged: draws ran without the embedding pass (budget lever "
+                 "draw_embeddings)")
+
+
+def _note_unjudged(df: pd.DataFrame, reconstruction: Sequence[str]) -> pd.DataFrame:
+    """`UNJUDGED_NOTE` on the rows of the conditions judged against draws whose metric is not a reconstruction
+    metric: their draws ran without the plain pass (``draw_embeddings=False``), so their p-value is NaN."""
+    if df.empty:
+        return df
+    rows = (df["condition"] != K.COND_BASELINE) & (df["control_for"] == "") & ~df["metric"].isin(reconstruction)
+    note = df["note"].fillna("").astype(str)
+    df["note"] = np.where(rows, np.where(note == "", UNJUDGED_NOTE, note + "; " + UNJUDGED_NOTE), note)
+    return df
 
 
 _UNIT_POOLS = ("neuron:", "channel:", K.COND_JOINT)  # pools of whole units, not of a candidate's parameter

@@ -425,7 +425,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
           progress: bool = True, sequential: bool = True, budget: str | float | None = None, yes: bool = False,
           dry_run: bool = False, dtype: str = "fp32", max_tokens: int | None = None, first_order: bool = True,
           on_plan=None, max_cells_per_donor: int | None = None, max_cells_per_condition: int | None = None,
-          characterise: str = "passing", n_restore: int = 3, n_scale: int = 2, embed_all: bool = True):
+          characterise: str = "passing", n_restore: int = 3, n_scale: int = 2, embed_all: bool = True,
+          draw_embeddings: bool = True):
     """Zero each candidate and measure the collapse against controls, per cell type and condition.
 
     Writes ``uns[key]["collapse"]`` (the long `collapse.tsv` table with intervals and p-values vs random scalars),
@@ -515,6 +516,10 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
     embed_all
         True: ``obsm`` embeddings of every cell (two more forwards of the whole data). False: only the evaluated
         cells' rows, taken from the baseline and top-candidate conditions (no extra forward); the others NaN.
+    draw_embeddings
+        True: the control draws also run the plain pass for the cell embedding, so the embedding metrics get
+        p-values. False (a budget lever): the draws run the masked pass only; the verdicts and sequential nulls
+        (on the primary metric) are unchanged, the embedding metrics' p-values are NaN and noted.
 
     Examples
     --------
@@ -568,7 +573,8 @@ def prune(adata, model="demo", *, label_key: str, condition_key: str | None = No
                         granularities=tuple(granularities), joint=joint, n_unit_random=n_unit_random,
                         n_matched=n_matched, n_joint=n_joint, primary_metric=primary_metric,
                         sequential=sequential, first_order=first_order, dtype=dtype,
-                        characterise=characterise, n_restore=n_restore, n_scale=n_scale)
+                        characterise=characterise, n_restore=n_restore, n_scale=n_scale,
+                        draw_embeddings=draw_embeddings)
     cost = plan_cost(adata, model, cand, opts, labels=labels, max_cells_per_label=max_cells_per_label,
                      max_seq_len=asked_len, budget=budget, gene_key=gene_key, layer=layer, seed=seed,
                      batch_size=batch_size, embed_all=embed_all)

@@ -315,9 +315,9 @@ def _cost(res: dict) -> str:
                    "model).</p>")
     if isinstance(budget, Mapping) and budget:
         chosen = {k: budget.get(k) for k in ("cells_per_label", "max_seq_len", "n_random", "n_boot", "scan_cells",
-                                             "embed_all", "genes_candidates", "n_matched", "n_restore", "n_scale",
-                                             "mean_ablation", "granularities", "joint", "first_order",
-                                             "max_candidates", "null_method", "null_k")
+                                             "embed_all", "genes_candidates", "n_matched", "draw_embeddings",
+                                             "n_restore", "n_scale", "mean_ablation", "granularities", "joint",
+                                             "first_order", "max_candidates", "null_method", "null_k")
                   if budget.get(k) is not None}  # the knobs, then the structural levers (their reasons below)
         out.append(f"<p>Budget {_e(format_duration(float(budget.get('budget_seconds') or 0)))}: "
                    + ", ".join(f"{_e(k)} {_e(v)}" for k, v in chosen.items())

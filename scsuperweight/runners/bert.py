@@ -36,7 +36,8 @@ class HFEvaluator:
 
     Same contract as `scsuperweight.runners.scgpt.ScGPTEvaluator`: ``run(cond)`` returns per-cell arrays
     ``mlm_loss`` and ``mlm_accuracy`` (`evaluate_mlm` on the masked batches) and ``cls``, the (n_cells, d) cell
-    embedding (`embed_cells` on the plain batches; ``emb="mean"``, Geneformer's convention, by default). No block
+    embedding (`embed_cells` on the plain batches; ``emb="mean"``, Geneformer's convention, by default; none for a
+    condition with ``embedding=False``, which skips the plain pass). No block
     inputs are cached: every condition is a full forward under `scsuperweight.instrument.edit` (transformers block
     call signatures differ between versions, and a rerun from a middle block would have to rebuild the attention
     masks the model builds itself), so a condition costs a whole pass over the batches. A restore condition puts the
@@ -84,14 +85,16 @@ class HFEvaluator:
     @torch.no_grad()
     def run(self, cond) -> dict[str, np.ndarray]:
         n = self.n_cells
+        # a condition without the embedding (a control draw under draw_embeddings=False) skips the plain pass
+        plain = self.plain if getattr(cond, "embedding", True) else []
         if cond.restore is not None:  # baseline values are captured before any edit is applied
-            for which, batches in (("masked", self.masked), ("plain", self.plain)):
+            for which, batches in (("masked", self.masked), ("plain", plain)):
                 for i, b in enumerate(batches):
                     self._baseline_channel(which, i, b, cond.restore[0], cond.restore[1])
         with edit(self.model, cond.edits, verify=False):
             if cond.restore is None and getattr(cond, "patch", None) is None:
                 rec = evaluate_mlm(self.model, self.masked, n_cells=n)
-                emb = embed_cells(self.model, self.plain, emb=self.emb, n_cells=n)
+                emb = embed_cells(self.model, plain, emb=self.emb, n_cells=n) if plain else None
             else:  # a patch holds one batch's values: one call per batch
                 rec = {"loss": np.full(n, np.nan), "accuracy": np.full(n, np.nan)}
                 for i, b in enumerate(self.masked):
@@ -101,15 +104,16 @@ class HFEvaluator:
                         ok = ~np.isnan(r[k])
                         rec[k][ok] = r[k][ok]
                 emb = None
-                for i, b in enumerate(self.plain):
+                for i, b in enumerate(plain):
                     e = embed_cells(self.model, [b], emb=self.emb, n_cells=n,
                                     patches=self._patches("plain", i, b, cond))
                     if emb is None:
                         emb = np.full_like(e, np.nan)
                     rows = ~np.isnan(e).all(1)  # this batch's cells
                     emb[rows] = e[rows]
-        self.forwards += self.adapter.n_layers * (len(self.masked) + len(self.plain))
-        return {"mlm_loss": rec["loss"], "mlm_accuracy": rec["accuracy"], "cls": emb.astype(np.float64)}
+        self.forwards += self.adapter.n_layers * (len(self.masked) + len(plain))
+        out = {"mlm_loss": rec["loss"], "mlm_accuracy": rec["accuracy"]}
+        return out if emb is None else {**out, "cls": emb.astype(np.float64)}
 
 
 class BertRunner(HFRunner):

@@ -163,11 +163,16 @@ class ScGPTEvaluator:
         out: dict[str, np.ndarray] = {}
         parts: dict[str, list[torch.Tensor]] = {}
         cells: dict[str, list[np.ndarray]] = {"masked": [], "plain": []}
+        # a condition without the embedding (a control draw under draw_embeddings=False) skips the plain pass: its
+        # result has the reconstruction arrays and no ``cls``
+        passes = (("masked", self.masked), ("plain", self.plain)) if getattr(cond, "embedding", True) \
+            else (("masked", self.masked),)
         if cond.restore is not None:  # baseline values are captured before any edit is applied
-            for cache in (*self.masked, *self.plain):
-                self._baseline_channel(cache, cond.restore[0], cond.restore[1])
+            for _, caches in passes:
+                for cache in caches:
+                    self._baseline_channel(cache, cond.restore[0], cond.restore[1])
         with no_fastpath(self.model), edit(self.model, cond.edits, verify=False):
-            for name, caches in (("masked", self.masked), ("plain", self.plain)):
+            for name, caches in passes:
                 for cache in caches:
                     patches = None
                     if cond.restore is not None:
