@@ -89,8 +89,11 @@ def test_budget_choices_are_the_params_used_and_keep_the_floors(small):
     # every floor still exceeds 1 s, so the structural levers were pulled, in their order, and used as chosen
     assert b["pulled"] == [x for x in P.LEVER_ORDER if x in b["pulled"]] and b["pulled"][-1] == "max_candidates"
     for k in ("max_candidates", "n_restore", "n_scale", "n_matched", "mean_ablation", "joint", "embed_all",
-              "first_order"):
+              "first_order", "draw_embeddings"):
         assert p[k] == b[k], k
+    assert b["draw_embeddings"] is False and p["embedding_metrics_judged"] is False  # pulled, and the run says so
+    assert set(col.loc[col["condition"].str.startswith("random:"), "metric"]) <= {"gep_mse", "gep_pearson",
+                                                                                   "gepc_mse", "gepc_pearson"}
     assert list(p["granularities"]) == list(b["granularities"])
     assert b["max_candidates"] == 1 and p["candidates"] == ["planted"] and not b["embed_all"]
     assert not any(c.startswith(("restore:", "scale:")) for c in col["condition"])  # top's too: every lever pulled

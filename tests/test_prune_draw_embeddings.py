@@ -107,3 +107,32 @@ def test_draws_ran_no_plain_pass_and_the_plan_counts_it(pair, small):  # noqa: F
     assert planned["flops_by_stage"]["conditions:random"] < with_emb["conditions:random"]
     assert planned["flops_by_stage"]["conditions:prune"] == pytest.approx(with_emb["conditions:prune"], rel=1e-12)
 
+
+
+def test_a_result_without_cls_persists_and_never_serves_a_condition_needing_it(tmp_path):
+    """Resume: a draw's result without ``cls`` is stored and read back as it was; the lever is part of the
+    condition's definition, so a run with the embedding pass recomputes it rather than reading a result without."""
+    from dataclasses import replace
+
+    from scsuperweight.condstore import ConditionStore, definition, execute, persisting
+    from scsuperweight.instrument import ScalarEdit
+    from scsuperweight.prune import Condition
+
+    cond = Condition("random:0", [ScalarEdit("w", (1, 2), 0.0)], control_for="w", kind="random", embedding=False)
+    calls = []
+
+    def run(c):
+        calls.append(c.name)
+        out = {"gepc_mse": np.arange(4.0)}
+        return out if not c.embedding else {**out, "cls": np.ones((4, 2))}
+
+    store = ConditionStore(tmp_path, inputs="x")
+    with persisting(store):
+        first = execute(run, [cond])
+    with persisting(ConditionStore(tmp_path, inputs="x")):
+        again = execute(run, [cond])  # read back, not rerun
+        needs = execute(run, [replace(cond, embedding=True)])  # another definition: computed
+    assert calls == ["random:0", "random:0"]
+    assert set(first["random:0"]) == set(again["random:0"]) == {"gepc_mse"}
+    assert np.array_equal(again["random:0"]["gepc_mse"], np.arange(4.0)) and "cls" in needs["random:0"]
+    assert definition(cond) != definition(replace(cond, embedding=True))
